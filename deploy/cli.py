@@ -1,0 +1,39 @@
+"""The `rcgrpo` command. Each subcommand lives in its own module exposing `add_arguments(parser)`
+and `main(args) -> int`; only the chosen module's heavy dependencies are imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+SUBCOMMANDS = {
+    "demo": ("deploy.commands.demo", "roll out one RDP group on the tiny editor and print ACD and background spread"),
+    "build-tiny-editor": ("deploy.commands.build_tiny_editor", "write a randomly initialised tiny editor directory"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rcgrpo", description="Region-Constrained GRPO for flow-based image editors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    try:
+        return module.main(args) or 0
+    except (ValueError, FileNotFoundError) as err:
+        print(f"rcgrpo {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

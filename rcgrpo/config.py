@@ -1,0 +1,70 @@
+"""The method's settings. Every [ours] choice of METHOD.md is a field here, with its default, so an
+ablation is a config change (RDP on/off, ACD weight, mask-aware distance, s_in/s_out, p, G, B, K).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+@dataclass
+class MethodConfig:
+    # -- rollout (section 2) --
+    group_size: int = 8  # G candidates per group (paper: 12)
+    num_steps: int = 8  # Euler steps on the Kontext sigma grid (paper: 8-step DPM++)
+    guidance_scale: float = 2.5  # Kontext embedded guidance
+    # -- RDP (section 3): s(u) = s_in m(u) + s_out (1 - m(u)) --
+    rdp: bool = True  # False: global Neighbor-GRPO perturbation, s(u) = s_in everywhere
+    s_in: float = 0.3
+    s_out: float = 0.0  # background strength, 0 to 0.05
+    mask_dilation: int = 0  # latent pixels of max-pool dilation of the latent mask
+    mask_feather: float = 0.0  # std (latent pixels) of the Gaussian blur of the latent mask; 0 = hard
+    # -- ACD (section 4) --
+    acd_weight: float = 0.5  # lambda_ACD
+    acd_layers: str = "double"  # "double" (all dual-stream blocks), "all", or comma-separated block names
+    # -- surrogate (sections 2 and 5) --
+    anchors: int = 4  # B anchors sampled out of G
+    timesteps_per_anchor: int = 4  # K training timesteps per anchor
+    tau: float = 1.0  # softmax temperature on the per-element mean distance
+    clip_eps: float = 0.2  # PPO clip epsilon
+    log_ratio_clamp: float = 10.0
+    mask_aware: bool = True  # False: d_i is the plain mean over all tokens
+    # -- advantages --
+    adv_p: float = 0.8  # Lp quasi-norm; 2 gives the z-score
+    adv_clip: float = 5.0
+    zero_std_eps: float = 1e-6  # groups whose reward std is below this are dropped
+    # -- LoRA and optimiser --
+    lora_rank: int = 8  # paper scale: 32
+    lora_alpha: int = 16  # paper scale: 64
+    lora_targets: list[str] = field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    )
+    learning_rate: float = 1e-4  # paper at FLUX scale: 1e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self):
+        problems = []
+        if self.group_size < 2:
+            problems.append(f"group_size must be >= 2 (got {self.group_size})")
+        if not 1 <= self.anchors <= self.group_size:
+            problems.append(f"anchors must be in 1..group_size={self.group_size} (got {self.anchors})")
+        if not 1 <= self.timesteps_per_anchor <= self.num_steps:
+            problems.append(f"timesteps_per_anchor must be in 1..num_steps={self.num_steps} (got {self.timesteps_per_anchor})")
+        for name in ("s_in", "s_out"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name} must be in [0, 1] (got {getattr(self, name)})")
+        if self.tau <= 0:
+            problems.append(f"tau must be > 0 (got {self.tau})")
+        if not 0 < self.adv_p:
+            problems.append(f"adv_p must be > 0 (got {self.adv_p})")
+        if problems:
+            raise ValueError("invalid method config: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> MethodConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown method config field(s): {', '.join(unknown)}")
+        return cls(**values)

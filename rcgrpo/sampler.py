@@ -1,0 +1,87 @@
+"""Deterministic ODE rollouts of a group of candidates (METHOD section 2).
+
+The flow ODE dx/dsigma = v_theta(x, sigma, c) is integrated with first-order Euler steps on the
+editor's Kontext sigma grid, exactly as `FluxKontextPipeline.__call__` does, so that for theta_old
+the surrogate's one-step prediction from a stored state equals the stored next state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from rcgrpo.editor import EditCondition, Editor
+
+
+@dataclass
+class Rollout:
+    """One group of G candidates integrated from their initial latents to images."""
+
+    sigmas: torch.Tensor  # (T + 1,) the grid, 1 -> 0
+    state_indices: list[int]  # grid indices j whose states x_j were kept
+    states: torch.Tensor  # (len(state_indices), G, N, D) packed latents x_j on the grid
+    final_latents: torch.Tensor  # (G, N, D) x_T
+    images: torch.Tensor  # (G, 3, H, W) in [0, 1]
+
+    def state(self, j: int) -> torch.Tensor:
+        """x_j for all candidates: (G, N, D)."""
+        return self.states[self.state_indices.index(j)]
+
+
+def surrogate_state_indices(num_steps: int, timesteps: Sequence[int] | None) -> list[int]:
+    """Grid indices to keep so the surrogate can use steps j -> j+1 for every j in `timesteps`.
+
+    None keeps every grid state (0..T).
+    """
+    if timesteps is None:
+        return list(range(num_steps + 1))
+    bad = [j for j in timesteps if not 0 <= j < num_steps]
+    if bad:
+        raise ValueError(f"training timesteps {bad} are outside the {num_steps}-step grid (0..{num_steps - 1})")
+    return sorted({i for j in timesteps for i in (j, j + 1)})
+
+
+def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """x_{j+1} = x_j + (sigma_{j+1} - sigma_j) v, in float32 as diffusers' Euler scheduler does."""
+    return (x.float() + (sigma_next - sigma) * v.float()).to(v.dtype)
+
+
+@torch.no_grad()
+def rollout(
+    editor: Editor,
+    cond: EditCondition,
+    initial_latents: torch.Tensor,
+    num_steps: int,
+    keep_states: Sequence[int] | None = None,
+    attention_kwargs: dict | None = None,
+    decode: bool = True,
+) -> Rollout:
+    """Integrate G candidates from `initial_latents` (G, C, h, w, unpacked) under condition `cond`.
+
+    `cond` is either one condition (batch 1, repeated for the group) or one per candidate.
+    `keep_states` lists grid indices to keep (None: all). `attention_kwargs` are passed to the
+    transformer's attention processors (used by attention capture).
+    """
+    if initial_latents.ndim != 4:
+        raise ValueError(f"initial latents must be (G, C, h, w), got {tuple(initial_latents.shape)}")
+    group_size, channels, h, w = initial_latents.shape
+    if channels != editor.latent_channels or (h, w) != editor.latent_size(cond.height, cond.width):
+        raise ValueError(
+            f"initial latents {tuple(initial_latents.shape[1:])} do not match the editor's latent shape "
+            f"{(editor.latent_channels, *editor.latent_size(cond.height, cond.width))}"
+        )
+    if cond.prompt_embeds.shape[0] == 1 and group_size > 1:
+        cond = cond.repeat(group_size)
+    sigmas = editor.sigmas(num_steps, cond.height, cond.width).to(editor.device)
+    keep = list(range(num_steps + 1)) if keep_states is None else sorted(set(keep_states))
+    x = editor.pack(initial_latents.to(editor.device, editor.dtype))
+    kept = [x] if 0 in keep else []
+    for j in range(num_steps):
+        v = editor.velocity(x, sigmas[j], cond, attention_kwargs)
+        x = euler_step(x, v, sigmas[j], sigmas[j + 1])
+        if j + 1 in keep:
+            kept.append(x)
+    images = editor.decode(x, cond.height, cond.width) if decode else torch.empty(0)
+    return Rollout(sigmas=sigmas.cpu(), state_indices=keep, states=torch.stack(kept), final_latents=x, images=images)

@@ -1,0 +1,24 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_editor_dir(tmp_path_factory):
+    """A randomly initialised tiny editor saved with save_pretrained (built once per session)."""
+    from rcgrpo.tiny_editor import build_tiny_editor
+
+    return build_tiny_editor(tmp_path_factory.mktemp("editor") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_editor(tiny_editor_dir):
+    from rcgrpo.editor import load_editor
+
+    return load_editor(tiny_editor_dir)
