@@ -10,13 +10,21 @@ import os
 import sys
 
 SUBCOMMANDS = {
-    "demo": ("deploy.commands.demo", "roll out one RDP group on the tiny editor and print ACD and background spread"),
-    "build-tiny-editor": ("deploy.commands.build_tiny_editor", "write a randomly initialised tiny editor directory"),
+    "demo": (
+        "deploy.commands.demo",
+        "roll out one RDP group on the tiny editor and print ACD and background spread",
+    ),
+    "build-tiny-editor": (
+        "deploy.commands.build_tiny_editor",
+        "write a randomly initialised tiny editor directory",
+    ),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rcgrpo", description="Region-Constrained GRPO for flow-based image editors")
+    parser = argparse.ArgumentParser(
+        prog="rcgrpo", description="Region-Constrained GRPO for flow-based image editors"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)

@@ -37,7 +37,16 @@ class MethodConfig:
     lora_rank: int = 8  # paper scale: 32
     lora_alpha: int = 16  # paper scale: 64
     lora_targets: list[str] = field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+        default_factory=lambda: [
+            "to_q",
+            "to_k",
+            "to_v",
+            "to_out.0",
+            "add_q_proj",
+            "add_k_proj",
+            "add_v_proj",
+            "to_add_out",
+        ]
     )
     learning_rate: float = 1e-4  # paper at FLUX scale: 1e-5
     weight_decay: float = 0.0
@@ -50,7 +59,9 @@ class MethodConfig:
         if not 1 <= self.anchors <= self.group_size:
             problems.append(f"anchors must be in 1..group_size={self.group_size} (got {self.anchors})")
         if not 1 <= self.timesteps_per_anchor <= self.num_steps:
-            problems.append(f"timesteps_per_anchor must be in 1..num_steps={self.num_steps} (got {self.timesteps_per_anchor})")
+            problems.append(
+                f"timesteps_per_anchor must be in 1..num_steps={self.num_steps} (got {self.timesteps_per_anchor})"
+            )
         for name in ("s_in", "s_out"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in [0, 1] (got {getattr(self, name)})")

@@ -17,7 +17,15 @@ import torch
 
 # Files a FluxKontextPipeline directory must have (the layout `save_pretrained` writes and the
 # FLUX.1-Kontext-dev repository uses).
-PIPELINE_SUBFOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+PIPELINE_SUBFOLDERS = (
+    "transformer",
+    "vae",
+    "text_encoder",
+    "text_encoder_2",
+    "tokenizer",
+    "tokenizer_2",
+    "scheduler",
+)
 # Optional sidecar written by our tiny-editor builder; a real Kontext directory has none.
 EDITOR_CONFIG_FILE = "rcgrpo_editor.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -98,7 +106,11 @@ class Editor:
     def pack(latents: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> (B, h/2 * w/2, 4C): Flux's 2x2 patch tokens."""
         b, c, h, w = latents.shape
-        return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+        return (
+            latents.view(b, c, h // 2, 2, w // 2, 2)
+            .permute(0, 2, 4, 1, 3, 5)
+            .reshape(b, (h // 2) * (w // 2), c * 4)
+        )
 
     @staticmethod
     def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -123,7 +135,9 @@ class Editor:
 
     # -- conditioning --------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_condition(self, source: torch.Tensor, instructions: list[str], guidance_scale: float) -> EditCondition:
+    def encode_condition(
+        self, source: torch.Tensor, instructions: list[str], guidance_scale: float
+    ) -> EditCondition:
         """Source images (B, 3, H, W) in [0, 1] and B instructions -> the transformer's condition."""
         if source.ndim != 4 or source.shape[1] != 3:
             raise ValueError(f"source images must be (B, 3, H, W), got {tuple(source.shape)}")
@@ -132,10 +146,17 @@ class Editor:
         height, width = source.shape[-2:]
         h, w = self.latent_size(height, width)
         prompt_embeds, pooled, text_ids = self.pipe.encode_prompt(
-            prompt=instructions, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
+            prompt=instructions,
+            prompt_2=None,
+            device=self.device,
+            max_sequence_length=self.max_sequence_length,
         )
         tokens = self.pipe.tokenizer_2(
-            instructions, padding="max_length", max_length=self.max_sequence_length, truncation=True, return_tensors="pt"
+            instructions,
+            padding="max_length",
+            max_length=self.max_sequence_length,
+            truncation=True,
+            return_tensors="pt",
         )
         context = self.pack(self.encode_images(source)).to(self.dtype)
         prepare_ids = self.pipe._prepare_latent_image_ids
@@ -175,7 +196,9 @@ class Editor:
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu, device="cpu")
         return scheduler.sigmas.clone().float()
 
-    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, cond: EditCondition, attention_kwargs=None) -> torch.Tensor:
+    def velocity(
+        self, latents: torch.Tensor, sigma: torch.Tensor, cond: EditCondition, attention_kwargs=None
+    ) -> torch.Tensor:
         """v_theta(x, sigma, c) for packed target latents (B, N, D); the context tokens are appended."""
         n = latents.shape[1]
         hidden = torch.cat([latents.to(self.dtype), cond.context_latents], dim=1)

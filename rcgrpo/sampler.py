@@ -39,11 +39,15 @@ def surrogate_state_indices(num_steps: int, timesteps: Sequence[int] | None) -> 
         return list(range(num_steps + 1))
     bad = [j for j in timesteps if not 0 <= j < num_steps]
     if bad:
-        raise ValueError(f"training timesteps {bad} are outside the {num_steps}-step grid (0..{num_steps - 1})")
+        raise ValueError(
+            f"training timesteps {bad} are outside the {num_steps}-step grid (0..{num_steps - 1})"
+        )
     return sorted({i for j in timesteps for i in (j, j + 1)})
 
 
-def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+def euler_step(
+    x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor
+) -> torch.Tensor:
     """x_{j+1} = x_j + (sigma_{j+1} - sigma_j) v, in float32 as diffusers' Euler scheduler does."""
     return (x.float() + (sigma_next - sigma) * v.float()).to(v.dtype)
 
@@ -84,4 +88,6 @@ def rollout(
         if j + 1 in keep:
             kept.append(x)
     images = editor.decode(x, cond.height, cond.width) if decode else torch.empty(0)
-    return Rollout(sigmas=sigmas.cpu(), state_indices=keep, states=torch.stack(kept), final_latents=x, images=images)
+    return Rollout(
+        sigmas=sigmas.cpu(), state_indices=keep, states=torch.stack(kept), final_latents=x, images=images
+    )

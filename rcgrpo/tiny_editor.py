@@ -91,12 +91,19 @@ def _t5_tokenizer(max_length: int):
 
 def build_tiny_pipeline(spec: TinyEditorSpec | None = None):
     """A randomly initialised tiny FluxKontextPipeline, every module in eval mode."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxKontextPipeline,
+        FluxTransformer2DModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     spec = spec or TinyEditorSpec()
     if sum(spec.axes_dims_rope) != spec.attention_head_dim:
-        raise ValueError(f"axes_dims_rope {spec.axes_dims_rope} must sum to attention_head_dim {spec.attention_head_dim}")
+        raise ValueError(
+            f"axes_dims_rope {spec.axes_dims_rope} must sum to attention_head_dim {spec.attention_head_dim}"
+        )
     torch.manual_seed(spec.seed)
     tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer(spec.max_sequence_length)
     text_encoder = CLIPTextModel(

@@ -23,7 +23,12 @@ def _latents(editor, n, seed=0, size=64):
 def test_tiny_editor_round_trips_through_the_loader(tiny_editor_dir, tiny_editor):
     sidecar = json.loads((tiny_editor_dir / "rcgrpo_editor.json").read_text())
     assert sidecar["max_sequence_length"] == tiny_editor.max_sequence_length == 32
-    for module in (tiny_editor.transformer, tiny_editor.vae, tiny_editor.pipe.text_encoder, tiny_editor.pipe.text_encoder_2):
+    for module in (
+        tiny_editor.transformer,
+        tiny_editor.vae,
+        tiny_editor.pipe.text_encoder,
+        tiny_editor.pipe.text_encoder_2,
+    ):
         assert not module.training
     again = load_editor(tiny_editor_dir)
     cond = tiny_editor.encode_condition(_source(), ["turn the blue circle red"], 2.5)
