@@ -1,0 +1,7 @@
+"""Editing datasets: the EditSample record, the synthetic ShapesEdit generator, CompBench loaders
+and a JSONL manifest for a user's own data."""
+
+from rcgrpo.data.sample import EditSample
+from rcgrpo.data.shapes import ShapesEditConfig, generate_shapes_edit
+
+__all__ = ["EditSample", "ShapesEditConfig", "generate_shapes_edit"]
