@@ -1,0 +1,111 @@
+"""LoRA on the editor transformer's attention projections (METHOD section 5), through peft.
+
+Adapters are added with `transformer.add_adapter` and saved in the diffusers LoRA format, the way
+diffusers' Flux(-Kontext) LoRA training scripts do, so a stock `FluxKontextPipeline.load_lora_weights`
+reproduces the trained editor. `lora_state_dict` / `load_lora_state_dict` move the adapter weights
+between processes as a plain dict of tensors (learner -> rollout workers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from rcgrpo.config import MethodConfig
+
+ADAPTER_NAME = "default"  # the name `add_adapter` gives a single adapter
+
+
+def add_lora(transformer, rank: int = 8, alpha: int = 16, targets: Sequence[str] | None = None) -> None:
+    """Add one trainable LoRA adapter (rank r, scale alpha / r) to `targets` of the transformer.
+
+    targets are module-name suffixes; the default, MethodConfig.lora_targets, covers the dual-stream
+    to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out and, by the same suffixes, the single-stream to_q/k/v.
+    The LoRA parameters are kept in float32 even on a bfloat16 transformer (mixed-precision training).
+    """
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    if getattr(transformer, "peft_config", None):
+        raise ValueError(f"transformer already has LoRA adapter(s) {sorted(transformer.peft_config)}")
+    if rank < 1 or alpha <= 0:
+        raise ValueError(f"LoRA rank must be >= 1 and alpha > 0 (got rank={rank}, alpha={alpha})")
+    targets = list(MethodConfig().lora_targets if targets is None else targets)
+    # Gaussian A and zero B, as diffusers' scripts: the adapter starts as the identity edit
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
+    transformer.add_adapter(config)
+    cast_training_params(transformer, dtype=torch.float32)
+
+
+def lora_parameters(transformer) -> list[torch.nn.Parameter]:
+    """The trainable (LoRA) parameters; raises if the transformer has none."""
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("transformer has no trainable parameters: call add_lora(transformer, ...) first")
+    return params
+
+
+def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
+    """The adapter weights as peft names them (no adapter name), as contiguous CPU tensors."""
+    from peft.utils import get_peft_model_state_dict
+
+    if not getattr(transformer, "peft_config", None):
+        raise ValueError("transformer has no LoRA adapter")
+    state = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)
+    return {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in state.items()}
+
+
+def load_lora_state_dict(transformer, state_dict: dict[str, torch.Tensor]) -> None:
+    """Copy adapter weights from `lora_state_dict` output into a transformer with the same adapter."""
+    from peft.utils import set_peft_model_state_dict
+
+    expected = lora_state_dict(transformer)
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"LoRA state dict does not match the transformer's adapter: missing {missing[:3]}"
+            f"{'...' if len(missing) > 3 else ''} ({len(missing)}), unexpected {unexpected[:3]}"
+            f"{'...' if len(unexpected) > 3 else ''} ({len(unexpected)})"
+        )
+    wrong = [n for n in expected if expected[n].shape != state_dict[n].shape]
+    if wrong:
+        raise ValueError(
+            f"LoRA tensor shapes differ (another rank?): {wrong[0]} is {tuple(state_dict[wrong[0]].shape)}, "
+            f"expected {tuple(expected[wrong[0]].shape)}"
+        )
+    set_peft_model_state_dict(transformer, state_dict, adapter_name=ADAPTER_NAME)
+
+
+def save_lora(editor, directory: str | Path) -> Path:
+    """Write the adapter as `pytorch_lora_weights.safetensors` (diffusers format, with its LoRA config
+    as metadata so rank and alpha survive), loadable by `FluxKontextPipeline.load_lora_weights`."""
+    from diffusers import FluxKontextPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = editor.transformer
+    if not getattr(transformer, "peft_config", None):
+        raise ValueError("editor transformer has no LoRA adapter to save")
+    directory = Path(directory)
+    FluxKontextPipeline.save_lora_weights(
+        directory,
+        transformer_lora_layers=get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME),
+        transformer_lora_adapter_metadata=transformer.peft_config[ADAPTER_NAME].to_dict(),
+    )
+    return directory
+
+
+def load_lora(transformer, directory: str | Path) -> None:
+    """Load a `save_lora` directory into a transformer that already has a matching adapter (resume)."""
+    from diffusers import FluxKontextPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"LoRA directory {str(directory)!r} does not exist")
+    state = FluxKontextPipeline.lora_state_dict(directory)
+    prefix = FluxKontextPipeline.transformer_name + "."
+    state = {name[len(prefix) :]: t for name, t in state.items() if name.startswith(prefix)}
+    load_lora_state_dict(transformer, convert_unet_state_dict_to_peft(state))
