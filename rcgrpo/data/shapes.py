@@ -112,9 +112,9 @@ class _Object:
             "colour": self.colour,
             "shape": self.shape,
             "size": self.size,
-            "x": round(self.x, 2),
-            "y": round(self.y, 2),
-            "radius": round(self.radius, 2),
+            "x": self.x,  # exact, so shape_footprint(shape, x, y, radius, size) redraws the object
+            "y": self.y,
+            "radius": self.radius,
         }
 
 
