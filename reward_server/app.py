@@ -1,0 +1,261 @@
+"""The reward server's FastAPI app.
+
+Routes: POST /v1/score, GET /v1/rewards (bearer auth), GET /healthz, /readyz, /metrics, and FastAPI's
+/openapi.json and /docs. Auth and the body-size limit are checked in an ASGI middleware before the
+body is read, so an unauthenticated or oversized request costs no parsing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from reward_server.batcher import QueueFullError
+from reward_server.metrics import RewardServerMetrics
+from reward_server.registry import MODEL_LOADERS, REWARDS
+from reward_server.scoring import BadInputError, NotReadyError, Scorer, decode_score_item
+from reward_server.settings import RewardServerSettings
+from services.auth import bearer_matches, load_token
+from services.schemas import ErrorResponse, ItemScore, RewardsResponse, ScoreRequest, ScoreResponse
+
+log = logging.getLogger("rcgrpo.reward_server")
+
+PROTECTED_PREFIX = "/v1/"
+ROUTES = ("/v1/score", "/v1/rewards", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs")
+ERROR_RESPONSES = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (401, "missing or wrong bearer token"),
+        (413, "body over the size limit, or too many items"),
+        (422, "the request cannot be scored; `detail` says why"),
+        (503, "queue full or models loading; retry after `Retry-After` seconds"),
+    )
+}
+
+
+def _error(status: int, kind: str, detail: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail, "kind": kind}, status_code=status, headers=headers)
+
+
+class GuardMiddleware:
+    """Per request: metrics, then bearer auth on /v1/ routes, then the body-size limit (413)."""
+
+    def __init__(self, app, token: str | None, max_body_bytes: int, metrics: RewardServerMetrics):
+        self.app = app
+        self.token = token
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        start = time.perf_counter()
+        status = 500
+
+        async def send_counted(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, send_counted)
+        finally:
+            self.metrics.requests.labels(route=route, status=str(status)).inc()
+            self.metrics.request_latency.labels(route=route).observe(time.perf_counter() - start)
+
+    async def _guarded(self, scope, receive, send):
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.token is not None and scope["path"].startswith(PROTECTED_PREFIX):
+            if not bearer_matches(headers.get("authorization"), self.token):
+                self.metrics.errors.labels(kind="unauthorized").inc()
+                response = _error(
+                    401, "unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}
+                )
+                return await response(scope, receive, send)
+        declared = headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+            return await self._too_large(scope, receive, send)
+        # Read the body up to the limit (a chunked body declares no length), then replay it to the app.
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_body_bytes:
+                return await self._too_large(scope, receive, send)
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send):
+        self.metrics.errors.labels(kind="too_large").inc()
+        response = _error(
+            413, "too_large", f"request body over this server's limit of {self.max_body_bytes} bytes"
+        )
+        await response(scope, receive, send)
+
+
+def _validation_detail(error: RequestValidationError) -> str:
+    parts = []
+    for problem in error.errors()[:10]:
+        location = ".".join(str(p) for p in problem.get("loc", ()) if p != "body")
+        parts.append(f"{location or 'body'}: {problem.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def create_app(
+    settings: RewardServerSettings,
+    registry=REWARDS,
+    model_loaders=MODEL_LOADERS,
+    metrics: RewardServerMetrics | None = None,
+) -> FastAPI:
+    """The app for `settings`. Raises ValueError for a config it cannot serve (unknown reward, missing
+    model directory, auth required but no token)."""
+    metrics = metrics or RewardServerMetrics()
+    scorer = Scorer(settings, metrics, registry, model_loaders)
+    token = None
+    if not settings.insecure_no_auth:
+        secret = settings.token.get_secret_value() if settings.token is not None else None
+        token = load_token(secret, settings.token_file)
+    if settings.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await scorer.batcher.start()
+        loading = asyncio.create_task(_load_models(app))
+        try:
+            yield
+        finally:
+            consumer = app.state.stream_consumer
+            if consumer is not None:
+                await asyncio.to_thread(consumer.stop)
+            loading.cancel()
+            await scorer.batcher.stop()
+
+    async def _load_models(app: FastAPI):
+        try:
+            await asyncio.to_thread(scorer.load_models)
+        except Exception as error:  # readyz reports it; the process stays up for inspection
+            app.state.load_error = f"{type(error).__name__}: {error}"
+            log.exception("loading the reward models failed")
+            return
+        if settings.stream.enabled:
+            from reward_server.stream import StreamConsumer
+
+            app.state.stream_consumer = StreamConsumer(
+                settings.stream, scorer, asyncio.get_running_loop(), metrics
+            )
+            app.state.stream_consumer.start()
+
+    app = FastAPI(
+        title="rcgrpo reward server",
+        version="1",
+        summary="Typed, batched, authenticated scoring of instruction-guided image edits",
+        lifespan=lifespan,
+    )
+    app.state.scorer = scorer
+    app.state.metrics = metrics
+    app.state.settings = settings
+    app.state.load_error = None
+    app.state.stream_consumer = None
+    app.add_middleware(GuardMiddleware, token=token, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    # Documents the scheme in OpenAPI; the check itself is in GuardMiddleware.
+    bearer = [Security(HTTPBearer(auto_error=False))] if token is not None else []
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, error: RequestValidationError):
+        metrics.errors.labels(kind="validation").inc()
+        return _error(422, "validation", _validation_detail(error))
+
+    @app.exception_handler(BadInputError)
+    async def on_bad_input(request: Request, error: BadInputError):
+        metrics.errors.labels(kind="bad_input").inc()
+        return _error(422, "bad_input", str(error))
+
+    @app.exception_handler(QueueFullError)
+    async def on_queue_full(request: Request, error: QueueFullError):
+        metrics.errors.labels(kind="queue_full").inc()
+        return _error(503, "queue_full", str(error), {"Retry-After": str(error.retry_after_s)})
+
+    @app.exception_handler(NotReadyError)
+    async def on_not_ready(request: Request, error: NotReadyError):
+        metrics.errors.labels(kind="not_ready").inc()
+        retry = str(settings.batching.retry_after_s)
+        return _error(503, "not_ready", app.state.load_error or str(error), {"Retry-After": retry})
+
+    @app.exception_handler(Exception)
+    async def on_internal_error(request: Request, error: Exception):
+        metrics.errors.labels(kind="internal").inc()
+        log.exception("internal error on %s", request.url.path, exc_info=error)
+        return _error(500, "internal", f"internal error: {type(error).__name__}")
+
+    @app.post("/v1/score", response_model=ScoreResponse, responses=ERROR_RESPONSES, dependencies=bearer)
+    async def score(request: ScoreRequest) -> ScoreResponse:
+        """Score a batch of edits: per item, every chosen reward's sub-score and the weighted total."""
+        if len(request.items) > settings.max_items_per_request:
+            metrics.errors.labels(kind="too_large").inc()
+            detail = (
+                f"{len(request.items)} items, over this server's limit of {settings.max_items_per_request}"
+            )
+            return _error(413, "too_large", detail)
+        chosen = scorer.choose(request.rewards, request.weights)
+        items = await asyncio.to_thread(
+            lambda: [decode_score_item(w, i, settings.max_image_pixels) for i, w in enumerate(request.items)]
+        )
+        scored = await scorer.score(items, chosen, source="http")
+        results = [
+            ItemScore(
+                group_id=w.group_id,
+                sample_index=w.sample_index,
+                policy_version=w.policy_version,
+                scores=s.scores,
+                total=s.total,
+            )
+            for w, s in zip(request.items, scored, strict=True)
+        ]
+        return ScoreResponse(results=results, weights=chosen)
+
+    @app.get("/v1/rewards", response_model=RewardsResponse, responses=ERROR_RESPONSES, dependencies=bearer)
+    async def rewards() -> RewardsResponse:
+        """The rewards this server serves: names, default weights, the inputs each reads."""
+        return scorer.listing()
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"description": "models not loaded (yet)"}})
+    async def readyz():
+        if scorer.ready:
+            return {"ready": True}
+        detail = app.state.load_error or "loading models"
+        return JSONResponse({"ready": False, "detail": detail}, status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,307 @@
+"""The scoring core that REST and stream mode share: wire items to checked tensors, the choice of
+rewards and weights, and scores through the micro-batcher.
+
+Per candidate the total is r_i = sum_j w_j r_j (METHOD section 5), the passed-through ACD being one
+of the r_j with w = lambda_ACD.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from reward_server.batcher import MicroBatcher
+from reward_server.metrics import RewardServerMetrics
+from reward_server.registry import MODEL_LOADERS, OPTIONAL_INPUTS, REWARDS, Reward, RewardBatch
+from reward_server.settings import RewardServerSettings
+from services.codec import CodecError, decode_image, decode_mask
+from services.schemas import RewardInfo, RewardsResponse, RolloutGroup, ScoreItem, b64_to_bytes
+
+MIN_IMAGE_SIDE = 16  # smaller images cannot be scored (SSIM's 11x11 window, CLIP crops)
+
+
+class BadInputError(ValueError):
+    """The request is well-formed JSON but cannot be scored (answered with 422 and this reason)."""
+
+
+class NotReadyError(RuntimeError):
+    """The served models are still loading (answered with 503)."""
+
+
+@dataclass
+class Item:
+    """One edit to score, decoded: edit, source, target (3,H,W) in [0,1]; mask (H,W) in [0,1]."""
+
+    edit: torch.Tensor
+    source: torch.Tensor
+    mask: torch.Tensor
+    instruction: str = ""
+    caption: str = ""
+    target: torch.Tensor | None = None
+    acd: float | None = None
+
+
+def check_item(item: Item, where: str) -> Item:
+    if item.edit.shape != item.source.shape:
+        raise BadInputError(
+            f"{where}: edit is {_hw(item.edit)} but source is {_hw(item.source)}; they must have the same size"
+        )
+    if item.target is not None and item.target.shape != item.source.shape:
+        raise BadInputError(f"{where}: target is {_hw(item.target)} but source is {_hw(item.source)}")
+    if item.mask.shape != item.source.shape[1:]:
+        raise BadInputError(
+            f"{where}: mask is {_hw(item.mask)} but the images are {_hw(item.source)}; the mask must be one "
+            "grayscale plane of the same height and width"
+        )
+    return item
+
+
+def _hw(x: torch.Tensor) -> str:
+    return f"{x.shape[-1]}x{x.shape[-2]} (WxH)"
+
+
+def _decode_png(data: str, what: str, kind: str, max_pixels: int) -> torch.Tensor:
+    try:
+        raw = b64_to_bytes(data, what)
+        # Check the size from the header before decoding, so a small PNG of a huge image is refused
+        # without allocating it.
+        try:
+            width, height = Image.open(io.BytesIO(raw)).size
+        except Exception as error:
+            raise CodecError(f"{what} is not a readable PNG ({len(raw)} bytes): {error}") from error
+        if min(width, height) < MIN_IMAGE_SIDE:
+            raise CodecError(
+                f"{what} is {width}x{height} pixels; both sides must be at least {MIN_IMAGE_SIDE}"
+            )
+        if width * height > max_pixels:
+            raise CodecError(f"{what} is {width}x{height} pixels, over this server's limit of {max_pixels}")
+        return decode_image(raw) if kind == "image" else decode_mask(raw)
+    except CodecError as error:
+        message = str(error)
+        raise BadInputError(message if message.startswith(what) else f"{what}: {message}") from error
+
+
+def decode_score_item(wire: ScoreItem, index: int, max_pixels: int) -> Item:
+    where = f"items[{index}]"
+
+    def image(name: str, kind: str = "image") -> torch.Tensor:
+        return _decode_png(getattr(wire, name), f"{where}.{name}", kind, max_pixels)
+
+    item = Item(
+        edit=image("edit"),
+        source=image("source"),
+        mask=image("mask", "mask"),
+        instruction=wire.instruction,
+        caption=wire.caption,
+        target=image("target") if wire.target is not None else None,
+        acd=wire.intrinsic.acd if wire.intrinsic is not None else None,
+    )
+    return check_item(item, where)
+
+
+def items_from_group(group: RolloutGroup) -> list[Item]:
+    meta = group.meta
+    items = []
+    for i, edit in enumerate(group.edits):
+        item = Item(
+            edit=edit,
+            source=group.source,
+            mask=group.mask,
+            instruction=meta.instruction,
+            caption=meta.caption,
+            target=group.target,
+            acd=meta.acd[i] if meta.acd is not None else None,
+        )
+        items.append(check_item(item, f"group {meta.group_id!r} candidate {i}"))
+    return items
+
+
+def compute_reward(
+    reward: Reward, items: Sequence[Item], models: dict, metrics: RewardServerMetrics | None = None
+) -> list[float]:
+    """One score per item; items of different sizes run as separate batches."""
+    by_size: dict[tuple, list[int]] = {}
+    for i, item in enumerate(items):
+        by_size.setdefault(tuple(item.edit.shape), []).append(i)
+    scores = [0.0] * len(items)
+    for indices in by_size.values():
+        chosen = [items[i] for i in indices]
+        batch = RewardBatch(
+            edits=torch.stack([it.edit for it in chosen]),
+            sources=torch.stack([it.source for it in chosen]),
+            masks=torch.stack([it.mask for it in chosen]),
+            instructions=[it.instruction for it in chosen],
+            captions=[it.caption for it in chosen],
+            targets=torch.stack([it.target for it in chosen]) if "target" in reward.inputs else None,
+            acd=torch.tensor([it.acd for it in chosen], dtype=torch.float64)
+            if "acd" in reward.inputs
+            else None,
+        )
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                values = reward.fn(batch, models)
+        except ValueError as error:  # reward functions raise ValueError for inputs they cannot score
+            raise BadInputError(f"reward {reward.name!r} cannot score this input: {error}") from error
+        if metrics is not None:
+            metrics.reward_latency.labels(reward=reward.name).observe(time.perf_counter() - start)
+        values = values.detach().cpu().double().reshape(-1).tolist()
+        if len(values) != len(indices):
+            raise RuntimeError(
+                f"reward {reward.name!r} returned {len(values)} scores for {len(indices)} items"
+            )
+        for i, value in zip(indices, values, strict=True):
+            if not math.isfinite(value):
+                raise RuntimeError(f"reward {reward.name!r} returned a non-finite score {value}")
+            scores[i] = value
+    return scores
+
+
+@dataclass
+class ScoredItem:
+    scores: dict[str, float]
+    total: float
+
+
+class Scorer:
+    """The served rewards with their weights and models, and the batcher their model-based ones share."""
+
+    def __init__(
+        self,
+        settings: RewardServerSettings,
+        metrics: RewardServerMetrics,
+        registry: Mapping[str, Reward] = REWARDS,
+        model_loaders: Mapping[str, Callable[[str], object]] = MODEL_LOADERS,
+    ):
+        unknown = sorted(set(settings.rewards) - set(registry))
+        if unknown:
+            raise ValueError(f"config names unknown rewards {unknown}; registered: {sorted(registry)}")
+        if not settings.rewards:
+            raise ValueError("config serves no rewards: list at least one under `rewards:`")
+        self.registry = registry
+        self.served = {name: registry[name] for name in settings.rewards}
+        self.weights = dict(settings.rewards)
+        self.model_dirs = {}
+        for reward in self.served.values():
+            if reward.model is None:
+                continue
+            if reward.model not in model_loaders:
+                raise ValueError(f"reward {reward.name!r} needs model {reward.model!r}, which has no loader")
+            if reward.model not in settings.models:
+                raise ValueError(
+                    f"reward {reward.name!r} needs model {reward.model!r}: set models.{reward.model} to a local directory"
+                )
+            if not Path(settings.models[reward.model]).is_dir():
+                raise ValueError(
+                    f"models.{reward.model} = {str(settings.models[reward.model])!r} is not a directory"
+                )
+            self.model_dirs[reward.model] = settings.models[reward.model]
+        self.model_loaders = model_loaders
+        self.models: dict[str, object] = {}
+        self.metrics = metrics
+        self.max_image_pixels = settings.max_image_pixels
+        batching = settings.batching
+        self.batcher = MicroBatcher(
+            self._run_batch,
+            max_batch_size=batching.max_batch_size if batching.enabled else 1,
+            max_wait_ms=batching.max_wait_ms if batching.enabled else 0.0,
+            max_queue_items=batching.max_queue_items,
+            retry_after_s=batching.retry_after_s,
+            metrics=metrics,
+        )
+
+    @property
+    def ready(self) -> bool:
+        return set(self.models) == set(self.model_dirs)
+
+    def load_models(self) -> None:
+        for name, directory in self.model_dirs.items():
+            self.models[name] = self.model_loaders[name](str(directory))
+        self.metrics.models_ready.set(1)
+
+    def listing(self) -> RewardsResponse:
+        return RewardsResponse(
+            rewards=[
+                RewardInfo(
+                    name=r.name,
+                    description=r.description,
+                    inputs=list(r.inputs),
+                    model_based=r.model_based,
+                    weight=self.weights[r.name],
+                )
+                for r in self.served.values()
+            ]
+        )
+
+    def choose(
+        self, rewards: list[str] | None = None, weights: dict[str, float] | None = None
+    ) -> dict[str, float]:
+        """The rewards to compute and their weights: a request's choice among the served ones."""
+        names = list(dict.fromkeys(rewards)) if rewards else list(self.served)
+        for name in names:
+            if name not in self.registry:
+                raise BadInputError(f"unknown reward {name!r}; this server serves {list(self.served)}")
+            if name not in self.served:
+                raise BadInputError(
+                    f"reward {name!r} is not served by this server; it serves {list(self.served)}"
+                )
+        stray = sorted(set(weights or {}) - set(names))
+        if stray:
+            raise BadInputError(f"weights given for {stray}, which are not among the chosen rewards {names}")
+        return {name: (weights or {}).get(name, self.weights[name]) for name in names}
+
+    def check_inputs(self, chosen: Mapping[str, float], items: Sequence[Item], where: str = "items") -> None:
+        for name in chosen:
+            for field in OPTIONAL_INPUTS:
+                if field not in self.served[name].inputs:
+                    continue
+                lacking = [i for i, item in enumerate(items) if getattr(item, field) is None]
+                if lacking:
+                    label = "intrinsic.acd" if field == "acd" else field
+                    raise BadInputError(
+                        f"reward {name!r} needs {label!r}, which {where} {lacking[:10]} lack; "
+                        f"give it or choose other rewards"
+                    )
+
+    def _run_batch(self, name: str, items: list[Item]) -> list[float | Exception]:
+        try:
+            return compute_reward(self.served[name], items, self.models, self.metrics)
+        except BadInputError as error:
+            if len(items) == 1:
+                return [error]
+        # A batch mixes callers: score item by item so only the offending item's caller gets the 422.
+        return [self._run_batch(name, [item])[0] for item in items]
+
+    def _run_direct(self, names: list[str], items: Sequence[Item]) -> dict[str, list[float]]:
+        return {name: compute_reward(self.served[name], items, self.models, self.metrics) for name in names}
+
+    async def score(
+        self, items: Sequence[Item], chosen: Mapping[str, float], source: str
+    ) -> list[ScoredItem]:
+        """Every chosen reward for every item. Raises NotReadyError, BadInputError, QueueFullError."""
+        if not self.ready:
+            raise NotReadyError("the reward models are still loading")
+        self.check_inputs(chosen, items)
+        batched = [name for name in chosen if self.served[name].model_based]
+        direct = [name for name in chosen if not self.served[name].model_based]
+        jobs = [(name, item) for name in batched for item in items]
+        pending = self.batcher.submit(jobs) if jobs else None  # admitted (or refused) before any work
+        per_reward = await asyncio.to_thread(self._run_direct, direct, items) if direct else {}
+        if pending is not None:
+            flat = await pending
+            for k, name in enumerate(batched):
+                per_reward[name] = flat[k * len(items) : (k + 1) * len(items)]
+        self.metrics.items_scored.labels(source=source).inc(len(items))
+        results = []
+        for i in range(len(items)):
+            scores = {name: per_reward[name][i] for name in chosen}
+            results.append(ScoredItem(scores, sum(chosen[name] * scores[name] for name in chosen)))
+        return results

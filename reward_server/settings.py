@@ -1,0 +1,93 @@
+"""The reward server's settings: defaults here, overridden by a YAML file, overridden by environment
+variables (`RCGRPO_REWARD_<FIELD>`, nested with `__`, e.g. `RCGRPO_REWARD_BATCHING__MAX_BATCH_SIZE`),
+overridden by explicit arguments (the CLI's flags). The auth token comes from `RCGRPO_REWARD_TOKEN`
+or `token_file`, never from the YAML file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
+
+from services.schemas import MAX_ITEMS_PER_REQUEST
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BatchingSettings(_Section):
+    enabled: bool = True  # False: every model-based item runs alone (the benchmark's baseline)
+    max_batch_size: int = Field(32, ge=1)  # N
+    max_wait_ms: float = Field(5.0, ge=0)  # T: how long the first queued item waits for company
+    max_queue_items: int = Field(1024, ge=1)  # pending model-based items before 503
+    retry_after_s: int = Field(1, ge=1)  # the Retry-After a full queue answers with
+
+
+class StreamSettings(_Section):
+    enabled: bool = False
+    redis_url: str | None = None  # None: REDIS_URL, else an embedded redis-server
+    rollouts: str = "rcgrpo:rollouts"  # stream of rollout groups (services.schemas.RolloutGroup)
+    scored: str = "rcgrpo:scored"  # stream of ScoredGroup results
+    group: str = "reward-server"  # consumer group
+    consumer: str = "reward-server-0"
+    namespace: str = "rcgrpo:reward"  # prefix of the idempotency (done) keys
+    blob_prefix: str = "rcgrpo:blob:"  # RedisBlobStore prefix for parts too large to inline
+    blob_dir: Path | None = None  # a shared DirectoryBlobStore instead of Redis blobs
+    read_count: int = Field(8, ge=1)  # groups taken per read (scored concurrently, batched together)
+    block_ms: int = Field(200, ge=1)
+    reclaim_idle_ms: int = Field(60_000, ge=1)  # a pending group idle this long is taken over
+    max_deliveries: int = Field(5, ge=1)  # then it goes to the dead-letter stream
+    scored_maxlen: int | None = Field(100_000, ge=1)
+
+
+class RewardServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RCGRPO_REWARD_", env_nested_delimiter="__", extra="forbid")
+
+    host: str = "127.0.0.1"  # loopback unless configured
+    port: int = Field(8600, ge=0, le=65535)
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    insecure_no_auth: bool = False  # local development only
+    # The rewards this server serves and their default weights (names from reward_server.registry).
+    rewards: dict[str, float] = Field(
+        default_factory=lambda: {"background_psnr": 0.02, "background_ssim": 1.0, "acd": 0.5}
+    )
+    models: dict[str, Path] = Field(default_factory=dict)  # model name -> local directory, e.g. clip
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_items_per_request: int = Field(256, ge=1, le=MAX_ITEMS_PER_REQUEST)
+    max_image_pixels: int = Field(1024 * 1024, ge=1)  # per image, checked before decoding
+    torch_threads: int | None = Field(None, ge=1)
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    stream: StreamSettings = Field(default_factory=StreamSettings)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.max_items_per_request > self.batching.max_queue_items:
+            raise ValueError(
+                f"max_items_per_request={self.max_items_per_request} exceeds batching.max_queue_items="
+                f"{self.batching.max_queue_items}: such a request could never be queued"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+
+def load_settings(config: str | Path | None = None, **overrides) -> RewardServerSettings:
+    """Settings from a YAML file (optional) with environment and `overrides` on top."""
+    if config is None:
+        return RewardServerSettings(**overrides)
+    config = Path(config)
+    if not config.is_file():
+        raise FileNotFoundError(f"reward server config {config} does not exist")
+
+    class FromFile(RewardServerSettings):
+        model_config = SettingsConfigDict(yaml_file=config)
+
+    return FromFile(**overrides)

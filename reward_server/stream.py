@@ -1,0 +1,151 @@
+"""Stream mode: score rollout groups from a Redis stream through the server's own batcher.
+
+A consumer thread reads rollout groups (services.schemas.RolloutGroup) from the rollouts stream in a
+consumer group, scores the groups of one read concurrently on the server's event loop (so the batcher
+batches across them and across HTTP callers), then per group publishes a ScoredGroup to the scored
+stream, marks the group's done key and acks, atomically (WorkStream.complete). A group whose done key
+(group id, policy version) is already set is acked without a second result, so a re-delivery yields
+one result. A group that cannot be decoded or scored stays pending; once idle it is reclaimed, and
+after max_deliveries it goes to the dead-letter stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import redis
+
+from reward_server.batcher import QueueFullError
+from reward_server.metrics import RewardServerMetrics
+from reward_server.scoring import Scorer, items_from_group
+from reward_server.settings import StreamSettings
+from services.blobstore import BlobError, DirectoryBlobStore, RedisBlobStore
+from services.codec import decode_json
+from services.redis_server import redis_url_or_embedded
+from services.schemas import RolloutGroupMeta, ScoredGroup, decode_rollout_group, encode_scored_group
+from services.streams import StreamEntry, WorkStream, done_key
+
+log = logging.getLogger("rcgrpo.reward_server.stream")
+
+
+class StreamConsumer:
+    def __init__(
+        self,
+        settings: StreamSettings,
+        scorer: Scorer,
+        loop: asyncio.AbstractEventLoop,
+        metrics: RewardServerMetrics,
+    ):
+        self.settings = settings
+        self.scorer = scorer
+        self.loop = loop
+        self.metrics = metrics
+        if settings.redis_url is not None:
+            self.redis_url, self._embedded = settings.redis_url, None
+        else:
+            self.redis_url, self._embedded = redis_url_or_embedded()
+            log.info("stream mode on %s", self.redis_url)
+        self.client = redis.Redis.from_url(self.redis_url)
+        self.work = WorkStream(self.client, settings.rollouts, settings.group)
+        if settings.blob_dir is not None:
+            self.blobs = DirectoryBlobStore(settings.blob_dir)
+        else:
+            self.blobs = RedisBlobStore(self.client, prefix=settings.blob_prefix)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="reward-stream", daemon=True)
+
+    def start(self) -> None:
+        self.work.ensure_group()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.client.close()
+        if self._embedded is not None:
+            self._embedded.stop()
+
+    def _run(self) -> None:
+        s = self.settings
+        while not self._stopping.is_set():
+            try:
+                entries = self.work.reclaim(
+                    s.consumer,
+                    min_idle_ms=s.reclaim_idle_ms,
+                    count=s.read_count,
+                    max_deliveries=s.max_deliveries,
+                )
+                entries += self.work.read(s.consumer, count=s.read_count, block_ms=s.block_ms)
+                if entries:
+                    self.process(entries)
+            except redis.RedisError as error:
+                log.warning("redis error in stream mode (retrying): %s", error)
+                self._stopping.wait(1.0)
+
+    def process(self, entries: list[StreamEntry]) -> None:
+        """Score the groups of one read concurrently, then complete each."""
+        scoring = {}
+        for entry in entries:
+            try:
+                meta = RolloutGroupMeta.model_validate(decode_json(entry.fields[b"meta"]))
+            except (KeyError, ValueError) as error:
+                self._leave_pending(entry, f"unreadable meta: {error}")
+                continue
+            key = done_key(self.settings.namespace, meta.group_id, meta.policy_version)
+            if self.client.exists(key):  # scored before (a re-delivery): one result only
+                self.work.ack(entry.id)
+                self.metrics.stream_groups.labels(outcome="duplicate").inc()
+                continue
+            try:
+                group = decode_rollout_group(entry.fields, self.blobs)
+                items = items_from_group(group)
+            except (ValueError, BlobError) as error:
+                self._leave_pending(entry, str(error))
+                continue
+            future = asyncio.run_coroutine_threadsafe(self._score(items), self.loop)
+            scoring[entry.id] = (meta, key, future)
+        for entry_id, (meta, key, future) in scoring.items():
+            try:
+                chosen, scored = future.result()
+            except Exception as error:  # stays pending: reclaimed later, dead-lettered at max_deliveries
+                self.metrics.errors.labels(kind="stream_failed").inc()
+                self.metrics.stream_groups.labels(outcome="failed").inc()
+                log.warning(
+                    "rollout group %s v%d was not scored: %s", meta.group_id, meta.policy_version, error
+                )
+                continue
+            result = ScoredGroup(
+                group_id=meta.group_id,
+                policy_version=meta.policy_version,
+                scores=[s.scores for s in scored],
+                totals=[s.total for s in scored],
+                weights=chosen,
+            )
+            published = self.work.complete(
+                entry_id,
+                key,
+                self.settings.scored,
+                encode_scored_group(result),
+                result_maxlen=self.settings.scored_maxlen,
+            )
+            self.metrics.stream_groups.labels(outcome="scored" if published else "duplicate").inc()
+
+    async def _score(self, items):
+        chosen = self.scorer.choose()
+        while True:
+            try:
+                return chosen, await self.scorer.score(items, chosen, source="stream")
+            except QueueFullError as error:  # HTTP callers filled the queue: wait our turn
+                if self._stopping.is_set():
+                    raise
+                await asyncio.sleep(error.retry_after_s)
+
+    def _leave_pending(self, entry: StreamEntry, reason: str) -> None:
+        self.metrics.errors.labels(kind="stream_bad_message").inc()
+        self.metrics.stream_groups.labels(outcome="failed").inc()
+        log.warning(
+            "rollout entry %s cannot be scored (left pending for dead-lettering): %s", entry.id, reason
+        )
