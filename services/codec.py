@@ -41,8 +41,8 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]
     for name, tensor in tensors.items():
         if not isinstance(tensor, torch.Tensor):
             raise CodecError(f"tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
-    # safetensors needs contiguous CPU tensors that share no storage.
-    prepared = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    # safetensors needs contiguous CPU tensors.
+    prepared = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     return safetensors_save(prepared, metadata=metadata)
 
 
