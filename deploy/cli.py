@@ -18,6 +18,8 @@ SUBCOMMANDS = {
         "deploy.commands.build_tiny_editor",
         "write a randomly initialised tiny editor directory",
     ),
+    "reward-server": ("reward_server.main", "serve rewards over authenticated HTTP (and a Redis stream)"),
+    "eval": ("deploy.commands.eval", "score an editor, or saved edits, on ShapesEdit or CompBench"),
 }
 
 
