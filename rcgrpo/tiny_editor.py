@@ -36,7 +36,7 @@ class TinyEditorSpec:
     """Sizes of the tiny editor; every field is a config option of `rcgrpo pretrain`."""
 
     latent_channels: int = 8
-    vae_block_out_channels: tuple[int, ...] = (32, 64, 64)  # 3 levels: 4x spatial compression
+    vae_block_out_channels: tuple[int, ...] = (16, 32, 32)  # 3 levels: 4x spatial compression
     vae_layers_per_block: int = 1
     num_layers: int = 2  # dual-stream (MMDiT) blocks
     num_single_layers: int = 2

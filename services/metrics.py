@@ -1,0 +1,49 @@
+"""Prometheus metrics of the rollout workers, the learner and the streams between them.
+
+One registry per process (prometheus-client's default); each deployable serves it on its own port
+with `serve_metrics`. The reward server defines its own `rcgrpo_reward_*` metrics next to its app.
+Names here are what the Grafana dashboard and the alert rules in deploy/ query.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+# -- rollout workers --------------------------------------------------------------------------
+ROLLOUT_GROUPS = Counter("rcgrpo_rollout_groups_total", "Rollout groups published", ["worker"])
+ROLLOUT_IMAGES = Counter("rcgrpo_rollout_images_total", "Candidate images generated", ["worker"])
+ROLLOUT_GROUP_SECONDS = Histogram(
+    "rcgrpo_rollout_group_seconds",
+    "Wall time of one rollout group (noise, ODE, capture, publish)",
+    ["worker"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+ROLLOUT_WEIGHT_VERSION = Gauge("rcgrpo_rollout_weight_version", "Policy version the worker samples with", ["worker"])
+ROLLOUT_ACD = Gauge("rcgrpo_rollout_acd_mean", "Mean ACD reward of the worker's last group", ["worker"])
+
+# -- learner ------------------------------------------------------------------------------------
+LEARNER_STEP = Gauge("rcgrpo_learner_step", "Optimiser steps taken")
+LEARNER_STEP_SECONDS = Histogram(
+    "rcgrpo_learner_step_seconds", "Wall time of one learner update", buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+)
+LEARNER_LOSS = Gauge("rcgrpo_learner_loss", "Surrogate loss of the last update")
+LEARNER_REWARD_MEAN = Gauge("rcgrpo_learner_reward_mean", "Mean total reward of the last batch")
+LEARNER_REWARD_STD = Gauge("rcgrpo_learner_reward_std", "Mean within-group reward std of the last batch")
+LEARNER_ACD = Gauge("rcgrpo_learner_acd_mean", "Mean ACD reward of the last batch")
+LEARNER_CLIP_FRACTION = Gauge("rcgrpo_learner_clip_fraction", "Fraction of clipped ratios in the last update")
+LEARNER_ZERO_VARIANCE_RATIO = Gauge("rcgrpo_learner_zero_variance_ratio", "Share of groups dropped for zero reward std")
+LEARNER_WEIGHT_VERSION = Gauge("rcgrpo_learner_weight_version", "Newest published policy version")
+LEARNER_GROUPS = Counter("rcgrpo_learner_groups_total", "Scored groups consumed, by outcome", ["outcome"])
+LEARNER_STALENESS = Histogram(
+    "rcgrpo_learner_staleness", "Policy versions between a group's sampler and the learner", buckets=(0, 1, 2, 3, 4, 6, 8, 16)
+)
+
+# -- streams ------------------------------------------------------------------------------------
+STREAM_LENGTH = Gauge("rcgrpo_stream_length", "Entries in a Redis stream", ["stream"])
+STREAM_PENDING = Gauge("rcgrpo_stream_pending", "Entries delivered but not acknowledged", ["stream"])
+DEAD_LETTERS = Gauge("rcgrpo_dead_letters", "Entries moved to a dead-letter stream", ["stream"])
+
+
+def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
+    """Expose this process's metrics on http://host:port/metrics (loopback unless told otherwise)."""
+    start_http_server(port, addr=host)
