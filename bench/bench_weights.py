@@ -19,7 +19,7 @@ import time
 import redis
 import torch
 
-from services.blobstore import DirectoryBlobStore, RedisBlobStore
+from services.blobstore import DirectoryBlobStore, RedisBlobStore, sha256_hex
 from services.codec import decode_tensors, encode_tensors
 from services.redis_server import redis_url_or_embedded
 from services.weights import WeightStore
@@ -82,6 +82,7 @@ def main():
     params = sum(t.numel() for t in lora.values())
     encoded, encode_s = timed(encode_tensors, lora)
     _, decode_s = timed(decode_tensors, encoded)
+    _, sha_s = timed(sha256_hex, encoded)
 
     url, server = redis_url_or_embedded()
     rows = []
@@ -107,7 +108,9 @@ def main():
     print(f"LoRA: {len(lora)} tensors, {params / 1e6:.1f} M params (rank {args.rank}, bf16)")
     print(f"redis: {'embedded redis-server 6.2 (AOF everysec)' if server else url}")
     print(f"machine: {platform.processor() or platform.machine()}, torch threads {args.threads}")
-    print(f"encode (safetensors bytes) {1000 * encode_s:.0f} ms, decode {1000 * decode_s:.0f} ms")
+    print(
+        f"parts: safetensors encode {1000 * encode_s:.0f} ms, decode {1000 * decode_s:.0f} ms, sha256 {1000 * sha_s:.0f} ms"
+    )
     print()
     print("| blob store | size (MB) | publish median (ms) | load median (ms) |")
     print("|---|---:|---:|---:|")
