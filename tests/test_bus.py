@@ -254,3 +254,18 @@ def test_idempotent_completion_counts_a_group_once(client):
     assert stream.complete(entry_id, done_key("rcgrpo", "g7", 3), "scored", {"reward": "0.7"}) is True
     assert client.xlen("scored") == 2
     assert claim_once(client, "once") is True and claim_once(client, "once") is False
+
+
+def test_complete_carries_binary_message_fields(client):
+    stream = WorkStream(client, "rollouts", "scorers")
+    stream.ensure_group()
+    entry_id = stream.publish(encode_message(Message(meta={"group_id": "g1"}, masks={"m": torch.ones(4, 4)})))
+    (entry,) = stream.read("s1")
+    received = decode_message(entry.fields)
+    result = Message(meta=received.meta, tensors={"rewards": torch.tensor([0.25, 1.0])})
+    assert stream.complete(entry_id, done_key("rcgrpo", "g1", 0), "scored", encode_message(result))
+    ((_, fields),) = client.xrange("scored")
+    decoded = decode_message(fields)
+    assert decoded.meta == {"group_id": "g1"} and torch.equal(
+        decoded.tensors["rewards"], torch.tensor([0.25, 1.0])
+    )
