@@ -53,6 +53,7 @@ HELD_OUT_PAIRS = (
     ("cyan", "ring"),
 )
 SPLITS = ("train", "test")
+MAX_LAYOUT_ATTEMPTS = 1000  # random layouts tried per sample before the config is declared too crowded
 
 
 @dataclass
@@ -404,9 +405,15 @@ def _draw_edit(rng: np.random.Generator, kind: str, split: str, config: ShapesEd
 def _sample(index: int, split: str, seed: int, config: ShapesEditConfig) -> EditSample:
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     kind = config.kinds[index % len(config.kinds)]
-    drawn = None
-    while drawn is None:
+    for _ in range(MAX_LAYOUT_ATTEMPTS):
         drawn = _draw_edit(rng, kind, split, config)
+        if drawn is not None:
+            break
+    else:
+        raise ValueError(
+            f"could not lay out a {kind!r} scene in {MAX_LAYOUT_ATTEMPTS} attempts: too many or too large "
+            f"objects for size {config.size} (max_objects={config.max_objects}, large_radius={config.large_radius})"
+        )
     source_objects, target_objects, old, new, reference, where = drawn
 
     size = config.size
