@@ -11,6 +11,7 @@ from __future__ import annotations
 import email.utils
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -84,11 +85,13 @@ class RewardClient:
         retry: RetryPolicy | None = None,
         seed: int | None = None,
         transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ):
         headers = bearer_header(token) if token else {}
         self.http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout_s, transport=transport)
         self.retry = retry or RetryPolicy()
         self.rng = random.Random(seed)
+        self.sleep = sleep
 
     def score(
         self,
@@ -152,7 +155,7 @@ class RewardClient:
                     kind,
                     attempt,
                 )
-            time.sleep(delay)
+            self.sleep(delay)
 
     def close(self) -> None:
         self.http.close()
