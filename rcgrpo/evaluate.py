@@ -133,7 +133,8 @@ def sample_task(sample: EditSample) -> str:
 
 def quantize(image: torch.Tensor) -> torch.Tensor:
     """(3, H, W) in [0, 1] -> the same picture with 8-bit values (what a PNG save keeps)."""
-    return torch.from_numpy(to_uint8(image)).permute(2, 0, 1).float() / 255
+    # contiguous: reductions over a differently strided copy of the same values may round differently
+    return (torch.from_numpy(to_uint8(image)).permute(2, 0, 1).float() / 255).contiguous()
 
 
 def resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -359,7 +360,7 @@ def read_results_layout(
         with Image.open(path) as image:
             pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
         found.append(sample)
-        edits.append(torch.from_numpy(pixels).permute(2, 0, 1))
+        edits.append(torch.from_numpy(pixels).permute(2, 0, 1).contiguous())
     return found, edits, missing
 
 
