@@ -1,0 +1,581 @@
+"""The deployment and observability files, checked as files (no Docker engine, network or cluster):
+docker-compose against the compose spec, loopback ports and healthchecks, Prometheus config and
+alert rules, the Grafana dashboard's queries against the metrics the code defines, the Kubernetes
+manifests and the FLUX.1-Kontext-dev run config.
+
+Tests that start the components and a real Prometheus live elsewhere; these stay fast.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client.metrics import MetricWrapperBase
+
+import services.metrics
+from rcgrpo.config import MethodConfig
+from reward_server.metrics import RewardServerMetrics
+
+REPO = Path(__file__).resolve().parents[1]
+# In CI the shared schemas sit next to the repository: ../shared/schemas relative to its root.
+COMPOSE_SCHEMA = REPO.parent / "shared" / "schemas" / "compose-spec.json"
+PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
+GRAFANA_DIR = REPO / "deploy" / "grafana"
+K8S_DIR = REPO / "deploy" / "k8s"
+DASHBOARD = GRAFANA_DIR / "dashboards" / "rcgrpo.json"
+FLUX_CONFIG = REPO / "configs" / "flux_kontext_compbench.yaml"
+
+# What a user must set before `docker compose up` (the file refuses to start without them).
+REQUIRED_ENV = {"RCGRPO_REWARD_TOKEN": "t" * 32, "GRAFANA_ADMIN_PASSWORD": "p" * 16}
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool not installed (Debian: apt-get install prometheus)"
+)
+
+
+# -- compose helpers ----------------------------------------------------------------------------
+
+_COMPOSE_VAR = re.compile(r"\$\$|\$\{(\w+)(?:(:?[-?])([^}]*))?\}|\$(\w+)")
+
+
+def interpolate(value, env: dict[str, str]):
+    """Compose's variable substitution (`${X}`, `${X:-default}`, `${X-default}`, `${X:?error}`, `$$`)
+    applied to every string of a loaded compose file."""
+    if isinstance(value, dict):
+        return {key: interpolate(item, env) for key, item in value.items()}
+    if isinstance(value, list):
+        return [interpolate(item, env) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1) or match.group(4)
+        operator, argument = match.group(2), match.group(3)
+        present = name in env and (env[name] != "" or operator in ("-", "?"))
+        if operator in (":?", "?") and not present:
+            raise KeyError(f"compose requires {name}: {argument}")
+        if operator in (":-", "-") and not present:
+            return argument
+        return env.get(name, "")
+
+    return _COMPOSE_VAR.sub(substitute, value)
+
+
+def merge_override(base: dict, override: dict) -> dict:
+    """`docker compose -f base -f override`: mappings merge key by key, other values are replaced (the
+    GPU override sets no sequence that compose would concatenate instead)."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_override(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_compose(gpu: bool = False, env: dict[str, str] | None = None) -> dict:
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    if gpu:
+        compose = merge_override(compose, yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text()))
+    return compose if env is None else interpolate(compose, env)
+
+
+def compose_variants() -> dict[str, dict]:
+    return {
+        "default": load_compose(env=REQUIRED_ENV),
+        "gpu": load_compose(gpu=True, env=REQUIRED_ENV),
+    }
+
+
+# -- metric helpers -----------------------------------------------------------------------------
+
+
+def defined_metrics() -> dict[str, set[str]]:
+    """Every series name the code exports (counters as `_total`, histograms as `_bucket`/`_sum`/`_count`)
+    mapped to the metric's label names: services/metrics.py and the reward server's registry."""
+    sources = (vars(services.metrics), vars(RewardServerMetrics()))
+    wrappers = [
+        value for source in sources for value in source.values() if isinstance(value, MetricWrapperBase)
+    ]
+    families = [(wrapper.describe()[0], set(wrapper._labelnames)) for wrapper in wrappers]
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
+    names = {}
+    for family, labels in families:
+        for suffix in suffixes[family.type]:
+            names[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
+    return names
+
+
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
+_METRIC = re.compile(r"\brcgrpo_[a-zA-Z0-9_]+")
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+_MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)\s*$")
+# Labels Prometheus attaches to every scraped series.
+TARGET_LABELS = {"job", "instance"}
+
+
+def promql_metrics(expr: str) -> set[str]:
+    return set(_METRIC.findall(_QUOTED.sub('""', expr)))
+
+
+def promql_labels(expr: str) -> set[str]:
+    """Label names an expression groups or matches on."""
+    labels = set()
+    for group in _GROUPING.findall(expr):
+        labels.update(name.strip() for name in group.split(",") if name.strip())
+    for selector in re.findall(r"\{([^}]*)\}", expr):
+        for part in _QUOTED.split(selector):
+            match = _MATCHER.search(part)
+            if match:
+                labels.add(match.group(1))
+    return labels
+
+
+def check_queries(queries: list[tuple[str, str]], legends: dict[str, str] | None = None) -> list[str]:
+    """Problems with (where, PromQL) pairs: unknown metric names, label names no queried metric has."""
+    defined = defined_metrics()
+    problems = []
+    for where, expr in queries:
+        metrics = promql_metrics(expr)
+        problems += [f"{where}: {name} is not exported" for name in sorted(metrics - set(defined))]
+        known_labels = TARGET_LABELS.union(*(defined.get(name, set()) for name in metrics))
+        used = promql_labels(expr) | set(re.findall(r"\{\{\s*(\w+)\s*\}\}", (legends or {}).get(where, "")))
+        problems += [
+            f"{where}: label {label!r} not on {sorted(metrics)}" for label in sorted(used - known_labels)
+        ]
+    return problems
+
+
+def dashboard_targets() -> list[tuple[str, dict]]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [
+        (f"panel {panel['title']!r} {t['refId']}", t)
+        for panel in dashboard["panels"]
+        for t in panel.get("targets", [])
+    ]
+
+
+def alert_rules() -> list[dict]:
+    rules = yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())
+    return [rule for group in rules["groups"] for rule in group["rules"]]
+
+
+# -- docker-compose -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["default", "gpu"])
+def test_compose_file_validates_against_the_compose_spec(variant):
+    if not COMPOSE_SCHEMA.is_file():
+        pytest.skip(f"compose spec schema not found at {COMPOSE_SCHEMA} (expected ../shared/schemas/)")
+    import jsonschema
+
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    raw = load_compose(gpu=variant == "gpu")
+    resolved = interpolate(raw, REQUIRED_ENV)
+    for document in (raw, resolved):
+        errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(document), key=str)
+        assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errors[:10])
+
+
+def test_compose_refuses_to_start_without_the_token():
+    with pytest.raises(KeyError, match="RCGRPO_REWARD_TOKEN"):
+        load_compose(env={"GRAFANA_ADMIN_PASSWORD": "p" * 16})
+
+
+def test_compose_has_the_cluster_services():
+    services = compose_variants()["default"]["services"]
+    assert set(services) == {
+        "redis",
+        "ray-head",
+        "ray-worker",
+        "reward-server",
+        "learner",
+        "rollout-worker",
+        "prometheus",
+        "grafana",
+    }
+    redis_command = services["redis"]["command"]
+    assert redis_command[redis_command.index("--appendonly") + 1] == "yes"
+    assert any(volume.endswith(":/data") for volume in services["redis"]["volumes"])
+    assert (
+        "--head" in services["ray-head"]["command"]
+        and "--dashboard-host 0.0.0.0" in services["ray-head"]["command"]
+    )
+    assert "ray-head:6380" in services["ray-worker"]["command"]
+    assert "--port 6380" in services["ray-head"]["command"]  # the workers' --address
+    # The learner and standalone rollout worker run outside Ray, only when asked for.
+    assert services["learner"]["profiles"] == ["standalone"] and services["rollout-worker"]["profiles"] == [
+        "standalone"
+    ]
+    for name in ("ray-head", "ray-worker", "reward-server", "learner", "rollout-worker"):
+        environment = services[name]["environment"]
+        assert environment["REDIS_URL"] == "redis://redis:6379/0"
+        assert environment["RCGRPO_REWARD_URL"] == "http://reward-server:8600"
+        assert environment["RCGRPO_REWARD_TOKEN"] == REQUIRED_ENV["RCGRPO_REWARD_TOKEN"]
+    assert "--port 8600" in services["reward-server"]["command"]
+    # Files the services mount or read from the repository exist.
+    assert (REPO / "configs" / "reward_server.yaml").is_file()
+    for name in ("prometheus", "grafana"):
+        for volume in services[name]["volumes"]:
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (REPO / source).is_dir(), f"{name} mounts missing {source}"
+
+
+@pytest.mark.parametrize("variant", ["default", "gpu"])
+def test_published_ports_bind_loopback_unless_configured(variant):
+    raw = load_compose(gpu=variant == "gpu")
+    resolved = compose_variants()[variant]
+    exposed = interpolate(raw, {**REQUIRED_ENV, "BIND_ADDR": "0.0.0.0"})
+    published = 0
+    for name, service in resolved["services"].items():
+        for index, port in enumerate(service.get("ports", [])):
+            assert isinstance(port, str), f"{name}: use the HOST_IP:PUBLISHED:TARGET short form"
+            host_ip, published_port, target = port.rsplit(":", 2)
+            assert host_ip == "127.0.0.1", f"{name} publishes {port} beyond loopback"
+            assert published_port and target
+            assert raw["services"][name]["ports"][index].startswith("${BIND_ADDR:-127.0.0.1}:")
+            assert exposed["services"][name]["ports"][index].startswith("0.0.0.0:")
+            published += 1
+    assert published == 5  # redis, ray dashboard, reward server, prometheus, grafana
+
+
+@pytest.mark.parametrize("variant", ["default", "gpu"])
+def test_every_service_has_a_healthcheck(variant):
+    for name, service in compose_variants()[variant]["services"].items():
+        healthcheck = service.get("healthcheck")
+        assert healthcheck and not healthcheck.get("disable"), f"{name} has no healthcheck"
+        assert healthcheck["test"][0] in ("CMD", "CMD-SHELL") and len(healthcheck["test"]) > 1
+
+
+def test_gpu_override_reserves_a_gpu_and_builds_the_cuda_image():
+    default, gpu = compose_variants()["default"], compose_variants()["gpu"]
+    assert "deploy" not in default["services"]["learner"]
+    assert "resources" not in default["services"]["ray-worker"]["deploy"]
+    for name in ("ray-worker", "learner", "rollout-worker"):
+        (device,) = gpu["services"][name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device == {"driver": "nvidia", "count": "1", "capabilities": ["gpu"]}
+    assert gpu["services"]["ray-worker"]["deploy"]["replicas"] == "1"  # kept from the base file
+    assert "--num-gpus 1" in gpu["services"]["ray-worker"]["command"]
+    images = {s["image"] for s in gpu["services"].values() if "build" in s}
+    assert images == {"rcgrpo:cu128"}
+    for service in gpu["services"].values():
+        if "build" in service:
+            assert service["build"]["args"]["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cu128"
+    # One image for all our services, CPU torch unless asked otherwise.
+    assert {s["image"] for s in default["services"].values() if "build" in s} == {"rcgrpo:latest"}
+    assert all(
+        s["build"]["args"]["TORCH_INDEX_URL"] == "" for s in default["services"].values() if "build" in s
+    )
+
+
+# -- Dockerfile ---------------------------------------------------------------------------------
+
+
+def test_dockerfile_installs_like_the_readme():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim$", dockerfile, re.M)
+    import tomllib
+
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch_pin = next(dep for dep in dependencies if dep.startswith("torch=="))
+    assert f"ARG TORCH_VERSION={torch_pin.removeprefix('torch==')}" in dockerfile
+    assert "ARG TORCH_INDEX_URL=" in dockerfile
+    assert '${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"' in dockerfile
+    assert "pip install --no-deps -e ." in dockerfile
+    assert re.search(r"^USER rcgrpo$", dockerfile, re.M)  # not root
+    ignored = (REPO / ".dockerignore").read_text().split()
+    for path in (".git", ".venv", ".env", "runs"):
+        assert path in ignored
+
+
+# -- Prometheus ---------------------------------------------------------------------------------
+
+
+def test_prometheus_scrapes_every_component_and_loads_the_rules():
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert len(jobs) == len(config["scrape_configs"]), "duplicate job_name"
+    assert {"reward-server", "rollout-worker", "learner"} <= set(jobs)
+    assert jobs["reward-server"]["static_configs"][0]["targets"] == ["reward-server:8600"]
+    compose_services = set(compose_variants()["default"]["services"])
+    for job in jobs.values():
+        for discovery in job.get("dns_sd_configs", []):
+            assert set(discovery["names"]) <= compose_services, f"{job['job_name']} resolves unknown hosts"
+    assert {d["port"] for d in jobs["rollout-worker"]["dns_sd_configs"]} == {9101}
+    assert {d["port"] for d in jobs["learner"]["dns_sd_configs"]} == {9102}
+    for rule_file in config["rule_files"]:
+        assert (PROMETHEUS_DIR / rule_file).is_file()
+
+
+def test_alert_rules_cover_the_failure_modes_and_query_real_metrics():
+    rules = {rule["alert"]: rule for rule in alert_rules()}
+    assert {"RcgrpoLearnerStalled", "RcgrpoWorkerStaleWeights", "RcgrpoBacklogGrowing"} <= set(rules)
+    assert "rcgrpo_learner_step" in rules["RcgrpoLearnerStalled"]["expr"]
+    stale = rules["RcgrpoWorkerStaleWeights"]["expr"]
+    assert "rcgrpo_rollout_weight_version" in stale and "rcgrpo_learner_weight_version" in stale
+    assert "rcgrpo_stream_length" in rules["RcgrpoBacklogGrowing"]["expr"]
+    # k in "worker version < learner version - k" is the FLUX config's max_staleness.
+    max_staleness = yaml.safe_load(FLUX_CONFIG.read_text())["learner"]["max_staleness"]
+    assert f"max(rcgrpo_learner_weight_version) - {max_staleness})" in stale
+    queries = []
+    for rule in rules.values():
+        assert rule["labels"]["severity"] in ("warning", "critical")
+        queries.append((f"alert {rule['alert']}", rule["expr"]))
+        queries += [(f"alert {rule['alert']} {key}", text) for key, text in rule["annotations"].items()]
+    assert not check_queries(queries)
+    jobs = {
+        job["job_name"]
+        for job in yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())["scrape_configs"]
+    }
+    for name, rule in rules.items():
+        for job in re.findall(r'job\s*=\s*"([^"]+)"', rule["expr"]):
+            assert job in jobs, f"{name} queries scrape job {job!r} that prometheus.yml does not define"
+
+
+def test_metric_name_check_catches_wrong_names_and_labels():
+    # The checks above are only as good as this parser: it must reject what is not exported.
+    assert (
+        check_queries([("ok", 'sum by (worker) (rate(rcgrpo_rollout_groups_total{worker!~"x"}[1m]))')]) == []
+    )
+    assert (
+        check_queries(
+            [("ok", "histogram_quantile(0.5, sum by (le) (rate(rcgrpo_learner_step_seconds_bucket[1m])))")]
+        )
+        == []
+    )
+    problems = check_queries(
+        [
+            ("counter without _total", "rate(rcgrpo_rollout_groups[1m])"),
+            ("histogram without suffix", "rcgrpo_learner_step_seconds"),
+            ("gauge with _total", "rcgrpo_learner_loss_total"),
+            ("label", "sum by (stream) (rcgrpo_learner_loss)"),
+            ("quoted names are not queries", 'rcgrpo_stream_length{stream="rcgrpo_nonexistent"}'),
+        ],
+        legends={"quoted names are not queries": "{{worker}}"},
+    )
+    assert problems == [
+        "counter without _total: rcgrpo_rollout_groups is not exported",
+        "histogram without suffix: rcgrpo_learner_step_seconds is not exported",
+        "gauge with _total: rcgrpo_learner_loss_total is not exported",
+        "label: label 'stream' not on ['rcgrpo_learner_loss']",
+        "quoted names are not queries: label 'worker' not on ['rcgrpo_stream_length']",
+    ]
+
+
+@needs_promtool
+def test_promtool_accepts_the_config_and_rules():
+    for args in (["check", "config", "prometheus.yml"], ["check", "rules", "alerts.yml"]):
+        result = subprocess.run(
+            [PROMTOOL, *args], cwd=PROMETHEUS_DIR, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_promtool
+def test_promtool_parses_every_dashboard_query(tmp_path):
+    # Grafana's $__rate_interval becomes a concrete range; each query becomes a recording rule.
+    rules = [
+        {"record": f"rcgrpo_dashboard:query_{i}", "expr": t["expr"].replace("$__rate_interval", "1m")}
+        for i, (_, t) in enumerate(dashboard_targets())
+    ]
+    (tmp_path / "dashboard_rules.yml").write_text(
+        yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]})
+    )
+    result = subprocess.run(
+        [PROMTOOL, "check", "rules", "dashboard_rules.yml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(rules)} rules found" in result.stdout
+
+
+# -- Grafana ------------------------------------------------------------------------------------
+
+
+def test_dashboard_queries_only_exported_metrics_and_labels():
+    targets = dashboard_targets()
+    assert len(targets) >= 30
+    problems = check_queries(
+        [(where, t["expr"]) for where, t in targets],
+        legends={where: t["legendFormat"] for where, t in targets},
+    )
+    assert not problems, "\n".join(problems)
+
+
+def test_dashboard_has_the_required_panels():
+    dashboard = json.loads(DASHBOARD.read_text())
+    queried_by_title = {}
+    for panel in dashboard["panels"]:
+        queried = set().union(*(promql_metrics(t["expr"]) for t in panel.get("targets", [])))
+        queried_by_title[panel["title"]] = queried
+    required = {
+        "Rollout groups per second": {"rcgrpo_rollout_groups_total"},
+        "Images per second": {"rcgrpo_rollout_images_total"},
+        "Staleness (policy versions behind the learner)": {"rcgrpo_learner_staleness_bucket"},
+        "Stream length": {"rcgrpo_stream_length"},
+        "Pending entries (delivered, not acknowledged)": {"rcgrpo_stream_pending"},
+        "Reward mean and within-group std": {"rcgrpo_learner_reward_mean", "rcgrpo_learner_reward_std"},
+        "ACD (attention concentration)": {"rcgrpo_learner_acd_mean", "rcgrpo_rollout_acd_mean"},
+        "Weight version per worker": {"rcgrpo_rollout_weight_version", "rcgrpo_learner_weight_version"},
+        "Reward server request latency": {"rcgrpo_reward_request_latency_seconds_bucket"},
+        "Reward server batch size and queue": {
+            "rcgrpo_reward_batch_size_sum",
+            "rcgrpo_reward_batch_size_count",
+        },
+        "Learner step time": {"rcgrpo_learner_step_seconds_bucket"},
+        "Surrogate loss": {"rcgrpo_learner_loss"},
+        "Dead letters": {"rcgrpo_dead_letters"},
+    }
+    for title, metrics in required.items():
+        assert title in queried_by_title, f"missing panel {title!r}"
+        assert metrics <= queried_by_title[title], f"{title!r} queries {queried_by_title[title]}"
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in dashboard["panels"]:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+
+
+def test_grafana_provisioning_points_at_the_dashboard_and_prometheus():
+    datasources = yaml.safe_load(
+        (GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yml").read_text()
+    )
+    (datasource,) = datasources["datasources"]
+    assert datasource["type"] == "prometheus" and datasource["url"] == "http://prometheus:9090"
+    dashboard = json.loads(DASHBOARD.read_text())
+    used = {p["datasource"]["uid"] for p in dashboard["panels"] if "datasource" in p}
+    used |= {t["datasource"]["uid"] for _, t in dashboard_targets()}
+    assert used == {datasource["uid"]}
+    providers = yaml.safe_load((GRAFANA_DIR / "provisioning" / "dashboards" / "rcgrpo.yml").read_text())
+    (provider,) = providers["providers"]
+    grafana = compose_variants()["default"]["services"]["grafana"]
+    mounts = dict(volume.split(":")[:2] for volume in grafana["volumes"])
+    assert mounts["./deploy/grafana/dashboards"] == provider["options"]["path"]
+    assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{provider['options']['path']}/{DASHBOARD.name}"
+
+
+# -- the FLUX.1-Kontext-dev run config and the Kubernetes manifests -------------------------------
+
+
+def test_flux_config_has_the_papers_settings():
+    config = yaml.safe_load(FLUX_CONFIG.read_text())
+    method = MethodConfig.from_dict(config["method"])
+    assert (method.group_size, method.s_in, method.s_out, method.anchors, method.timesteps_per_anchor) == (
+        12,
+        0.3,
+        0.0,
+        4,
+        4,
+    )
+    assert (method.adv_p, method.learning_rate, method.lora_rank, method.lora_alpha) == (0.8, 1e-5, 32, 64)
+    assert (method.acd_weight, method.num_steps, method.rdp, method.mask_aware) == (0.5, 8, True, True)
+    assert config["editor"] == {"path": "/models/FLUX.1-Kontext-dev", "dtype": "bfloat16", "device": "cuda"}
+    assert config["data"] == "compbench:/data/CompBench"
+    assert config["rollout"]["gpus_per_worker"] == 1
+    assert config["learner"]["total_steps"] == 300
+
+
+def k8s_documents() -> dict[str, list[dict]]:
+    return {
+        path.name: [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+        for path in sorted(K8S_DIR.glob("*.yaml"))
+    }
+
+
+def k8s_object(kind: str, name: str) -> dict:
+    (found,) = [
+        doc
+        for docs in k8s_documents().values()
+        for doc in docs
+        if doc["kind"] == kind and doc["metadata"]["name"] == name
+    ]
+    return found
+
+
+def test_k8s_manifests_describe_the_same_job():
+    documents = k8s_documents()
+    kustomization = documents.pop("kustomization.yaml")[0]
+    assert set(kustomization["resources"]) == set(documents) - {"reward-token-secret.yaml", "podmonitor.yaml"}
+    kinds = sorted(doc["kind"] for docs in documents.values() for doc in docs)
+    for kind in ("RayJob", "StatefulSet", "Deployment", "Service", "Secret", "ConfigMap"):
+        assert kind in kinds
+
+    # The run config is the repository's FLUX config, verbatim.
+    run_config = k8s_object("ConfigMap", "rcgrpo-run-config")["data"]["run.yaml"]
+    assert run_config == FLUX_CONFIG.read_text()
+
+    job = k8s_object("RayJob", "rcgrpo-flux-kontext-compbench")
+    assert job["apiVersion"] == "ray.io/v1"
+    assert job["spec"]["entrypoint"] == "python -m deploy.driver --config /etc/rcgrpo/run.yaml"
+    cluster = job["spec"]["rayClusterSpec"]
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    (worker_group,) = cluster["workerGroupSpecs"]
+    worker = worker_group["template"]["spec"]
+    num_workers = yaml.safe_load(run_config)["rollout"]["num_workers"]
+    assert worker_group["replicas"] == worker_group["minReplicas"] == num_workers + 1  # + the learner
+    assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    for pod in (head, worker):
+        (container,) = pod["containers"]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes[mounts["/etc/rcgrpo"]]["configMap"]["name"] == "rcgrpo-run-config"
+        assert volumes[mounts["/app/runs"]]["persistentVolumeClaim"]["claimName"] == "rcgrpo-runs"
+        env = {e["name"]: e for e in container["env"]}
+        assert env["REDIS_URL"]["value"] == "redis://rcgrpo-redis:6379/0"
+        assert env["RCGRPO_REWARD_URL"]["value"] == "http://rcgrpo-reward-server:8600"
+        assert env["RCGRPO_REWARD_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+            "name": "rcgrpo-reward-token",
+            "key": "token",
+        }
+    assert k8s_object("PersistentVolumeClaim", "rcgrpo-runs")["spec"]["accessModes"] == ["ReadWriteMany"]
+
+    # Redis: append-only persistence on a volume claim, probed.
+    redis = k8s_object("StatefulSet", "rcgrpo-redis")
+    (container,) = redis["spec"]["template"]["spec"]["containers"]
+    assert container["args"][container["args"].index("--appendonly") + 1] == "yes"
+    assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    assert container["readinessProbe"] and container["livenessProbe"]
+    assert k8s_object("Service", "rcgrpo-redis")["spec"]["ports"][0]["port"] == 6379
+
+    # The reward server: probes on its health routes, token from the Secret, service on its port.
+    deployment = k8s_object("Deployment", "rcgrpo-reward-server")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert "--port=8600" in container["command"]
+    assert k8s_object("Service", "rcgrpo-reward-server")["spec"]["ports"][0]["port"] == 8600
+
+    # No token is committed: the Secret ships empty, which the reward server refuses.
+    assert k8s_object("Secret", "rcgrpo-reward-token")["stringData"] == {"token": ""}
+
+
+def test_k8s_reward_server_config_loads_and_serves_the_runs_rewards(tmp_path):
+    from reward_server.registry import REWARDS
+    from reward_server.settings import load_settings
+
+    path = tmp_path / "reward_server.yaml"
+    path.write_text(k8s_object("ConfigMap", "rcgrpo-reward-server-config")["data"]["reward_server.yaml"])
+    settings = load_settings(path)
+    run_rewards = yaml.safe_load(FLUX_CONFIG.read_text())["reward"]["rewards"]
+    assert settings.host == "0.0.0.0" and settings.port == 8600
+    for name, weight in run_rewards.items():
+        assert name in REWARDS, f"the run asks for unregistered reward {name!r}"
+        assert settings.rewards[name] == weight
+        model = REWARDS[name].model
+        assert model is None or model in settings.models, f"{name} needs model {model!r}"
+    assert settings.rewards["acd"] == yaml.safe_load(FLUX_CONFIG.read_text())["method"]["acd_weight"]
