@@ -20,6 +20,10 @@ SUBCOMMANDS = {
     ),
     "reward-server": ("reward_server.main", "serve rewards over authenticated HTTP (and a Redis stream)"),
     "eval": ("deploy.commands.eval", "score an editor, or saved edits, on ShapesEdit or CompBench"),
+    "train": ("deploy.commands.train", "the main job: RC-GRPO training with Ray, Redis and the reward server"),
+    "pretrain": ("deploy.commands.pretrain", "pretrain the tiny Kontext editor on ShapesEdit"),
+    "rollout-worker": ("rollout_worker.main", "a standalone rollout worker (found through Redis)"),
+    "learner": ("learner.main", "a standalone learner (found through Redis)"),
 }
 
 
@@ -36,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # hide the torchvision fallback notice
     args = build_parser().parse_args(argv)
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     try:

@@ -234,6 +234,8 @@ def load_editor(
     not an existing directory (a hub id, say) is refused.
     """
     from diffusers import FluxKontextPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
     path = Path(path)
     if not path.is_dir():
@@ -254,6 +256,8 @@ def load_editor(
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     pipe = FluxKontextPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

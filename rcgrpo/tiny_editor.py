@@ -27,6 +27,8 @@ WORDS = (
     "circle square triangle star cross diamond ring hexagon shape object one top bottom left right "
     "middle center centre corner background scene image picture photo"
 ).split()
+# The pretrained tiny editor shipped in the repo (`rcgrpo pretrain` writes it); every default uses it.
+SHIPPED_EDITOR_DIR = Path(__file__).parent / "assets" / "tiny_kontext_shapes"
 CLIP_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
 T5_SPECIALS = ("<pad>", "</s>", "<unk>")
 

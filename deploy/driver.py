@@ -1,0 +1,178 @@
+"""The run driver and Ray job entrypoint: `python -m deploy.driver --config configs/tiny_shapes.yaml`.
+
+The whole loop, one direction:
+
+    tasks --(Ray rollout actors: RDP group noise, ODE rollout, ACD)--> rollouts stream
+          --(reward server, stream mode, batched)-->                  scored stream
+          --(learner actor: advantages, RC-GRPO step)-->              weight versions --> rollout actors
+
+The driver connects to (or starts) Redis and the reward server, starts the actors, feeds tasks ahead
+of the learner, checkpoints, stops cleanly at learner.total_steps or on Ctrl-C, and ends with a
+held-out evaluation of the base editor against the trained LoRA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from contextlib import ExitStack
+
+import torch
+
+from services.bus import RunBus
+from services.config import RunConfig, load_run_config
+from services.payloads import Task
+from services.redis_server import EmbeddedRedis
+
+log = logging.getLogger("rcgrpo.driver")
+
+
+class TaskFeeder:
+    """Issues tasks in a seeded order: epoch e visits the training samples in permutation e; task i's
+    group noise is seeded by (run seed, i), so a resumed run issues exactly the same tasks."""
+
+    def __init__(self, bus: RunBus, num_samples: int, seed: int, cursor: int = 0):
+        self.bus, self.num_samples, self.seed, self.cursor = bus, num_samples, seed, cursor
+
+    def task(self, i: int) -> Task:
+        epoch, position = divmod(i, self.num_samples)
+        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        return Task(task_id=f"task-{i:07d}", sample_index=int(order[position]), noise_seed=self.seed * 1_000_003 + i)
+
+    def feed_until(self, total: int) -> None:
+        while self.cursor < total:
+            self.bus.tasks.publish(self.task(self.cursor).to_fields())
+            self.cursor += 1
+
+
+def observe_streams(bus: RunBus) -> dict:
+    from services import metrics
+
+    lengths = {}
+    for name, stream in bus.streams().items():
+        lengths[name] = stream.length()
+        metrics.STREAM_LENGTH.labels(name).set(lengths[name])
+        metrics.STREAM_PENDING.labels(name).set(stream.pending_count())
+        metrics.DEAD_LETTERS.labels(name).set(stream.dead_letter_length())
+    return lengths
+
+
+def run(cfg: RunConfig, resume: bool = False) -> dict:
+    import ray
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from deploy.evaluation import evaluate_base_vs_trained
+    from deploy.report import save_curves
+    from deploy.reward_process import RewardServerProcess
+    from learner.learner import Learner
+    from rollout_worker.worker import RolloutWorker
+
+    console = Console()
+    run_dir = cfg.run_dir
+    if run_dir.exists() and not resume and any(run_dir.glob("checkpoints/step_*")):
+        raise ValueError(f"run directory {run_dir} already has checkpoints: pass --resume, or choose another name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    metrics_log = run_dir / "metrics.jsonl"
+
+    with ExitStack() as stack:
+        # 1. Redis: the given server, else a private one whose append-only file lives in the run dir
+        redis_url = cfg.resolved_redis_url()
+        if redis_url is None:
+            redis_url = stack.enter_context(EmbeddedRedis(data_dir=run_dir / "redis")).url
+        bus = RunBus(cfg, redis_url)
+        bus.clear_stop()
+
+        # 2. the reward server, consuming the rollouts stream
+        if cfg.reward.url is None:
+            reward_server = RewardServerProcess(cfg, redis_url, run_dir / "reward_server.log")
+            stack.callback(reward_server.stop)
+            reward_server.wait_ready()
+
+        # 3. Ray: rollout actors and the learner actor
+        if not ray.is_initialized():
+            address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+            stack.callback(ray.shutdown)
+        learner = ray.remote(num_cpus=0, num_gpus=cfg.learner.num_gpus)(Learner).remote(cfg, redis_url, resume)
+        worker_cls = ray.remote(num_cpus=0, num_gpus=cfg.rollout.gpus_per_worker)(RolloutWorker)
+        workers = [worker_cls.remote(cfg, redis_url, f"worker-{i}") for i in range(cfg.rollout.num_workers)]
+        start_step, cursor = ray.get(learner.resume_point.remote())
+        version = ray.get(learner.publish_weights.remote())  # every worker samples with this or newer
+        console.print(f"[bold]rcgrpo[/] run {cfg.name!r}: {cfg.rollout.num_workers} workers, policy v{version}, step {start_step}")
+        worker_runs = [w.run.remote() for w in workers]
+
+        # 4. the loop: feed tasks ahead of the learner, one learner update per step
+        groups_per_step = cfg.learner.groups_per_step
+        ahead = 1 if cfg.learner.staleness_policy == "wait" else 1 + cfg.learner.max_staleness
+        feeder = TaskFeeder(bus, cfg.data.num_samples, cfg.data.seed, cursor)
+        step, started = start_step, time.perf_counter()
+        columns = [TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), TextColumn("{task.fields[info]}")]
+        try:
+            with Progress(*columns, console=console) as progress, metrics_log.open("a") as metrics_file:
+                bar = progress.add_task("train", total=cfg.learner.total_steps, completed=step, info="")
+                while step < cfg.learner.total_steps:
+                    # 'drop': keep (1 + max_staleness) updates of tasks queued; 'wait': only the next update's
+                    feeder.feed_until((step + ahead) * groups_per_step)
+                    stats = ray.get(learner.step.remote())
+                    step = stats["step"]
+                    if step % cfg.learner.checkpoint_every == 0 or step == cfg.learner.total_steps:
+                        ray.get(learner.checkpoint.remote(feeder.cursor))
+                    images = (step - start_step) * groups_per_step * cfg.method.group_size
+                    stats |= {"streams": observe_streams(bus), "images_per_s": images / (time.perf_counter() - started)}
+                    metrics_file.write(json.dumps(stats) + "\n")
+                    metrics_file.flush()
+                    progress.update(
+                        bar,
+                        completed=step,
+                        info=f"reward {stats['reward_mean']:.3f}±{stats['reward_std']:.3f}  ACD {stats['acd_mean']:.3f}  "
+                        f"stale {stats['staleness_mean']:.2f}  {stats['images_per_s']:.1f} img/s",
+                    )
+        except KeyboardInterrupt:
+            # Ctrl-C: keep every acknowledged group; the checkpoint records what the learner has trained on
+            console.print("[yellow]interrupted: checkpointing the learner and stopping the workers")
+            ray.get(learner.checkpoint.remote(feeder.cursor))
+            bus.request_stop()
+            ray.get(worker_runs)
+            raise
+
+        # 5. stop the workers, keep the final LoRA in diffusers format
+        bus.request_stop()
+        ray.get(worker_runs)
+        lora_dir = ray.get(learner.save_final_lora.remote(run_dir / "lora"))
+        save_curves(metrics_log, run_dir / "reward_curves.png")
+
+    # 6. held-out evaluation: base editor vs base + trained LoRA
+    summary = {"run_dir": str(run_dir), "steps": step, "lora": str(lora_dir), "seconds": round(time.perf_counter() - started, 1)}
+    if cfg.eval.num_samples:
+        summary["eval"] = evaluate_base_vs_trained(cfg, lora_dir, console)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="run config YAML (default: the built-in tiny ShapesEdit run)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. learner.total_steps=50")
+    parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = load_run_config(args.config, args.overrides)
+    try:
+        run(cfg, resume=args.resume)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog="python -m deploy.driver", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))

@@ -1,0 +1,44 @@
+"""The end of a run: the base editor and the base editor + trained LoRA on held-out samples, printed
+side by side, saved as JSON and as a PNG grid of before/after edits."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from rich.table import Table
+
+from deploy.report import save_before_after
+from rcgrpo.editor import load_editor
+from rcgrpo.evaluate import evaluate, load_samples
+from services.config import RunConfig
+
+HEADLINE = ("region_adherence", "background_psnr", "background_ssim")
+
+
+def evaluate_base_vs_trained(cfg: RunConfig, lora_dir, console) -> dict:
+    samples = load_samples(cfg.data.source, split=cfg.eval.split, limit=cfg.eval.num_samples, seed=cfg.data.seed)
+    editor = load_editor(cfg.editor, dtype=cfg.dtype)
+    results = {}
+    edits = {}
+    for name in ("base", "trained"):
+        if name == "trained":
+            editor.pipe.load_lora_weights(lora_dir)
+        result = evaluate(editor, samples, cfg.method, seed=cfg.eval.seed, compbench=False, keep_edits=True, progress=True)
+        results[name] = result.overall
+        edits[name] = result.edits
+    table = Table(title=f"held-out evaluation ({len(samples)} {cfg.data.source} {cfg.eval.split} samples)")
+    table.add_column("metric")
+    for name in ("base", "trained", "change"):
+        table.add_column(name, justify="right")
+    metrics = [m for m in HEADLINE if m in results["base"]] + [m for m in results["base"] if m not in HEADLINE]
+    for metric in metrics:
+        base, trained = results["base"][metric], results["trained"][metric]
+        change = trained - base if math.isfinite(base) and math.isfinite(trained) else math.nan
+        table.add_row(metric, f"{base:.4f}", f"{trained:.4f}", f"{change:+.4f}")
+    console.print(table)
+    (cfg.run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+    shown = min(cfg.eval.grid_samples, len(samples))
+    if shown:
+        save_before_after(samples[:shown], edits["base"][:shown], edits["trained"][:shown], cfg.run_dir / "before_after.png")
+    return results

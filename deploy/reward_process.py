@@ -1,0 +1,75 @@
+"""Start the reward server as a child process (uvicorn on a free loopback port, stream mode on the
+run's streams) for runs that are not given a reward-server URL."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from services.auth import new_token
+from services.bus import ROLLOUTS_GROUP
+from services.config import RunConfig
+from services.reward_client import RewardClient
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def reward_server_settings(cfg: RunConfig, redis_url: str, port: int) -> dict:
+    """The reward server's settings for this run: its rewards (ACD weighted by lambda_ACD) and streams."""
+    return {
+        "host": "127.0.0.1",
+        "port": port,
+        "rewards": {**cfg.reward.rewards, "acd": cfg.method.acd_weight},
+        "stream": {
+            "enabled": True,
+            "redis_url": redis_url,
+            "rollouts": cfg.key("rollouts"),
+            "scored": cfg.key("scored"),
+            "group": ROLLOUTS_GROUP,
+            "namespace": cfg.key("reward"),
+            "blob_prefix": cfg.key("blob:"),
+        },
+    }
+
+
+class RewardServerProcess:
+    def __init__(self, cfg: RunConfig, redis_url: str, log_path: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.token = new_token()
+        settings_path = cfg.run_dir / "reward_server.yaml"
+        settings_path.write_text(yaml.safe_dump(reward_server_settings(cfg, redis_url, self.port), sort_keys=False))
+        env = {**os.environ, "RCGRPO_REWARD_TOKEN": self.token, "HF_HUB_OFFLINE": "1"}
+        self._log = open(log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "deploy.cli", "reward-server", "--config", str(settings_path), "--log-level", "warning"],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self.client = RewardClient(self.url, token=self.token)
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        try:
+            self.client.wait_ready(timeout_s)
+        except Exception:
+            self.stop()
+            raise RuntimeError(f"the reward server did not become ready; see {self._log.name}") from None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self._log.close()

@@ -1,0 +1,73 @@
+"""Learner checkpoints: LoRA, optimiser, step, RNG state, data cursor, weight version and the groups
+already trained on. Tensors as safetensors, the rest as JSON (no pickle); written to a temporary
+directory and renamed, so a crash mid-write leaves the previous checkpoint intact."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_PREFIX = "step_"
+
+
+@dataclass
+class LearnerState:
+    step: int  # optimiser steps taken
+    weight_version: int  # newest policy version this learner published
+    task_cursor: int  # tasks the driver had issued when this checkpoint was taken
+    consumed: list[str] = field(default_factory=list)  # "group_id:policy_version" keys trained on or dropped
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(directory: Path, state: LearnerState, lora: dict[str, torch.Tensor], optimizer, generator) -> Path:
+    directory = Path(directory)
+    final = directory / f"{CHECKPOINT_PREFIX}{state.step:06d}"
+    partial = directory / f".partial-{state.step:06d}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    save_file(lora, partial / "lora.safetensors")
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    save_file(opt_tensors, partial / "optimizer.safetensors")
+    save_file({"generator": generator.get_state()}, partial / "rng.safetensors")
+    (partial / "state.json").write_text(json.dumps({**asdict(state), "optimizer": opt_meta}))
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+    return final
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    found = sorted(Path(directory).glob(f"{CHECKPOINT_PREFIX}*")) if Path(directory).is_dir() else []
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, optimizer, generator) -> tuple[LearnerState, dict[str, torch.Tensor]]:
+    """Restore optimiser and generator in place; returns the state and the LoRA tensors."""
+    path = Path(path)
+    raw = json.loads((path / "state.json").read_text())
+    optimizer.load_state_dict(_optimizer_state(load_file(path / "optimizer.safetensors"), raw.pop("optimizer")))
+    generator.set_state(load_file(path / "rng.safetensors")["generator"])
+    return LearnerState(**raw), load_file(path / "lora.safetensors")

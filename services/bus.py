@@ -1,0 +1,52 @@
+"""Everything one training run shares through Redis, built from its RunConfig: the three work
+streams (tasks -> rollouts -> scored), the weight store, the training payloads and the stop flag."""
+
+from __future__ import annotations
+
+import redis
+
+from services.blobstore import RedisBlobStore
+from services.config import RunConfig
+from services.payloads import TrainPayloads
+from services.streams import WorkStream
+from services.weights import WeightStore
+
+# consumer groups of the three streams
+TASKS_GROUP = "rollout-workers"
+ROLLOUTS_GROUP = "reward-server"
+SCORED_GROUP = "learner"
+
+
+class RunBus:
+    def __init__(self, cfg: RunConfig, redis_url: str):
+        self.cfg = cfg
+        self.redis_url = redis_url
+        self.client = redis.Redis.from_url(redis_url)
+        self.tasks = WorkStream(self.client, cfg.key("tasks"), TASKS_GROUP)
+        self.rollouts = WorkStream(self.client, cfg.key("rollouts"), ROLLOUTS_GROUP)
+        self.scored = WorkStream(self.client, cfg.key("scored"), SCORED_GROUP)
+        for stream in (self.tasks, self.rollouts, self.scored):
+            stream.ensure_group()
+        # weights never expire while kept; payloads live as long as a group may wait to be trained on
+        self.weights = WeightStore(
+            self.client, RedisBlobStore(self.client, prefix=cfg.key("weights:blob:"), ttl_s=None), namespace=cfg.key("weights")
+        )
+        self.payloads = TrainPayloads(
+            self.client, RedisBlobStore(self.client, prefix=cfg.key("payload:blob:")), namespace=cfg.key("payload")
+        )
+        self._stop_key = cfg.key("stop")
+
+    def task_done_key(self, task_id: str) -> str:
+        return self.cfg.key(f"tasks:done:{task_id}")
+
+    def request_stop(self) -> None:
+        self.client.set(self._stop_key, b"1")
+
+    def clear_stop(self) -> None:
+        self.client.delete(self._stop_key)
+
+    def stop_requested(self) -> bool:
+        return bool(self.client.exists(self._stop_key))
+
+    def streams(self) -> dict[str, WorkStream]:
+        return {"tasks": self.tasks, "rollouts": self.rollouts, "scored": self.scored}

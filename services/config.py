@@ -1,0 +1,143 @@
+"""The run config: one YAML file (configs/*.yaml) that every component of a training run reads.
+
+Defaults here give the embedded tiny run (`rcgrpo train` with no arguments). `--set a.b=value`
+overrides any field; a bad field fails with a message that names it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from rcgrpo.config import MethodConfig
+from rcgrpo.tiny_editor import SHIPPED_EDITOR_DIR
+
+# Redis keys and streams of one run live under "rcgrpo:<run name>:".
+STREAM_NAMES = ("tasks", "rollouts", "scored")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Section):
+    source: str = "shapes"  # shapes | compbench:PATH | jsonl:PATH
+    split: str = "train"
+    num_samples: int = Field(512, ge=1)  # ShapesEdit samples generated for training
+    image_size: int = Field(64, ge=16)
+    seed: int = 0
+
+
+class RolloutConfig(_Section):
+    num_workers: int = Field(2, ge=1)
+    gpus_per_worker: float = Field(0.0, ge=0)  # 0 on CPU; 1 per worker for FLUX scale
+    cpus_per_worker: float = Field(1.0, ge=0)
+    torch_threads: int = Field(1, ge=1)
+    keep_timesteps: list[int] | None = None  # grid indices j the surrogate may train on (None: all)
+    reclaim_idle_ms: int = Field(30_000, ge=1)  # a task pending this long (its worker died) is taken over
+    max_deliveries: int = Field(3, ge=1)  # a task handed out this often goes to the dead-letter stream
+    metrics_port: int = Field(0, ge=0)  # first worker's Prometheus port (worker i: +i); 0 = off
+
+
+class RewardConfig(_Section):
+    url: str | None = None  # None: the driver starts a reward server on a loopback port
+    token_env: str = "RCGRPO_REWARD_TOKEN"  # environment variable holding the bearer token
+    # r_i = sum_j w_j r_ext,j + lambda_ACD R_ACD; the ACD weight comes from method.acd_weight
+    rewards: dict[str, float] = Field(
+        default_factory=lambda: {"region_adherence": 1.0, "background_psnr": 0.02, "background_ssim": 1.0}
+    )
+
+
+class LearnerConfig(_Section):
+    total_steps: int = Field(30, ge=1)
+    groups_per_step: int = Field(2, ge=1)  # whole groups per optimiser step
+    publish_every: int = Field(1, ge=1)  # publish a weight version every N updates
+    max_staleness: int = Field(1, ge=0)  # policy versions a group may lag the learner
+    # drop: stale groups are discarded (counted); wait: tasks are only fed for the next update, so
+    # every group is sampled with the newest weights (synchronous); stale ones are dropped in both
+    staleness_policy: Literal["drop", "wait"] = "drop"
+    checkpoint_every: int = Field(10, ge=1)
+    external: bool = False  # True: the learner runs as its own process (`rcgrpo learner`), not a Ray actor
+    num_gpus: float = Field(0.0, ge=0)
+    torch_threads: int = Field(1, ge=1)
+    metrics_port: int = Field(0, ge=0)
+    seed: int = 0
+
+
+class EvalConfig(_Section):
+    num_samples: int = Field(48, ge=0)  # held-out ShapesEdit samples for base vs trained (0: skip)
+    split: str = "test"
+    seed: int = 1234
+    grid_samples: int = Field(6, ge=0)
+
+
+class RunConfig(_Section):
+    name: str = "tiny-shapes"
+    editor: Path = SHIPPED_EDITOR_DIR
+    dtype: str | None = None  # default: bfloat16 on CUDA, float32 on CPU
+    runs_dir: Path = Path("runs")
+    redis_url: str | None = None  # None: REDIS_URL, else a private embedded redis-server
+    ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method(cls, value):
+        return MethodConfig.from_dict(value) if isinstance(value, dict) else value
+
+    @property
+    def run_dir(self) -> Path:
+        return self.runs_dir / self.name
+
+    def key(self, suffix: str) -> str:
+        """A Redis key or stream name of this run."""
+        return f"rcgrpo:{self.name}:{suffix}"
+
+    def resolved_redis_url(self) -> str | None:
+        return self.redis_url or os.environ.get("REDIS_URL")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _set_dotted(values: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = values
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {dotted}: {key!r} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML run config (None: the defaults) and apply `key.sub=value` overrides."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"run config {str(path)!r} does not exist")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"run config {str(path)!r} must be a YAML mapping")
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        dotted, raw = item.split("=", 1)
+        _set_dotted(values, dotted.strip(), raw)
+    try:
+        return RunConfig.model_validate(values)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in error.errors())
+        raise ValueError(f"invalid run config: {problems}") from None
+    except (TypeError, ValueError) as error:  # MethodConfig's own checks
+        raise ValueError(f"invalid run config: method: {error}") from None
