@@ -20,7 +20,6 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 import services.metrics
-from rcgrpo.config import MethodConfig
 from reward_server.metrics import RewardServerMetrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,8 +218,15 @@ def test_compose_has_the_cluster_services():
     for name in ("ray-head", "ray-worker", "reward-server", "learner", "rollout-worker"):
         environment = services[name]["environment"]
         assert environment["REDIS_URL"] == "redis://redis:6379/0"
-        assert environment["RCGRPO_REWARD_URL"] == "http://reward-server:8600"
         assert environment["RCGRPO_REWARD_TOKEN"] == REQUIRED_ENV["RCGRPO_REWARD_TOKEN"]
+        if name != "reward-server":
+            assert environment["RCGRPO_REWARD_URL"] == "http://reward-server:8600"
+    # Components outside Ray serve /metrics beyond the container's loopback, for Prometheus.
+    assert "--metrics-host 0.0.0.0" in services["learner"]["command"]
+    assert (
+        '--worker-id "$HOSTNAME" --metrics-port 9101 --metrics-host 0.0.0.0'
+        in services["rollout-worker"]["command"][-1]
+    )
     assert "--port 8600" in services["reward-server"]["command"]
     # Files the services mount or read from the repository exist.
     assert (REPO / "configs" / "reward_server.yaml").is_file()
@@ -472,9 +478,37 @@ def test_grafana_provisioning_points_at_the_dashboard_and_prometheus():
 # -- the FLUX.1-Kontext-dev run config and the Kubernetes manifests -------------------------------
 
 
+def run_reward_server_settings(run_config: Path) -> dict:
+    """What the driver would give a reward server it starts for this run (the single source of truth
+    for the run's stream names and reward weights)."""
+    from deploy.reward_process import reward_server_settings
+    from services.config import load_run_config
+
+    return reward_server_settings(load_run_config(run_config), "redis://unused", 0)
+
+
+STREAM_KEYS = ("rollouts", "scored", "group", "namespace", "blob_prefix")
+
+
+def test_compose_reward_server_serves_the_tiny_runs_streams_and_rewards(monkeypatch):
+    from reward_server.settings import load_settings
+
+    service = compose_variants()["default"]["services"]["reward-server"]
+    for name, value in service["environment"].items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings(REPO / "configs" / "reward_server.yaml")
+    expected = run_reward_server_settings(REPO / "configs" / "tiny_shapes.yaml")
+    assert {key: getattr(settings.stream, key) for key in STREAM_KEYS} == {
+        key: expected["stream"][key] for key in STREAM_KEYS
+    }
+    assert settings.rewards == expected["rewards"]
+
+
 def test_flux_config_has_the_papers_settings():
-    config = yaml.safe_load(FLUX_CONFIG.read_text())
-    method = MethodConfig.from_dict(config["method"])
+    from services.config import load_run_config
+
+    config = load_run_config(FLUX_CONFIG)
+    method = config.method
     assert (method.group_size, method.s_in, method.s_out, method.anchors, method.timesteps_per_anchor) == (
         12,
         0.3,
@@ -484,10 +518,11 @@ def test_flux_config_has_the_papers_settings():
     )
     assert (method.adv_p, method.learning_rate, method.lora_rank, method.lora_alpha) == (0.8, 1e-5, 32, 64)
     assert (method.acd_weight, method.num_steps, method.rdp, method.mask_aware) == (0.5, 8, True, True)
-    assert config["editor"] == {"path": "/models/FLUX.1-Kontext-dev", "dtype": "bfloat16", "device": "cuda"}
-    assert config["data"] == "compbench:/data/CompBench"
-    assert config["rollout"]["gpus_per_worker"] == 1
-    assert config["learner"]["total_steps"] == 300
+    assert (config.editor, config.dtype) == (Path("/models/FLUX.1-Kontext-dev"), "bfloat16")
+    assert config.data.source == "compbench:/data/CompBench"
+    assert (config.rollout.gpus_per_worker, config.learner.num_gpus) == (1, 1)
+    assert (config.rollout.metrics_port, config.learner.metrics_port) == (9101, 9102)  # prometheus.yml
+    assert config.learner.total_steps == 300
 
 
 def k8s_documents() -> dict[str, list[dict]]:
@@ -521,7 +556,9 @@ def test_k8s_manifests_describe_the_same_job():
 
     job = k8s_object("RayJob", "rcgrpo-flux-kontext-compbench")
     assert job["apiVersion"] == "ray.io/v1"
-    assert job["spec"]["entrypoint"] == "python -m deploy.driver --config /etc/rcgrpo/run.yaml"
+    assert job["spec"]["entrypoint"] == (
+        "python -m deploy.driver --config /etc/rcgrpo/run.yaml --set reward.url=http://rcgrpo-reward-server:8600"
+    )
     cluster = job["spec"]["rayClusterSpec"]
     head = cluster["headGroupSpec"]["template"]["spec"]
     (worker_group,) = cluster["workerGroupSpecs"]
@@ -573,6 +610,11 @@ def test_k8s_reward_server_config_loads_and_serves_the_runs_rewards(tmp_path):
     settings = load_settings(path)
     run_rewards = yaml.safe_load(FLUX_CONFIG.read_text())["reward"]["rewards"]
     assert settings.host == "0.0.0.0" and settings.port == 8600
+    expected = run_reward_server_settings(FLUX_CONFIG)
+    assert settings.rewards == expected["rewards"]
+    assert {key: getattr(settings.stream, key) for key in STREAM_KEYS} == {
+        key: expected["stream"][key] for key in STREAM_KEYS
+    }
     for name, weight in run_rewards.items():
         assert name in REWARDS, f"the run asks for unregistered reward {name!r}"
         assert settings.rewards[name] == weight
