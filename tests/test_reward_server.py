@@ -510,3 +510,90 @@ def test_cli_starts_the_server(tmp_path):
         process.terminate()
         _, stderr = process.communicate(timeout=30)
     assert process.returncode == 0, stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# fuzzing from the OpenAPI schema: any request, valid or not, gets an answer below 500
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_openapi_fuzz_finds_no_server_error(server, mode):
+    # schemathesis' strategies under plain hypothesis: its pytest plugin does not run on pytest 9
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.generation import GenerationMode
+
+    schema = schemathesis.openapi.from_url(f"{server.base_url}/openapi.json")
+    answered = set()
+
+    @settings(
+        max_examples=60,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=schema.as_strategy(GenerationMode(mode)))
+    def check(case):
+        response = case.call(base_url=str(server.base_url), headers=AUTH, timeout=30)
+        assert response.status_code < 500, (
+            f"{case.method} {case.path}: {response.status_code} {response.text[:300]}"
+        )
+        answered.add((case.method, case.path, response.status_code))
+
+    check()
+    assert ("POST", "/v1/score", 422) in answered  # the fuzzer reached the scoring route
+
+
+def random_png(mode: str, width: int, height: int, seed: int) -> str:
+    shape = (height, width) if mode == "L" else (height, width, {"RGB": 3, "RGBA": 4}[mode])
+    return png_b64(np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8), mode)
+
+
+def test_random_pngs_get_a_score_or_a_reason(server):
+    # The schema fuzzer cannot make PNGs: here hypothesis draws real ones, consistent or with one image
+    # of another mode or size.
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    status_seen = set()
+
+    @settings(
+        max_examples=40,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(
+        size=st.sampled_from([(16, 16), (32, 24), (200, 200)]),
+        seed=st.integers(0, 3),
+        with_target=st.booleans(),
+        acd=st.none() | st.floats(0, 1),
+        odd=st.none()
+        | st.tuples(
+            st.sampled_from(["source", "edit", "mask", "target"]),
+            st.sampled_from(["RGB", "L", "RGBA"]),
+            st.sampled_from([(16, 16), (8, 16), (24, 20)]),
+        ),
+        chosen=st.lists(st.sampled_from(list(ALL_REWARDS) + ["nope"]), min_size=1, max_size=2, unique=True),
+    )
+    def check(size, seed, with_target, acd, odd, chosen):
+        item = {"group_id": "fuzz", "sample_index": 0, "policy_version": 0, "caption": "a red square"}
+        for name in ("source", "edit", "mask") + (("target",) if with_target else ()):
+            item[name] = random_png("L" if name == "mask" else "RGB", *size, seed)
+        if odd is not None:
+            name, mode, odd_size = odd
+            item[name] = random_png(mode, *odd_size, seed)
+        if acd is not None:
+            item["intrinsic"] = {"acd": acd}
+        response = server.post("/v1/score", json={"items": [item], "rewards": chosen})
+        assert response.status_code in (200, 422), response.text
+        status_seen.add(response.status_code)
+        if response.status_code == 200:
+            assert set(response.json()["results"][0]["scores"]) == set(chosen)
+        else:
+            assert response.json()["detail"]
+
+    check()
+    assert status_seen == {200, 422}
