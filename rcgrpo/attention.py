@@ -31,6 +31,8 @@ from rcgrpo.editor import EditCondition
 # The keyword under which the capture's per-call information travels in joint_attention_kwargs.
 ATTENTION_KWARG = "text_attention"
 DUAL_STREAM, SINGLE_STREAM = "transformer_blocks", "single_transformer_blocks"
+# Text-query rows per chunk: (B, heads, rows, seq) float32 scores, ~0.6 GB for G = 12 at Kontext 1024^2.
+DEFAULT_ROWS_PER_CHUNK = 32
 
 
 @dataclass
@@ -46,7 +48,7 @@ def text_to_target_attention(
     key: torch.Tensor,
     text_mask: torch.Tensor,
     num_target: int,
-    rows_per_chunk: int = 16,
+    rows_per_chunk: int = DEFAULT_ROWS_PER_CHUNK,
 ) -> torch.Tensor:
     """Mean text -> target-image attention of one attention call: (B, N_target), each row summing to 1.
 
@@ -70,12 +72,13 @@ def text_to_target_attention(
         text_mask.any(dim=0).nonzero().squeeze(1)
     )  # instruction rows of any sample; padding-only rows skipped
     row_weights = text_mask[:, rows].float()  # (B, R): drops a row for samples where it is padding
-    keys = key.float()
+    # (B, H, D, S) float32, laid out contiguously once (one copy) for every chunk's matmul
+    keys_t = key.permute(0, 2, 3, 1).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    queries = query[:, rows].float().transpose(1, 2)  # (B, H, R, D): the instruction rows only
     scale = head_dim**-0.5  # scaled_dot_product_attention's default, as the stock processor uses
     total = torch.zeros(batch, num_target, device=query.device)
     for start in range(0, rows.numel(), rows_per_chunk):
-        chunk = rows[start : start + rows_per_chunk]
-        scores = torch.einsum("brhd,bshd->bhrs", query[:, chunk].float(), keys) * scale  # (B, H, r, S)
+        scores = torch.matmul(queries[:, :, start : start + rows_per_chunk], keys_t) * scale  # (B, H, r, S)
         probs = scores.softmax(dim=-1)[..., text_len : text_len + num_target]
         probs = probs / probs.sum(dim=-1, keepdim=True)  # renormalise over target-image tokens
         total += torch.einsum("bhrn,br->bn", probs, row_weights[:, start : start + rows_per_chunk])
@@ -231,7 +234,7 @@ def resolve_layers(transformer, layers: str) -> list[str]:
 
 
 @contextmanager
-def capture_text_attention(editor, layers: str = "double", rows_per_chunk: int = 16):
+def capture_text_attention(editor, layers: str = "double", rows_per_chunk: int = DEFAULT_ROWS_PER_CHUNK):
     """Swap in capturing processors on `layers` for the duration of the context; yields the capture.
 
     Every block gets a TextAttentionCaptureProcessor (recording only on the selected ones); the
