@@ -68,9 +68,8 @@ def text_to_target_attention(
         raise ValueError(
             "text_mask has a sample with no instruction token; attention cannot be averaged over it"
         )
-    rows = (
-        text_mask.any(dim=0).nonzero().squeeze(1)
-    )  # instruction rows of any sample; padding-only rows skipped
+    # instruction rows of any sample; rows that are padding in every sample are never computed
+    rows = text_mask.any(dim=0).nonzero().squeeze(1)
     row_weights = text_mask[:, rows].float()  # (B, R): drops a row for samples where it is padding
     # (B, H, D, S) float32, laid out contiguously once (one copy) for every chunk's matmul
     keys_t = key.permute(0, 2, 3, 1).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
@@ -89,7 +88,7 @@ class TextAttentionCapture:
     """Accumulates text -> target-image attention maps over layers and transformer calls."""
 
     def __init__(self, layer_names: list[str], rows_per_chunk: int):
-        self.layer_names = layer_names
+        self.layer_names = layer_names  # the recording blocks, in model order
         self.rows_per_chunk = rows_per_chunk
         self._total: torch.Tensor | None = None
         self._calls = 0
