@@ -49,18 +49,6 @@ class TaskFeeder:
             self.cursor += 1
 
 
-def observe_streams(bus: RunBus) -> dict:
-    from services import metrics
-
-    lengths = {}
-    for name, stream in bus.streams().items():
-        lengths[name] = stream.length()
-        metrics.STREAM_LENGTH.labels(name).set(lengths[name])
-        metrics.STREAM_PENDING.labels(name).set(stream.pending_count())
-        metrics.DEAD_LETTERS.labels(name).set(stream.dead_letter_length())
-    return lengths
-
-
 def run(cfg: RunConfig, resume: bool = False) -> dict:
     import ray
     from rich.console import Console
@@ -89,7 +77,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         bus.clear_stop()
 
         # 2. the reward server, consuming the rollouts stream
-        if cfg.reward.url is None:
+        if (cfg.reward.url or os.environ.get("RCGRPO_REWARD_URL")) is None:
             reward_server = RewardServerProcess(cfg, redis_url, run_dir / "reward_server.log")
             stack.callback(reward_server.stop)
             reward_server.wait_ready()
@@ -99,9 +87,12 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
             address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"
             ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
             stack.callback(ray.shutdown)
-        learner = ray.remote(num_cpus=0, num_gpus=cfg.learner.num_gpus)(Learner).remote(cfg, redis_url, resume)
+        learner = ray.remote(num_cpus=0, num_gpus=cfg.learner.num_gpus)(Learner).remote(
+            cfg, redis_url, resume, metrics_port=cfg.learner.metrics_port
+        )
         worker_cls = ray.remote(num_cpus=0, num_gpus=cfg.rollout.gpus_per_worker)(RolloutWorker)
-        workers = [worker_cls.remote(cfg, redis_url, f"worker-{i}") for i in range(cfg.rollout.num_workers)]
+        ports = [cfg.rollout.metrics_port + i if cfg.rollout.metrics_port else 0 for i in range(cfg.rollout.num_workers)]
+        workers = [worker_cls.remote(cfg, redis_url, f"worker-{i}", ports[i]) for i in range(cfg.rollout.num_workers)]
         start_step, cursor = ray.get(learner.resume_point.remote())
         version = ray.get(learner.publish_weights.remote())  # every worker samples with this or newer
         console.print(f"[bold]rcgrpo[/] run {cfg.name!r}: {cfg.rollout.num_workers} workers, policy v{version}, step {start_step}")
@@ -124,7 +115,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
                     if step % cfg.learner.checkpoint_every == 0 or step == cfg.learner.total_steps:
                         ray.get(learner.checkpoint.remote(feeder.cursor))
                     images = (step - start_step) * groups_per_step * cfg.method.group_size
-                    stats |= {"streams": observe_streams(bus), "images_per_s": images / (time.perf_counter() - started)}
+                    stats |= {"streams": bus.observe(), "images_per_s": images / (time.perf_counter() - started)}
                     metrics_file.write(json.dumps(stats) + "\n")
                     metrics_file.flush()
                     progress.update(

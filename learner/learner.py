@@ -31,8 +31,12 @@ log = logging.getLogger("rcgrpo.learner")
 
 
 class Learner:
-    def __init__(self, cfg: RunConfig, redis_url: str, resume: bool = False, consumer: str = "learner-0"):
+    def __init__(
+        self, cfg: RunConfig, redis_url: str, resume: bool = False, consumer: str = "learner-0", metrics_port: int = 0
+    ):
         torch.set_num_threads(cfg.learner.torch_threads)
+        if metrics_port:
+            metrics.serve_metrics(metrics_port, cfg.metrics_host)
         self.cfg = cfg
         self.consumer = consumer
         self.bus = RunBus(cfg, redis_url)
@@ -170,6 +174,7 @@ class Learner:
             "update_seconds": time.perf_counter() - started,
             "groups": len(batch),
         }
+        self.bus.observe()
         # what an external driver follows (learner.external): the last step's stats
         self.bus.client.set(self.cfg.key("learner:last"), json.dumps(result))
         metrics.LEARNER_STEP.set(result["step"])

@@ -27,8 +27,10 @@ log = logging.getLogger("rcgrpo.rollout_worker")
 
 
 class RolloutWorker:
-    def __init__(self, cfg: RunConfig, redis_url: str, worker_id: str = "worker-0"):
+    def __init__(self, cfg: RunConfig, redis_url: str, worker_id: str = "worker-0", metrics_port: int = 0):
         torch.set_num_threads(cfg.rollout.torch_threads)
+        if metrics_port:
+            metrics.serve_metrics(metrics_port, cfg.metrics_host)
         self.cfg = cfg
         self.worker_id = worker_id
         self.bus = RunBus(cfg, redis_url)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import redis
 
+from services import metrics
 from services.blobstore import RedisBlobStore
 from services.config import RunConfig
 from services.payloads import TrainPayloads
@@ -50,3 +51,13 @@ class RunBus:
 
     def streams(self) -> dict[str, WorkStream]:
         return {"tasks": self.tasks, "rollouts": self.rollouts, "scored": self.scored}
+
+    def observe(self) -> dict[str, int]:
+        """Update the stream gauges (length, pending, dead letters); returns the lengths."""
+        lengths = {}
+        for name, stream in self.streams().items():
+            lengths[name] = stream.length()
+            metrics.STREAM_LENGTH.labels(name).set(lengths[name])
+            metrics.STREAM_PENDING.labels(name).set(stream.pending_count())
+            metrics.DEAD_LETTERS.labels(name).set(stream.dead_letter_length())
+        return lengths

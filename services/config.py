@@ -40,7 +40,7 @@ class RolloutConfig(_Section):
     keep_timesteps: list[int] | None = None  # grid indices j the surrogate may train on (None: all)
     reclaim_idle_ms: int = Field(30_000, ge=1)  # a task pending this long (its worker died) is taken over
     max_deliveries: int = Field(3, ge=1)  # a task handed out this often goes to the dead-letter stream
-    metrics_port: int = Field(0, ge=0)  # first worker's Prometheus port (worker i: +i); 0 = off
+    metrics_port: int = Field(0, ge=0)  # first worker's Prometheus port (worker i: +i, e.g. 9101); 0 = off
 
 
 class RewardConfig(_Section):
@@ -64,7 +64,7 @@ class LearnerConfig(_Section):
     external: bool = False  # True: the learner runs as its own process (`rcgrpo learner`), not a Ray actor
     num_gpus: float = Field(0.0, ge=0)
     torch_threads: int = Field(1, ge=1)
-    metrics_port: int = Field(0, ge=0)
+    metrics_port: int = Field(0, ge=0)  # the learner's Prometheus port (e.g. 9100); 0 = off
     seed: int = 0
 
 
@@ -82,6 +82,7 @@ class RunConfig(_Section):
     runs_dir: Path = Path("runs")
     redis_url: str | None = None  # None: REDIS_URL, else a private embedded redis-server
     ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray
+    metrics_host: str = "127.0.0.1"  # where workers and the learner serve /metrics (0.0.0.0 in containers)
     method: MethodConfig = Field(default_factory=MethodConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)

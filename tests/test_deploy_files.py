@@ -222,9 +222,9 @@ def test_compose_has_the_cluster_services():
         if name != "reward-server":
             assert environment["RCGRPO_REWARD_URL"] == "http://reward-server:8600"
     # Components outside Ray serve /metrics beyond the container's loopback, for Prometheus.
-    assert "--metrics-host 0.0.0.0" in services["learner"]["command"]
+    assert "--set metrics_host=0.0.0.0" in services["learner"]["command"]
     assert (
-        '--worker-id "$HOSTNAME" --metrics-port 9101 --metrics-host 0.0.0.0'
+        '--worker-id "$HOSTNAME" --metrics-port 9101 --set metrics_host=0.0.0.0'
         in services["rollout-worker"]["command"][-1]
     )
     assert "--port 8600" in services["reward-server"]["command"]
@@ -318,7 +318,7 @@ def test_prometheus_scrapes_every_component_and_loads_the_rules():
         for discovery in job.get("dns_sd_configs", []):
             assert set(discovery["names"]) <= compose_services, f"{job['job_name']} resolves unknown hosts"
     assert {d["port"] for d in jobs["rollout-worker"]["dns_sd_configs"]} == {9101}
-    assert {d["port"] for d in jobs["learner"]["dns_sd_configs"]} == {9102}
+    assert {d["port"] for d in jobs["learner"]["dns_sd_configs"]} == {9100}
     for rule_file in config["rule_files"]:
         assert (PROMETHEUS_DIR / rule_file).is_file()
 
@@ -521,7 +521,7 @@ def test_flux_config_has_the_papers_settings():
     assert (config.editor, config.dtype) == (Path("/models/FLUX.1-Kontext-dev"), "bfloat16")
     assert config.data.source == "compbench:/data/CompBench"
     assert (config.rollout.gpus_per_worker, config.learner.num_gpus) == (1, 1)
-    assert (config.rollout.metrics_port, config.learner.metrics_port) == (9101, 9102)  # prometheus.yml
+    assert (config.rollout.metrics_port, config.learner.metrics_port) == (9101, 9100)  # prometheus.yml
     assert config.learner.total_steps == 300
 
 
