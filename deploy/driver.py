@@ -47,6 +47,54 @@ class TaskFeeder:
         while self.cursor < total:
             self.bus.tasks.publish(self.task(self.cursor).to_fields())
             self.cursor += 1
+        self.bus.set_task_cursor(self.cursor)
+
+
+class RayLearner:
+    """The learner as a Ray actor, called synchronously."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def __getattr__(self, method):
+        import ray
+
+        return lambda *args: ray.get(getattr(self.actor, method).remote(*args))
+
+
+class ExternalLearner:
+    """A learner running as its own process (`rcgrpo learner`, learner.external): followed through Redis.
+    It publishes its weights, checkpoints (with the task cursor the driver records) and saves its LoRA itself."""
+
+    def __init__(self, bus: RunBus, poll_s: float = 0.2):
+        self.bus, self.poll_s = bus, poll_s
+
+    def _wait(self, ready):
+        while (value := ready()) is None:
+            time.sleep(self.poll_s)
+        return value
+
+    def resume_point(self) -> tuple[int, int]:
+        stats = self.bus.learner_stats()
+        return (0 if stats is None else stats["step"]), self.bus.task_cursor()
+
+    def publish_weights(self) -> int:
+        return self._wait(self.bus.weights.latest).version
+
+    def step(self) -> dict:
+        done = self.resume_point()[0]
+
+        def newer_stats():
+            stats = self.bus.learner_stats()
+            return stats if stats is not None and stats["step"] > done else None
+
+        return self._wait(newer_stats)
+
+    def checkpoint(self, cursor: int) -> None:
+        """The external learner checkpoints on its own schedule."""
+
+    def save_final_lora(self, directory):
+        return self._wait(lambda: directory if (directory / "pytorch_lora_weights.safetensors").exists() else None)
 
 
 def run(cfg: RunConfig, resume: bool = False) -> dict:
@@ -87,14 +135,16 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
             address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"
             ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
             stack.callback(ray.shutdown)
-        learner = ray.remote(num_cpus=0, num_gpus=cfg.learner.num_gpus)(Learner).remote(
-            cfg, redis_url, resume, metrics_port=cfg.learner.metrics_port
-        )
+        if cfg.learner.external:
+            learner = ExternalLearner(bus)
+        else:
+            learner_cls = ray.remote(num_cpus=0, num_gpus=cfg.learner.num_gpus)(Learner)
+            learner = RayLearner(learner_cls.remote(cfg, redis_url, resume, metrics_port=cfg.learner.metrics_port))
         worker_cls = ray.remote(num_cpus=0, num_gpus=cfg.rollout.gpus_per_worker)(RolloutWorker)
         ports = [cfg.rollout.metrics_port + i if cfg.rollout.metrics_port else 0 for i in range(cfg.rollout.num_workers)]
         workers = [worker_cls.remote(cfg, redis_url, f"worker-{i}", ports[i]) for i in range(cfg.rollout.num_workers)]
-        start_step, cursor = ray.get(learner.resume_point.remote())
-        version = ray.get(learner.publish_weights.remote())  # every worker samples with this or newer
+        start_step, cursor = learner.resume_point()
+        version = learner.publish_weights()  # every worker samples with this or newer
         console.print(f"[bold]rcgrpo[/] run {cfg.name!r}: {cfg.rollout.num_workers} workers, policy v{version}, step {start_step}")
         worker_runs = [w.run.remote() for w in workers]
 
@@ -110,10 +160,10 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
                 while step < cfg.learner.total_steps:
                     # 'drop': keep (1 + max_staleness) updates of tasks queued; 'wait': only the next update's
                     feeder.feed_until((step + ahead) * groups_per_step)
-                    stats = ray.get(learner.step.remote())
+                    stats = learner.step()
                     step = stats["step"]
                     if step % cfg.learner.checkpoint_every == 0 or step == cfg.learner.total_steps:
-                        ray.get(learner.checkpoint.remote(feeder.cursor))
+                        learner.checkpoint(feeder.cursor)
                     images = (step - start_step) * groups_per_step * cfg.method.group_size
                     stats |= {"streams": bus.observe(), "images_per_s": images / (time.perf_counter() - started)}
                     metrics_file.write(json.dumps(stats) + "\n")
@@ -127,7 +177,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         except KeyboardInterrupt:
             # Ctrl-C: keep every acknowledged group; the checkpoint records what the learner has trained on
             console.print("[yellow]interrupted: checkpointing the learner and stopping the workers")
-            ray.get(learner.checkpoint.remote(feeder.cursor))
+            learner.checkpoint(feeder.cursor)
             bus.request_stop()
             ray.get(worker_runs)
             raise
@@ -135,7 +185,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         # 5. stop the workers, keep the final LoRA in diffusers format
         bus.request_stop()
         ray.get(worker_runs)
-        lora_dir = ray.get(learner.save_final_lora.remote(run_dir / "lora"))
+        lora_dir = learner.save_final_lora(run_dir / "lora")
         save_curves(metrics_log, run_dir / "reward_curves.png")
 
     # 6. held-out evaluation: base editor vs base + trained LoRA

@@ -8,7 +8,6 @@ resumed learner re-reads what was pending and skips groups its checkpoint alread
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -175,8 +174,7 @@ class Learner:
             "groups": len(batch),
         }
         self.bus.observe()
-        # what an external driver follows (learner.external): the last step's stats
-        self.bus.client.set(self.cfg.key("learner:last"), json.dumps(result))
+        self.bus.set_learner_stats(result)  # what a driver follows when the learner is external
         metrics.LEARNER_STEP.set(result["step"])
         metrics.LEARNER_STEP_SECONDS.observe(result["update_seconds"])
         metrics.LEARNER_LOSS.set(result["loss"])
@@ -196,7 +194,6 @@ class Learner:
         while self.state.step < cfg.total_steps and not self.bus.stop_requested():
             stats = self.step()
             if stats["step"] % cfg.checkpoint_every == 0 or stats["step"] == cfg.total_steps:
-                cursor = int(self.bus.client.get(self.cfg.key("tasks:cursor")) or 0)
-                self.checkpoint(cursor)
+                self.checkpoint(self.bus.task_cursor())
             log.info("step %(step)d reward %(reward_mean).4f loss %(loss).4f v%(weight_version)d", stats)
         self.save_final_lora(self.cfg.run_dir / "lora")

@@ -3,6 +3,8 @@ streams (tasks -> rollouts -> scored), the weight store, the training payloads a
 
 from __future__ import annotations
 
+import json
+
 import redis
 
 from services import metrics
@@ -36,6 +38,20 @@ class RunBus:
             self.client, RedisBlobStore(self.client, prefix=cfg.key("payload:blob:")), namespace=cfg.key("payload")
         )
         self._stop_key = cfg.key("stop")
+
+    # what a driver and a learner in separate processes tell each other (learner.external)
+    def set_task_cursor(self, cursor: int) -> None:
+        self.client.set(self.cfg.key("tasks:cursor"), cursor)
+
+    def task_cursor(self) -> int:
+        return int(self.client.get(self.cfg.key("tasks:cursor")) or 0)
+
+    def set_learner_stats(self, stats: dict) -> None:
+        self.client.set(self.cfg.key("learner:last"), json.dumps(stats))
+
+    def learner_stats(self) -> dict | None:
+        raw = self.client.get(self.cfg.key("learner:last"))
+        return None if raw is None else json.loads(raw)
 
     def task_done_key(self, task_id: str) -> str:
         return self.cfg.key(f"tasks:done:{task_id}")
