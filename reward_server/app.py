@@ -222,9 +222,12 @@ def create_app(
             )
             return _error(413, "too_large", detail)
         chosen = scorer.choose(request.rewards, request.weights)
-        items = await asyncio.to_thread(
-            lambda: [decode_score_item(w, i, settings.max_image_pixels) for i, w in enumerate(request.items)]
-        )
+        with scorer.expecting(chosen):
+            items = await asyncio.to_thread(
+                lambda: [
+                    decode_score_item(w, i, settings.max_image_pixels) for i, w in enumerate(request.items)
+                ]
+            )
         scored = await scorer.score(items, chosen, source="http")
         results = [
             ItemScore(

@@ -4,8 +4,13 @@ Requests submit (key, item) jobs, key = the reward name. A collector task on the
 key of the oldest queued job and waits until max_batch_size jobs of that key are queued or the oldest
 has waited max_wait_ms, then runs `run_batch(key, items)` (a score or an exception per item) in one
 worker thread, so the event loop stays free and the model runs one batch at a time. Jobs that arrive
-while a batch runs queue up and go in the next one. The queue is bounded by max_queue_items (queued plus running): a submit that does not
-fit raises QueueFullError right away, which the server answers with 503 and Retry-After.
+while a batch runs queue up and go in the next one. The queue is bounded by max_queue_items (queued
+plus running): a submit that does not fit raises QueueFullError right away, which the server answers
+with 503 and Retry-After.
+
+The wait is only for company that is on its way: callers announce themselves with `expecting()`
+while they decode their images, and a batch stops waiting once no announced caller is left. A lone
+caller is thus never delayed, and batches still fill under concurrency.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import itertools
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from reward_server.metrics import RewardServerMetrics
@@ -55,6 +61,7 @@ class MicroBatcher:
         self.retry_after_s = retry_after_s
         self.metrics = metrics
         self.pending = 0  # jobs queued or in the running batch
+        self.expected = 0  # callers that announced jobs and have not submitted them yet
         self._queues: dict[str, deque[_Job]] = {}
         self._seq = itertools.count()
         self._arrived: asyncio.Event | None = None
@@ -79,6 +86,17 @@ class MicroBatcher:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+
+    @contextmanager
+    def expecting(self):
+        """Around a caller's work before its submit (on the event loop): batches may wait for it."""
+        self.expected += 1
+        try:
+            yield
+        finally:
+            self.expected -= 1
+            if self._arrived is not None:
+                self._arrived.set()
 
     def submit(self, jobs: Sequence[tuple[str, object]]) -> asyncio.Future:
         """Queue every (key, item) job and return a future of their scores, in order. Admission is
@@ -125,7 +143,11 @@ class MicroBatcher:
             # Oldest job first, so no reward starves behind a busier one.
             key = min(self._queues, key=lambda k: self._queues[k][0].seq)
             deadline = self._queues[key][0].arrived + self.max_wait_s
-            while len(self._queues.get(key, ())) < self.max_batch_size and loop.time() < deadline:
+            while (
+                len(self._queues.get(key, ())) < self.max_batch_size
+                and self.expected > 0
+                and loop.time() < deadline
+            ):
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), deadline - loop.time())

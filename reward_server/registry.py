@@ -15,14 +15,16 @@ one score per item, and register it:
     def my_score(batch: RewardBatch, models: dict) -> torch.Tensor:  # Tensor[B]
         return ...
 
-then serve it by naming it (with its weight) under `rewards:` in the server's YAML config. A reward
-with a `model` is model-based: the server loads the model once at start-up from the directory given
+Raise ValueError for an input the reward cannot score: its caller gets a 422 with the message (in a
+batch shared by several callers, only the offending item's caller). Then serve the reward by naming
+it (with its weight) under `rewards:` in the server's YAML config. A reward with a `model` is
+model-based: the server loads the model once at start-up from the directory given
 under `models:` and runs the reward in micro-batches across concurrent requests, off the event loop;
 other rewards run per request in a worker thread. A request can only choose among served rewards and
 override their weights; it can never load code.
 
-A new kind of model needs one loader in MODEL_LOADERS: a function from a local directory to the
-loaded model.
+A new kind of model needs one loader, `register_model("name", loader)`: a function from a local
+directory to the loaded model (nothing is downloaded).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ of the r_j with w = lambda_ACD.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import math
 import time
@@ -271,6 +272,12 @@ class Scorer:
                         f"give it or choose other rewards"
                     )
 
+    def expecting(self, chosen: Mapping[str, float]):
+        """Context around a request's decoding: batches of its model-based rewards may wait for it."""
+        if any(self.served[name].model_based for name in chosen):
+            return self.batcher.expecting()
+        return contextlib.nullcontext()
+
     def _run_batch(self, name: str, items: list[Item]) -> list[float | Exception]:
         try:
             return compute_reward(self.served[name], items, self.models, self.metrics)
@@ -286,7 +293,10 @@ class Scorer:
     async def score(
         self, items: Sequence[Item], chosen: Mapping[str, float], source: str
     ) -> list[ScoredItem]:
-        """Every chosen reward for every item. Raises NotReadyError, BadInputError, QueueFullError."""
+        """Every chosen reward for every item. Raises NotReadyError, BadInputError, QueueFullError.
+
+        The batcher submit happens before this coroutine first awaits, so a caller leaving
+        `expecting()` just before calling this is already queued when the batcher looks again."""
         if not self.ready:
             raise NotReadyError("the reward models are still loading")
         self.check_inputs(chosen, items)
