@@ -1,7 +1,7 @@
 """Stream mode: score rollout groups from a Redis stream through the server's own batcher.
 
 A consumer thread reads rollout groups (services.schemas.RolloutGroup) from the rollouts stream in a
-consumer group, scores the groups of one read concurrently on the server's event loop (so the batcher
+consumer group, scores the groups of one read together on the server's event loop (so the batcher
 batches across them and across HTTP callers), then per group publishes a ScoredGroup to the scored
 stream, marks the group's done key and acks, atomically (WorkStream.complete). A group whose done key
 (group id, policy version) is already set is acked without a second result, so a re-delivery yields
@@ -86,8 +86,8 @@ class StreamConsumer:
                 self._stopping.wait(1.0)
 
     def process(self, entries: list[StreamEntry]) -> None:
-        """Score the groups of one read concurrently, then complete each."""
-        scoring = {}
+        """Score the groups of one read together, then complete each."""
+        todo = []
         for entry in entries:
             try:
                 meta = RolloutGroupMeta.model_validate(decode_json(entry.fields[b"meta"]))
@@ -100,23 +100,26 @@ class StreamConsumer:
                 self.metrics.stream_groups.labels(outcome="duplicate").inc()
                 continue
             try:
-                group = decode_rollout_group(entry.fields, self.blobs)
-                items = items_from_group(group)
+                items = items_from_group(decode_rollout_group(entry.fields, self.blobs))
             except (ValueError, BlobError) as error:
                 self._leave_pending(entry, str(error))
                 continue
-            future = asyncio.run_coroutine_threadsafe(self._score(items), self.loop)
-            scoring[entry.id] = (meta, key, future)
-        for entry_id, (meta, key, future) in scoring.items():
-            try:
-                chosen, scored = future.result()
-            except Exception as error:  # stays pending: reclaimed later, dead-lettered at max_deliveries
+            todo.append((entry.id, meta, key, items))
+        if not todo:
+            return
+        # One coroutine submits every group before the batcher looks again, so they share batches.
+        outcomes = asyncio.run_coroutine_threadsafe(self._score_all([t[3] for t in todo]), self.loop).result()
+        for (entry_id, meta, key, _), outcome in zip(todo, outcomes, strict=True):
+            if isinstance(
+                outcome, Exception
+            ):  # stays pending: reclaimed later, dead-lettered at max_deliveries
                 self.metrics.errors.labels(kind="stream_failed").inc()
                 self.metrics.stream_groups.labels(outcome="failed").inc()
                 log.warning(
-                    "rollout group %s v%d was not scored: %s", meta.group_id, meta.policy_version, error
+                    "rollout group %s v%d was not scored: %s", meta.group_id, meta.policy_version, outcome
                 )
                 continue
+            chosen, scored = outcome
             result = ScoredGroup(
                 group_id=meta.group_id,
                 policy_version=meta.policy_version,
@@ -132,6 +135,9 @@ class StreamConsumer:
                 result_maxlen=self.settings.scored_maxlen,
             )
             self.metrics.stream_groups.labels(outcome="scored" if published else "duplicate").inc()
+
+    async def _score_all(self, groups: list[list]) -> list:
+        return await asyncio.gather(*[self._score(items) for items in groups], return_exceptions=True)
 
     async def _score(self, items):
         chosen = self.scorer.choose()
