@@ -165,10 +165,14 @@ def create_app(
         if settings.stream.enabled:
             from reward_server.stream import StreamConsumer
 
-            app.state.stream_consumer = StreamConsumer(
-                settings.stream, scorer, asyncio.get_running_loop(), metrics
-            )
-            app.state.stream_consumer.start()
+            try:
+                consumer = StreamConsumer(settings.stream, scorer, asyncio.get_running_loop(), metrics)
+                await asyncio.to_thread(consumer.start)
+            except Exception as error:  # e.g. Redis unreachable: not ready, and readyz says why
+                app.state.load_error = f"stream mode: {type(error).__name__}: {error}"
+                log.exception("starting stream mode failed")
+                return
+            app.state.stream_consumer = consumer
 
     app = FastAPI(
         title="rcgrpo reward server",
@@ -252,7 +256,7 @@ def create_app(
 
     @app.get("/readyz", responses={503: {"description": "models not loaded (yet)"}})
     async def readyz():
-        if scorer.ready:
+        if scorer.ready and app.state.load_error is None:
             return {"ready": True}
         detail = app.state.load_error or "loading models"
         return JSONResponse({"ready": False, "detail": detail}, status_code=503)

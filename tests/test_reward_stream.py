@@ -188,3 +188,23 @@ def test_undecodable_group_goes_to_the_dead_letter_stream(stream_server, work):
     dead = work.read_dead_letters()[-2:]
     assert [int(d.fields[b"deliveries"]) for d in dead] == [2, 2]
     assert metric(stream_server, "rcgrpo_reward_errors_total", 'kind="stream_bad_message"') >= 4
+
+
+def test_unreachable_redis_shows_in_readyz():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    settings = RewardServerSettings(
+        insecure_no_auth=True,
+        rewards={"acd": 0.5},
+        stream={"enabled": True, "redis_url": f"redis://127.0.0.1:{port}/0"},
+    )
+    with serve_in_thread(create_app(settings)) as url:
+        wait_until(
+            lambda: "stream mode" in httpx.get(f"{url}/readyz").json().get("detail", ""),
+            what="the stream error",
+        )
+        ready = httpx.get(f"{url}/readyz")
+    assert ready.status_code == 503 and "ConnectionError" in ready.json()["detail"]
