@@ -15,9 +15,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import promql
 import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
+from promql import DASHBOARD, GRAFANA_DIR, PROMETHEUS_DIR, alert_rules, dashboard_targets, promql_metrics
 
 import services.metrics
 from reward_server.metrics import RewardServerMetrics
@@ -25,10 +27,7 @@ from reward_server.metrics import RewardServerMetrics
 REPO = Path(__file__).resolve().parents[1]
 # In CI the shared schemas sit next to the repository: ../shared/schemas relative to its root.
 COMPOSE_SCHEMA = REPO.parent / "shared" / "schemas" / "compose-spec.json"
-PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
-GRAFANA_DIR = REPO / "deploy" / "grafana"
 K8S_DIR = REPO / "deploy" / "k8s"
-DASHBOARD = GRAFANA_DIR / "dashboards" / "rcgrpo.json"
 FLUX_CONFIG = REPO / "configs" / "flux_kontext_compbench.yaml"
 
 # What a user must set before `docker compose up` (the file refuses to start without them).
@@ -114,58 +113,9 @@ def defined_metrics() -> dict[str, set[str]]:
     return names
 
 
-_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
-_METRIC = re.compile(r"\brcgrpo_[a-zA-Z0-9_]+")
-_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
-_MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)\s*$")
-# Labels Prometheus attaches to every scraped series.
-TARGET_LABELS = {"job", "instance"}
-
-
-def promql_metrics(expr: str) -> set[str]:
-    return set(_METRIC.findall(_QUOTED.sub('""', expr)))
-
-
-def promql_labels(expr: str) -> set[str]:
-    """Label names an expression groups or matches on."""
-    labels = set()
-    for group in _GROUPING.findall(expr):
-        labels.update(name.strip() for name in group.split(",") if name.strip())
-    for selector in re.findall(r"\{([^}]*)\}", expr):
-        for part in _QUOTED.split(selector):
-            match = _MATCHER.search(part)
-            if match:
-                labels.add(match.group(1))
-    return labels
-
-
 def check_queries(queries: list[tuple[str, str]], legends: dict[str, str] | None = None) -> list[str]:
-    """Problems with (where, PromQL) pairs: unknown metric names, label names no queried metric has."""
-    defined = defined_metrics()
-    problems = []
-    for where, expr in queries:
-        metrics = promql_metrics(expr)
-        problems += [f"{where}: {name} is not exported" for name in sorted(metrics - set(defined))]
-        known_labels = TARGET_LABELS.union(*(defined.get(name, set()) for name in metrics))
-        used = promql_labels(expr) | set(re.findall(r"\{\{\s*(\w+)\s*\}\}", (legends or {}).get(where, "")))
-        problems += [
-            f"{where}: label {label!r} not on {sorted(metrics)}" for label in sorted(used - known_labels)
-        ]
-    return problems
-
-
-def dashboard_targets() -> list[tuple[str, dict]]:
-    dashboard = json.loads(DASHBOARD.read_text())
-    return [
-        (f"panel {panel['title']!r} {t['refId']}", t)
-        for panel in dashboard["panels"]
-        for t in panel.get("targets", [])
-    ]
-
-
-def alert_rules() -> list[dict]:
-    rules = yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())
-    return [rule for group in rules["groups"] for rule in group["rules"]]
+    """Problems with (where, PromQL) pairs against the metrics the code defines."""
+    return promql.check_queries(queries, defined_metrics(), legends)
 
 
 # -- docker-compose -----------------------------------------------------------------------------
