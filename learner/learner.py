@@ -48,6 +48,8 @@ class Learner:
         self.state = LearnerState(step=0, weight_version=-1, task_cursor=0)
         self._consumed = set()
         self._unacked: list[str] = []  # scored entries whose effect is not in a checkpoint yet
+        # payloads of those entries: freed with the ack, as a resumed learner re-reads the entries
+        self._unfreed: list[tuple[str, int]] = []
         self._backlog: list[StreamEntry] | None = None  # own pending entries, read once at start
         if resume:
             self._resume()
@@ -89,6 +91,9 @@ class Learner:
         )
         self.bus.scored.ack(*self._unacked)
         self._unacked.clear()
+        for group_id, policy_version in self._unfreed:
+            self.bus.payloads.delete(group_id, policy_version)
+        self._unfreed.clear()
         return path
 
     def save_final_lora(self, directory: Path) -> Path:
@@ -124,7 +129,7 @@ class Learner:
                 metrics.LEARNER_STALENESS.observe(staleness)
                 if staleness > cfg.max_staleness:
                     metrics.LEARNER_GROUPS.labels("stale").inc()
-                    self.bus.payloads.delete(scored.group_id, scored.policy_version)
+                    self._unfreed.append((scored.group_id, scored.policy_version))
                     continue
                 payload = decode_train_payload(self.bus.payloads.get(scored.group_id, scored.policy_version), self.editor.device)
                 batch.append((scored, payload, staleness))
@@ -155,8 +160,7 @@ class Learner:
         self.state.step += 1
         if self.state.step % cfg.publish_every == 0:
             self.publish_weights()
-        for scored, _, _ in batch:
-            self.bus.payloads.delete(scored.group_id, scored.policy_version)
+        self._unfreed += [(scored.group_id, scored.policy_version) for scored, _, _ in batch]
         acd = [s.scores[i].get("acd", float("nan")) for s, _, _ in batch for i in range(len(s.totals))]
         result = {
             "step": self.state.step,
