@@ -168,12 +168,13 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
                     stats |= {"streams": bus.observe(), "images_per_s": images / (time.perf_counter() - started)}
                     metrics_file.write(json.dumps(stats) + "\n")
                     metrics_file.flush()
-                    progress.update(
-                        bar,
-                        completed=step,
-                        info=f"reward {stats['reward_mean']:.3f}±{stats['reward_std']:.3f}  ACD {stats['acd_mean']:.3f}  "
-                        f"stale {stats['staleness_mean']:.2f}  {stats['images_per_s']:.1f} img/s",
+                    info = (
+                        f"reward {stats['reward_mean']:.3f}±{stats['reward_std']:.3f}  ACD {stats['acd_mean']:.3f}  "
+                        f"stale {stats['staleness_mean']:.2f}  {stats['images_per_s']:.1f} img/s"
                     )
+                    progress.update(bar, completed=step, info=info)
+                    if not console.is_terminal:  # job logs (ray job submit, CI) get a line per step
+                        console.print(f"step {step}/{cfg.learner.total_steps}  {info}")
         except KeyboardInterrupt:
             # Ctrl-C: keep every acknowledged group; the checkpoint records what the learner has trained on
             console.print("[yellow]interrupted: checkpointing the learner and stopping the workers")

@@ -138,6 +138,7 @@ class Learner:
     def step(self, timeout_s: float | None = None) -> dict:
         """Collect a batch, take one optimiser step, publish every publish_every steps; returns stats."""
         cfg, method = self.cfg.learner, self.cfg.method
+        waited = time.perf_counter()
         batch = self.collect_groups(timeout_s)
         started = time.perf_counter()
         rewards = torch.tensor([scored.totals for scored, _, _ in batch])  # r_i: (groups, G)
@@ -158,6 +159,7 @@ class Learner:
         ]
         stats = rc_grpo_step(self.editor, self.optimizer, groups, method, self.generator) if groups else None
         self.state.step += 1
+        updated = time.perf_counter()
         if self.state.step % cfg.publish_every == 0:
             self.publish_weights()
         self._unfreed += [(scored.group_id, scored.policy_version) for scored, _, _ in batch]
@@ -174,7 +176,9 @@ class Learner:
             "acd_mean": float(torch.tensor(acd).nanmean()),
             "zero_variance_ratio": flat.float().mean().item(),
             "staleness_mean": sum(s for _, _, s in batch) / len(batch),
-            "update_seconds": time.perf_counter() - started,
+            "wait_seconds": started - waited,  # the learner idle, waiting for scored groups
+            "update_seconds": updated - started,
+            "publish_seconds": time.perf_counter() - updated,
             "groups": len(batch),
         }
         self.bus.observe()

@@ -29,6 +29,10 @@ class MethodConfig:
     clip_eps: float = 0.2  # PPO clip epsilon
     log_ratio_clamp: float = 10.0
     mask_aware: bool = True  # False: d_i is the plain mean over all tokens
+    # beta_bg: weight of the background anchor, mean_{u outside the mask} ||v_theta(u) - v_ref(u)||^2 with
+    # v_ref the base editor (LoRA off). RDP and the mask-aware distance give the background no gradient
+    # at all, so nothing else stops a shared LoRA update from drifting it. 0 = off (METHOD: no KL term).
+    background_anchor: float = 0.0
     # -- advantages --
     adv_p: float = 0.8  # Lp quasi-norm; 2 gives the z-score
     adv_clip: float = 5.0

@@ -86,6 +86,35 @@ def sample_anchor_steps(
     return anchors, steps
 
 
+def background_anchor_loss(
+    editor: Editor,
+    x_j: torch.Tensor,
+    x_theta: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    cond,
+    token_weights: torch.Tensor,
+) -> torch.Tensor:
+    """mean_{(k,j)} sum_u (1 - w(u)) ||v_theta(u) - v_ref(u)||^2 / sum_u (1 - w(u)), per-element mean over D.
+
+    v_ref is the base editor's velocity (adapters disabled); v_theta is recovered from x_theta, so the
+    anchor costs one extra no-grad forward pass. Velocities, not states, so the term does not vanish
+    as dt shrinks.
+    """
+    dt = (sigma_next - sigma)[:, None, None]
+    with torch.no_grad():
+        editor.transformer.disable_adapters()
+        try:
+            x_ref = one_step_prediction(editor, x_j, sigma, sigma_next, cond)
+        finally:
+            editor.transformer.enable_adapters()
+    per_token = ((x_theta.float() - x_ref.float()) / dt).pow(2).mean(dim=-1)  # (M, N)
+    background = 1 - token_weights.float()
+    if not background.sum() > 0:
+        return per_token.new_zeros(())
+    return ((per_token * background).sum(dim=-1) / background.sum()).mean()
+
+
 def rc_grpo_step(
     editor: Editor,
     optimizer: torch.optim.Optimizer,
@@ -131,6 +160,10 @@ def rc_grpo_step(
         loss, ratio = clipped_surrogate_loss(
             log_probs, old_log_probs, advantages, cfg.clip_eps, cfg.log_ratio_clamp
         )
+        if cfg.background_anchor > 0:
+            loss = loss + cfg.background_anchor * background_anchor_loss(
+                editor, x_j, x_theta, sigmas[j], sigmas[j + 1], group.cond.repeat(len(k)), group.token_weights.to(device)
+            )
         # accumulate per group so only one group's activations are alive at a time
         (loss / len(groups)).backward()
         total_loss += loss.item() / len(groups)

@@ -83,6 +83,7 @@ class RolloutWorker:
             edits=result.images.cpu(),
             target=sample.target,
             acd=acd,
+            blobs=self.bus.blobs,
         )
         return fields, encode_train_payload(cond, result, weights), acd
 

@@ -34,6 +34,8 @@ class RunBus:
         self.weights = WeightStore(
             self.client, RedisBlobStore(self.client, prefix=cfg.key("weights:blob:"), ttl_s=None), namespace=cfg.key("weights")
         )
+        # rollout-group parts too large to inline (full-size images); the reward server reads them
+        self.blobs = RedisBlobStore(self.client, prefix=cfg.key("blob:"))
         self.payloads = TrainPayloads(
             self.client, RedisBlobStore(self.client, prefix=cfg.key("payload:blob:")), namespace=cfg.key("payload")
         )
