@@ -69,6 +69,8 @@ class MethodConfig:
         for name in ("s_in", "s_out"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in [0, 1] (got {getattr(self, name)})")
+        if self.background_anchor < 0:
+            problems.append(f"background_anchor must be >= 0 (got {self.background_anchor})")
         if self.tau <= 0:
             problems.append(f"tau must be > 0 (got {self.tau})")
         if not 0 < self.adv_p:
