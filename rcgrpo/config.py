@@ -79,9 +79,7 @@ class MethodConfig:
             raise ValueError("invalid method config: " + "; ".join(problems))
 
     @classmethod
-    def from_dict(cls, values: dict) -> MethodConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+    def check_fields(cls, values: dict) -> None:
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown method config field(s): {', '.join(unknown)}")
-        return cls(**values)

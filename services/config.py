@@ -93,7 +93,9 @@ class RunConfig(_Section):
     @field_validator("method", mode="before")
     @classmethod
     def _method(cls, value):
-        return MethodConfig.from_dict(value) if isinstance(value, dict) else value
+        if isinstance(value, dict):
+            MethodConfig.check_fields(value)  # pydantic then validates and converts each field
+        return value
 
     @property
     def run_dir(self) -> Path:
