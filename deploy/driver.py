@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from contextlib import ExitStack
@@ -203,9 +204,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = load_run_config(args.config, args.overrides)
+    # SIGTERM (ray job stop, docker stop, kill) shuts down like Ctrl-C: checkpoint, stop workers and services
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         run(cfg, resume=args.resume)
     except KeyboardInterrupt:
