@@ -25,7 +25,7 @@ from contextlib import ExitStack
 import torch
 
 from services.bus import RunBus
-from services.config import RunConfig, load_run_config
+from services.config import RunConfig, add_run_arguments, load_run_config
 from services.payloads import Task
 from services.redis_server import EmbeddedRedis
 
@@ -199,8 +199,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="run config YAML (default: the built-in tiny ShapesEdit run)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. learner.total_steps=50")
+    add_run_arguments(parser, redis_url=False)
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
 
 

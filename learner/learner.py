@@ -16,13 +16,13 @@ import torch
 
 from learner.checkpoint import LearnerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from rcgrpo.advantages import group_advantages, zero_variance_groups
-from rcgrpo.editor import load_editor
-from rcgrpo.lora import add_lora, load_lora_state_dict, lora_state_dict, save_lora
+from rcgrpo.lora import load_lora_state_dict, lora_state_dict, save_lora
 from rcgrpo.train_step import TrainGroup, make_optimizer, rc_grpo_step
 from services import metrics
 from services.bus import RunBus
 from services.config import RunConfig
 from services.payloads import decode_train_payload
+from services.policy import start_component
 from services.schemas import decode_scored_group
 from services.streams import StreamEntry
 
@@ -33,16 +33,11 @@ class Learner:
     def __init__(
         self, cfg: RunConfig, redis_url: str, resume: bool = False, consumer: str = "learner-0", metrics_port: int = 0
     ):
-        torch.set_num_threads(cfg.learner.torch_threads)
-        if metrics_port:
-            metrics.serve_metrics(metrics_port, cfg.metrics_host)
+        self.editor = start_component(cfg, cfg.learner.torch_threads, metrics_port)
         self.cfg = cfg
         self.consumer = consumer
         self.bus = RunBus(cfg, redis_url)
-        self.editor = load_editor(cfg.editor, dtype=cfg.dtype)
-        method = cfg.method
-        add_lora(self.editor.transformer, method.lora_rank, method.lora_alpha, method.lora_targets)
-        self.optimizer = make_optimizer(self.editor.transformer, method)
+        self.optimizer = make_optimizer(self.editor.transformer, cfg.method)
         self.generator = torch.Generator().manual_seed(cfg.learner.seed)
         self.checkpoint_dir = cfg.run_dir / "checkpoints"
         self.state = LearnerState(step=0, weight_version=-1, task_cursor=0)

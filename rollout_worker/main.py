@@ -8,22 +8,19 @@ import logging
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="run config YAML")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    from services.config import add_run_arguments
+
+    add_run_arguments(parser)
     parser.add_argument("--worker-id", default="worker-0", help="consumer name; unique per worker")
-    parser.add_argument("--redis-url", help="default: the config's redis_url, else REDIS_URL")
     parser.add_argument("--metrics-port", type=int, default=9101, help="Prometheus port (0: off)")
     parser.add_argument("--max-tasks", type=int, help="exit after this many groups")
 
 
 def main(args: argparse.Namespace) -> int:
     from rollout_worker.worker import RolloutWorker
-    from services.config import load_run_config
+    from services.config import component_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = load_run_config(args.config, args.overrides)
-    redis_url = args.redis_url or cfg.resolved_redis_url()
-    if redis_url is None:
-        raise ValueError("--redis-url: a standalone worker needs the run's Redis (set it, redis_url or REDIS_URL)")
+    cfg, redis_url = component_config(args, "rollout worker")
     RolloutWorker(cfg, redis_url, args.worker_id, args.metrics_port).run(max_tasks=args.max_tasks)
     return 0

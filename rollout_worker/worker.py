@@ -12,15 +12,15 @@ import torch
 
 from rcgrpo.acd import acd_reward
 from rcgrpo.attention import capture_text_attention
-from rcgrpo.editor import load_editor
 from rcgrpo.evaluate import load_samples
-from rcgrpo.lora import add_lora, load_lora_state_dict
+from rcgrpo.lora import load_lora_state_dict
 from rcgrpo.noise import group_noise, latent_mask, token_weights
 from rcgrpo.sampler import rollout, surrogate_state_indices
 from services import metrics
 from services.bus import RunBus
 from services.config import RunConfig
 from services.payloads import Task, encode_train_payload
+from services.policy import start_component
 from services.schemas import encode_rollout_group
 
 log = logging.getLogger("rcgrpo.rollout_worker")
@@ -28,15 +28,11 @@ log = logging.getLogger("rcgrpo.rollout_worker")
 
 class RolloutWorker:
     def __init__(self, cfg: RunConfig, redis_url: str, worker_id: str = "worker-0", metrics_port: int = 0):
-        torch.set_num_threads(cfg.rollout.torch_threads)
-        if metrics_port:
-            metrics.serve_metrics(metrics_port, cfg.metrics_host)
+        self.editor = start_component(cfg, cfg.rollout.torch_threads, metrics_port)
         self.cfg = cfg
         self.worker_id = worker_id
         self.bus = RunBus(cfg, redis_url)
-        self.editor = load_editor(cfg.editor, dtype=cfg.dtype)
         method = cfg.method
-        add_lora(self.editor.transformer, method.lora_rank, method.lora_alpha, method.lora_targets)
         self.samples = load_samples(cfg.data.source, split=cfg.data.split, limit=cfg.data.num_samples, seed=cfg.data.seed)
         self.keep_states = None
         if cfg.rollout.keep_timesteps is not None:

