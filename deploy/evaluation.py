@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import torch
 from rich.table import Table
 
 from deploy.report import save_before_after
@@ -17,6 +18,8 @@ HEADLINE = ("region_adherence", "background_psnr", "background_ssim")
 
 
 def evaluate_base_vs_trained(cfg: RunConfig, lora_dir, console) -> dict:
+    # one thread: a second one only spins on 2-core machines shared with other jobs (20x slower, measured)
+    torch.set_num_threads(cfg.rollout.torch_threads)
     samples = load_samples(cfg.data.source, split=cfg.eval.split, limit=cfg.eval.num_samples, seed=cfg.data.seed)
     editor = load_editor(cfg.editor, dtype=cfg.dtype)
     results = {}
@@ -24,7 +27,9 @@ def evaluate_base_vs_trained(cfg: RunConfig, lora_dir, console) -> dict:
     for name in ("base", "trained"):
         if name == "trained":
             editor.pipe.load_lora_weights(lora_dir)
-        result = evaluate(editor, samples, cfg.method, seed=cfg.eval.seed, compbench=False, keep_edits=True, progress=True)
+        result = evaluate(
+            editor, samples, cfg.method, seed=cfg.eval.seed, compbench=False, batch_size=8, keep_edits=True, progress=True
+        )
         results[name] = result.overall
         edits[name] = result.edits
     table = Table(title=f"held-out evaluation ({len(samples)} {cfg.data.source} {cfg.eval.split} samples)")

@@ -28,6 +28,7 @@ def reward_server_settings(cfg: RunConfig, redis_url: str, port: int) -> dict:
     return {
         "host": "127.0.0.1",
         "port": port,
+        "torch_threads": cfg.rollout.torch_threads,
         "rewards": {**cfg.reward.rewards, "acd": cfg.method.acd_weight},
         "stream": {
             "enabled": True,
