@@ -4,7 +4,7 @@ A group of G = 8 candidates (RDP initial noise) at 64x64, 8 Euler steps, decoded
 threads = 2. Variants are run interleaved (round-robin) so that load from other processes on a shared
 machine hits them alike; the median over the repeats is reported.
 
-    .venv/bin/python bench/bench_rollout.py --repeats 20 --output bench/RESULTS_rollout.md
+    .venv/bin/python bench/bench_rollout.py --repeats 20 --output /tmp/rollout.md   (then copy the table into BENCHMARKS.md)
 
 `--flux-block` instead times one FLUX.1-Kontext-size dual-stream and single-stream block (dim 3072,
 24 heads, 512 text + 4096 target + 4096 context tokens, i.e. 1024x1024) with and without capture,
