@@ -25,7 +25,7 @@ from contextlib import ExitStack
 import torch
 
 from services.bus import RunBus
-from services.config import RunConfig, add_run_arguments, load_run_config
+from services.config import DEFAULT_RUN_CONFIG, RunConfig, add_run_arguments, load_run_config
 from services.payloads import Task
 from services.redis_server import EmbeddedRedis
 
@@ -199,7 +199,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_run_arguments(parser, redis_url=False)
+    add_run_arguments(parser, redis_url=False, default_config=DEFAULT_RUN_CONFIG)
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
 
 

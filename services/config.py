@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rcgrpo.config import MethodConfig
 from rcgrpo.tiny_editor import SHIPPED_EDITOR_DIR
 
+# What `rcgrpo train` runs without --config (a source checkout or an editable install has it).
+DEFAULT_RUN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_shapes.yaml"
 # Redis keys and streams of one run live under "rcgrpo:<run name>:".
 STREAM_NAMES = ("tasks", "rollouts", "scored")
 
@@ -146,9 +148,12 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple
         raise ValueError(f"invalid run config: method: {error}") from None
 
 
-def add_run_arguments(parser, redis_url: bool = True) -> None:
+def add_run_arguments(parser, redis_url: bool = True, default_config: Path | None = None) -> None:
     """The flags every run-config command shares: --config, --set and (for components) --redis-url."""
-    parser.add_argument("--config", help="run config YAML (default: the built-in tiny ShapesEdit run)")
+    default = default_config if default_config is not None and default_config.is_file() else None
+    parser.add_argument(
+        "--config", default=default, help=f"run config YAML (default: {default or 'the RunConfig defaults'})"
+    )
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config field, e.g. learner.total_steps=50",
