@@ -13,6 +13,14 @@ from PIL import Image, ImageDraw
 CURVES = (("reward_mean", "reward mean"), ("reward_std", "within-group reward std"), ("acd_mean", "ACD"), ("loss", "loss"))
 
 
+SMOOTHING = 10  # steps in the moving average drawn over each curve
+
+
+def _moving_average(values: list[float], window: int) -> list[float]:
+    finite = [v if math.isfinite(v) else 0.0 for v in values]
+    return [sum(finite[max(0, i - window + 1) : i + 1]) / len(finite[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+
+
 def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, values: list[float]) -> None:
     left, top, right, bottom = box
     draw.rectangle(box, outline=(180, 180, 180))
@@ -20,20 +28,25 @@ def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str
     low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
     if high - low < 1e-12:
         low, high = low - 0.5, high + 0.5
-    draw.text((left + 6, top + 4), f"{title}  [{low:.3g}, {high:.3g}]", fill=(0, 0, 0))
+    draw.text((left + 6, top + 4), f"{title}  [{low:.3g}, {high:.3g}]  (thick: {SMOOTHING}-step mean)", fill=(0, 0, 0))
     inner = (left + 8, top + 22, right - 8, bottom - 8)
-    points = [
-        (
-            inner[0] + (inner[2] - inner[0]) * i / max(len(values) - 1, 1),
-            inner[3] - (inner[3] - inner[1]) * (v - low) / (high - low),
-        )
-        for i, v in enumerate(values)
-        if math.isfinite(v)
-    ]
-    if len(points) > 1:
-        draw.line(points, fill=(30, 90, 200), width=2)
-    elif points:
-        draw.ellipse([points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2], fill=(30, 90, 200))
+
+    def line(series, colour, width):
+        points = [
+            (
+                inner[0] + (inner[2] - inner[0]) * i / max(len(series) - 1, 1),
+                inner[3] - (inner[3] - inner[1]) * (v - low) / (high - low),
+            )
+            for i, v in enumerate(series)
+            if math.isfinite(v)
+        ]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=width)
+        elif points:
+            draw.ellipse([points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2], fill=colour)
+
+    line(values, (170, 195, 235), 1)  # every step
+    line(_moving_average(values, SMOOTHING), (20, 70, 180), 3)  # the trend
 
 
 def save_curves(metrics_path: Path, out_path: Path) -> Path:
