@@ -20,7 +20,10 @@ SUBCOMMANDS = {
     ),
     "reward-server": ("reward_server.main", "serve rewards over authenticated HTTP (and a Redis stream)"),
     "eval": ("deploy.commands.eval", "score an editor, or saved edits, on ShapesEdit or CompBench"),
-    "train": ("deploy.commands.train", "the main job: RC-GRPO training with Ray, Redis and the reward server"),
+    "train": (
+        "deploy.commands.train",
+        "the main job: RC-GRPO training with Ray, Redis and the reward server",
+    ),
     "pretrain": ("deploy.commands.pretrain", "pretrain the tiny Kontext editor on ShapesEdit"),
     "rollout-worker": ("rollout_worker.main", "a standalone rollout worker (found through Redis)"),
     "learner": ("learner.main", "a standalone learner (found through Redis)"),

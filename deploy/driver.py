@@ -41,8 +41,12 @@ class TaskFeeder:
 
     def task(self, i: int) -> Task:
         epoch, position = divmod(i, self.num_samples)
-        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-        return Task(task_id=f"task-{i:07d}", sample_index=int(order[position]), noise_seed=self.seed * 1_000_003 + i)
+        order = torch.randperm(
+            self.num_samples, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        )
+        return Task(
+            task_id=f"task-{i:07d}", sample_index=int(order[position]), noise_seed=self.seed * 1_000_003 + i
+        )
 
     def feed_until(self, total: int) -> None:
         while self.cursor < total:
@@ -95,7 +99,9 @@ class ExternalLearner:
         """The external learner checkpoints on its own schedule."""
 
     def save_final_lora(self, directory):
-        return self._wait(lambda: directory if (directory / "pytorch_lora_weights.safetensors").exists() else None)
+        return self._wait(
+            lambda: directory if (directory / "pytorch_lora_weights.safetensors").exists() else None
+        )
 
 
 def run(cfg: RunConfig, resume: bool = False) -> dict:
@@ -112,7 +118,9 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     console = Console()
     run_dir = cfg.run_dir
     if run_dir.exists() and not resume and any(run_dir.glob("checkpoints/step_*")):
-        raise ValueError(f"run directory {run_dir} already has checkpoints: pass --resume, or choose another name")
+        raise ValueError(
+            f"run directory {run_dir} already has checkpoints: pass --resume, or choose another name"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     metrics_log = run_dir / "metrics.jsonl"
@@ -134,19 +142,30 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         # 3. Ray: rollout actors and the learner actor
         if not ray.is_initialized():
             address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+            ray.init(
+                address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
+            )
             stack.callback(ray.shutdown)
         if cfg.learner.external:
             learner = ExternalLearner(bus)
         else:
             learner_cls = ray.remote(num_cpus=0, num_gpus=cfg.learner.num_gpus)(Learner)
-            learner = RayLearner(learner_cls.remote(cfg, redis_url, resume, metrics_port=cfg.learner.metrics_port))
+            learner = RayLearner(
+                learner_cls.remote(cfg, redis_url, resume, metrics_port=cfg.learner.metrics_port)
+            )
         worker_cls = ray.remote(num_cpus=0, num_gpus=cfg.rollout.gpus_per_worker)(RolloutWorker)
-        ports = [cfg.rollout.metrics_port + i if cfg.rollout.metrics_port else 0 for i in range(cfg.rollout.num_workers)]
-        workers = [worker_cls.remote(cfg, redis_url, f"worker-{i}", ports[i]) for i in range(cfg.rollout.num_workers)]
+        ports = [
+            cfg.rollout.metrics_port + i if cfg.rollout.metrics_port else 0
+            for i in range(cfg.rollout.num_workers)
+        ]
+        workers = [
+            worker_cls.remote(cfg, redis_url, f"worker-{i}", ports[i]) for i in range(cfg.rollout.num_workers)
+        ]
         start_step, cursor = learner.resume_point()
         version = learner.publish_weights()  # every worker samples with this or newer
-        console.print(f"[bold]rcgrpo[/] run {cfg.name!r}: {cfg.rollout.num_workers} workers, policy v{version}, step {start_step}")
+        console.print(
+            f"[bold]rcgrpo[/] run {cfg.name!r}: {cfg.rollout.num_workers} workers, policy v{version}, step {start_step}"
+        )
         worker_runs = [w.run.remote() for w in workers]
 
         # 4. the loop: feed tasks ahead of the learner, one learner update per step
@@ -154,7 +173,13 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         ahead = 1 if cfg.learner.staleness_policy == "wait" else 1 + cfg.learner.max_staleness
         feeder = TaskFeeder(bus, cfg.data.num_samples, cfg.data.seed, cursor)
         step, started = start_step, time.perf_counter()
-        columns = [TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), TextColumn("{task.fields[info]}")]
+        columns = [
+            TextColumn("[bold]train"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
+        ]
         try:
             with Progress(*columns, console=console) as progress, metrics_log.open("a") as metrics_file:
                 bar = progress.add_task("train", total=cfg.learner.total_steps, completed=step, info="")
@@ -166,7 +191,10 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
                     if step % cfg.learner.checkpoint_every == 0 or step == cfg.learner.total_steps:
                         learner.checkpoint(feeder.cursor)
                     images = (step - start_step) * groups_per_step * cfg.method.group_size
-                    stats |= {"streams": bus.observe(), "images_per_s": images / (time.perf_counter() - started)}
+                    stats |= {
+                        "streams": bus.observe(),
+                        "images_per_s": images / (time.perf_counter() - started),
+                    }
                     metrics_file.write(json.dumps(stats) + "\n")
                     metrics_file.flush()
                     info = (
@@ -191,7 +219,12 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         save_curves(metrics_log, run_dir / "reward_curves.png")
 
     # 6. held-out evaluation: base editor vs base + trained LoRA
-    summary = {"run_dir": str(run_dir), "steps": step, "lora": str(lora_dir), "seconds": round(time.perf_counter() - started, 1)}
+    summary = {
+        "run_dir": str(run_dir),
+        "steps": step,
+        "lora": str(lora_dir),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     if cfg.eval.num_samples:
         summary["eval"] = evaluate_base_vs_trained(cfg, lora_dir, console)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -20,7 +20,9 @@ HEADLINE = ("region_adherence", "background_psnr", "background_ssim")
 def evaluate_base_vs_trained(cfg: RunConfig, lora_dir, console) -> dict:
     # one thread: a second one only spins on 2-core machines shared with other jobs (20x slower, measured)
     torch.set_num_threads(cfg.rollout.torch_threads)
-    samples = load_samples(cfg.data.source, split=cfg.eval.split, limit=cfg.eval.num_samples, seed=cfg.data.seed)
+    samples = load_samples(
+        cfg.data.source, split=cfg.eval.split, limit=cfg.eval.num_samples, seed=cfg.data.seed
+    )
     editor = load_editor(cfg.editor, dtype=cfg.dtype)
     results = {}
     edits = {}
@@ -28,7 +30,14 @@ def evaluate_base_vs_trained(cfg: RunConfig, lora_dir, console) -> dict:
         if name == "trained":
             editor.pipe.load_lora_weights(lora_dir)
         result = evaluate(
-            editor, samples, cfg.method, seed=cfg.eval.seed, compbench=False, batch_size=8, keep_edits=True, progress=True
+            editor,
+            samples,
+            cfg.method,
+            seed=cfg.eval.seed,
+            compbench=False,
+            batch_size=8,
+            keep_edits=True,
+            progress=True,
         )
         results[name] = result.overall
         edits[name] = result.edits
@@ -36,7 +45,9 @@ def evaluate_base_vs_trained(cfg: RunConfig, lora_dir, console) -> dict:
     table.add_column("metric")
     for name in ("base", "trained", "change"):
         table.add_column(name, justify="right")
-    metrics = [m for m in HEADLINE if m in results["base"]] + [m for m in results["base"] if m not in HEADLINE]
+    metrics = [m for m in HEADLINE if m in results["base"]] + [
+        m for m in results["base"] if m not in HEADLINE
+    ]
     for metric in metrics:
         base, trained = results["base"][metric], results["trained"][metric]
         change = trained - base if math.isfinite(base) and math.isfinite(trained) else math.nan
@@ -45,5 +56,7 @@ def evaluate_base_vs_trained(cfg: RunConfig, lora_dir, console) -> dict:
     (cfg.run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
     shown = min(cfg.eval.grid_samples, len(samples))
     if shown:
-        save_before_after(samples[:shown], edits["base"][:shown], edits["trained"][:shown], cfg.run_dir / "before_after.png")
+        save_before_after(
+            samples[:shown], edits["base"][:shown], edits["trained"][:shown], cfg.run_dir / "before_after.png"
+        )
     return results

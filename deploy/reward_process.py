@@ -48,11 +48,22 @@ class RewardServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.token = new_token()
         settings_path = cfg.run_dir / "reward_server.yaml"
-        settings_path.write_text(yaml.safe_dump(reward_server_settings(cfg, redis_url, self.port), sort_keys=False))
+        settings_path.write_text(
+            yaml.safe_dump(reward_server_settings(cfg, redis_url, self.port), sort_keys=False)
+        )
         env = {**os.environ, "RCGRPO_REWARD_TOKEN": self.token, "HF_HUB_OFFLINE": "1"}
         self._log = open(log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "deploy.cli", "reward-server", "--config", str(settings_path), "--log-level", "warning"],
+            [
+                sys.executable,
+                "-m",
+                "deploy.cli",
+                "reward-server",
+                "--config",
+                str(settings_path),
+                "--log-level",
+                "warning",
+            ],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -43,7 +43,9 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(directory: Path, state: LearnerState, lora: dict[str, torch.Tensor], optimizer, generator) -> Path:
+def save_checkpoint(
+    directory: Path, state: LearnerState, lora: dict[str, torch.Tensor], optimizer, generator
+) -> Path:
     directory = Path(directory)
     final = directory / f"{CHECKPOINT_PREFIX}{state.step:06d}"
     partial = directory / f".partial-{state.step:06d}"
@@ -68,6 +70,8 @@ def load_checkpoint(path: Path, optimizer, generator) -> tuple[LearnerState, dic
     """Restore optimiser and generator in place; returns the state and the LoRA tensors."""
     path = Path(path)
     raw = json.loads((path / "state.json").read_text())
-    optimizer.load_state_dict(_optimizer_state(load_file(path / "optimizer.safetensors"), raw.pop("optimizer")))
+    optimizer.load_state_dict(
+        _optimizer_state(load_file(path / "optimizer.safetensors"), raw.pop("optimizer"))
+    )
     generator.set_state(load_file(path / "rng.safetensors")["generator"])
     return LearnerState(**raw), load_file(path / "lora.safetensors")

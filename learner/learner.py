@@ -31,7 +31,12 @@ log = logging.getLogger("rcgrpo.learner")
 
 class Learner:
     def __init__(
-        self, cfg: RunConfig, redis_url: str, resume: bool = False, consumer: str = "learner-0", metrics_port: int = 0
+        self,
+        cfg: RunConfig,
+        redis_url: str,
+        resume: bool = False,
+        consumer: str = "learner-0",
+        metrics_port: int = 0,
     ):
         self.editor = start_component(cfg, cfg.learner.torch_threads, metrics_port)
         self.cfg = cfg
@@ -82,7 +87,11 @@ class Learner:
         self.state.task_cursor = task_cursor
         self.state.consumed = sorted(self._consumed)
         path = save_checkpoint(
-            self.checkpoint_dir, self.state, lora_state_dict(self.editor.transformer), self.optimizer, self.generator
+            self.checkpoint_dir,
+            self.state,
+            lora_state_dict(self.editor.transformer),
+            self.optimizer,
+            self.generator,
         )
         self.bus.scored.ack(*self._unacked)
         self._unacked.clear()
@@ -97,8 +106,12 @@ class Learner:
     # -- one update ----------------------------------------------------------------------------
     def _read_scored(self, count: int) -> list[StreamEntry]:
         if self._backlog is None:  # first read: this consumer's entries delivered before a crash
-            reply = self.bus.client.xreadgroup(self.bus.scored.group, self.consumer, {self.bus.scored.name: "0"})
-            self._backlog = [StreamEntry(entry_id.decode(), fields) for entry_id, fields in (reply[0][1] if reply else [])]
+            reply = self.bus.client.xreadgroup(
+                self.bus.scored.group, self.consumer, {self.bus.scored.name: "0"}
+            )
+            self._backlog = [
+                StreamEntry(entry_id.decode(), fields) for entry_id, fields in (reply[0][1] if reply else [])
+            ]
         if self._backlog:
             taken, self._backlog = self._backlog[:count], self._backlog[count:]
             return taken
@@ -111,7 +124,9 @@ class Learner:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while len(batch) < cfg.groups_per_step:
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"learner waited {timeout_s}s for {cfg.groups_per_step} scored groups, got {len(batch)}")
+                raise TimeoutError(
+                    f"learner waited {timeout_s}s for {cfg.groups_per_step} scored groups, got {len(batch)}"
+                )
             for entry in self._read_scored(cfg.groups_per_step - len(batch)):
                 scored = decode_scored_group(entry.fields)
                 key = f"{scored.group_id}:{scored.policy_version}"
@@ -126,7 +141,9 @@ class Learner:
                     metrics.LEARNER_GROUPS.labels("stale").inc()
                     self._unfreed.append((scored.group_id, scored.policy_version))
                     continue
-                payload = decode_train_payload(self.bus.payloads.get(scored.group_id, scored.policy_version), self.editor.device)
+                payload = decode_train_payload(
+                    self.bus.payloads.get(scored.group_id, scored.policy_version), self.editor.device
+                )
                 batch.append((scored, payload, staleness))
         return batch
 

@@ -71,7 +71,9 @@ def train_vae(vae, images: torch.Tensor, cfg: PretrainConfig, rng: np.random.Gen
 @torch.no_grad()
 def normalise_vae_latents(vae, images: torch.Tensor) -> None:
     """Set shift_factor/scaling_factor so (z - shift) * scale has zero mean and unit variance."""
-    latents = torch.cat([vae.encode(batch.to(vae.device) * 2 - 1).latent_dist.mode() for batch in images.split(256)])
+    latents = torch.cat(
+        [vae.encode(batch.to(vae.device) * 2 - 1).latent_dist.mode() for batch in images.split(256)]
+    )
     vae.register_to_config(shift_factor=latents.mean().item(), scaling_factor=1.0 / latents.std().item())
 
 
@@ -79,10 +81,17 @@ def train_flow(editor: Editor, samples, cfg: PretrainConfig, rng: np.random.Gene
     """Rectified-flow training of the transformer on (source, instruction) -> target; returns the loss curve."""
     with torch.no_grad():
         conds = [
-            editor.encode_condition(_stack(chunk, "source"), [s.instruction for s in chunk], cfg.guidance_scale)
+            editor.encode_condition(
+                _stack(chunk, "source"), [s.instruction for s in chunk], cfg.guidance_scale
+            )
             for chunk in (samples[i : i + 256] for i in range(0, len(samples), 256))
         ]
-        targets = torch.cat([editor.pack(editor.encode_images(_stack(samples[i : i + 256], "target"))) for i in range(0, len(samples), 256)])
+        targets = torch.cat(
+            [
+                editor.pack(editor.encode_images(_stack(samples[i : i + 256], "target")))
+                for i in range(0, len(samples), 256)
+            ]
+        )
     prompt_embeds = torch.cat([c.prompt_embeds for c in conds])
     pooled = torch.cat([c.pooled_prompt_embeds for c in conds])
     context = torch.cat([c.context_latents for c in conds])
@@ -96,7 +105,9 @@ def train_flow(editor: Editor, samples, cfg: PretrainConfig, rng: np.random.Gene
     warmup = max(1, cfg.flow_steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(step / cfg.flow_steps, 1.0))),
+        lambda step: (
+            min(1.0, (step + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(step / cfg.flow_steps, 1.0)))
+        ),
     )
     generator = torch.Generator().manual_seed(cfg.seed)
     losses = []
@@ -133,7 +144,9 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig) -> tuple[Path, dict]:
     """Train the tiny editor from scratch and save it; returns its directory and training facts."""
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
-    samples = generate_shapes_edit(cfg.train_samples, split="train", seed=cfg.seed, config=ShapesEditConfig(size=cfg.image_size))
+    samples = generate_shapes_edit(
+        cfg.train_samples, split="train", seed=cfg.seed, config=ShapesEditConfig(size=cfg.image_size)
+    )
     pipe = build_tiny_pipeline(cfg.spec).to(cfg.device)
     images = torch.cat([_stack(samples, "source"), _stack(samples, "target")])
     vae_losses = train_vae(pipe.vae, images, cfg, np.random.default_rng(cfg.seed))
@@ -145,7 +158,9 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig) -> tuple[Path, dict]:
         "seconds": round(time.perf_counter() - started, 1),
         "vae_final_loss": float(np.mean(vae_losses[-50:])),
         "flow_final_loss": float(np.mean(flow_losses[-50:])),
-        "device": torch.cuda.get_device_name() if cfg.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name()
+        if cfg.device.startswith("cuda")
+        else f"cpu ({torch.get_num_threads()} threads)",
     }
     return path, facts
 
@@ -155,7 +170,9 @@ def model_card_scores(editor_dir: str | Path, cfg: PretrainConfig, num_samples: 
     from rcgrpo.editor import load_editor
     from rcgrpo.evaluate import evaluate, score_edits
 
-    samples = generate_shapes_edit(num_samples, split="test", seed=cfg.seed, config=ShapesEditConfig(size=cfg.image_size))
+    samples = generate_shapes_edit(
+        num_samples, split="test", seed=cfg.seed, config=ShapesEditConfig(size=cfg.image_size)
+    )
     untrained = Editor(build_tiny_pipeline(cfg.spec), max_sequence_length=cfg.spec.max_sequence_length)
     return {
         "untrained": evaluate(untrained, samples, compbench=False).overall,
@@ -164,10 +181,14 @@ def model_card_scores(editor_dir: str | Path, cfg: PretrainConfig, num_samples: 
     }
 
 
-def write_model_card(editor_dir: str | Path, cfg: PretrainConfig, facts: dict, command: str, scores: dict, num_samples: int) -> Path:
+def write_model_card(
+    editor_dir: str | Path, cfg: PretrainConfig, facts: dict, command: str, scores: dict, num_samples: int
+) -> Path:
     """README.md beside the weights: how it was made and how well it edits (scores: model_card_scores)."""
     metrics = ("region_adherence", "background_psnr", "background_ssim")
-    rows = "\n".join(f"| {name} | " + " | ".join(f"{s[m]:.4f}" for m in metrics) + " |" for name, s in scores.items())
+    rows = "\n".join(
+        f"| {name} | " + " | ".join(f"{s[m]:.4f}" for m in metrics) + " |" for name, s in scores.items()
+    )
     params = sum(p.numel() for p in build_tiny_pipeline(cfg.spec).transformer.parameters())
     card = f"""# tiny-kontext-shapes
 
@@ -177,8 +198,8 @@ every default rcgrpo command. It is only partly competent on purpose: RL has hea
 
 - command: `{command}`
 - seed: {cfg.seed}; training samples: {cfg.train_samples}; VAE steps: {cfg.vae_steps}; transformer steps: {cfg.flow_steps}
-- training time: {facts['seconds']} s on {facts['device']}
-- final losses: VAE {facts['vae_final_loss']:.4f}, flow {facts['flow_final_loss']:.4f}
+- training time: {facts["seconds"]} s on {facts["device"]}
+- final losses: VAE {facts["vae_final_loss"]:.4f}, flow {facts["flow_final_loss"]:.4f}
 
 ## ShapesEdit held-out scores ({num_samples} test-split samples, {MethodConfig().num_steps} Euler steps)
 
@@ -188,5 +209,7 @@ every default rcgrpo command. It is only partly competent on purpose: RL has hea
 """
     path = Path(editor_dir) / "README.md"
     path.write_text(card)
-    (Path(editor_dir) / "model_card.json").write_text(json.dumps({"facts": facts, "scores": scores, "command": command}, indent=2))
+    (Path(editor_dir) / "model_card.json").write_text(
+        json.dumps({"facts": facts, "scores": scores, "command": command}, indent=2)
+    )
     return path

@@ -162,7 +162,13 @@ def rc_grpo_step(
         )
         if cfg.background_anchor > 0:
             loss = loss + cfg.background_anchor * background_anchor_loss(
-                editor, x_j, x_theta, sigmas[j], sigmas[j + 1], group.cond.repeat(len(k)), group.token_weights.to(device)
+                editor,
+                x_j,
+                x_theta,
+                sigmas[j],
+                sigmas[j + 1],
+                group.cond.repeat(len(k)),
+                group.token_weights.to(device),
             )
         # accumulate per group so only one group's activations are alive at a time
         (loss / len(groups)).backward()

@@ -33,7 +33,9 @@ class RolloutWorker:
         self.worker_id = worker_id
         self.bus = RunBus(cfg, redis_url)
         method = cfg.method
-        self.samples = load_samples(cfg.data.source, split=cfg.data.split, limit=cfg.data.num_samples, seed=cfg.data.seed)
+        self.samples = load_samples(
+            cfg.data.source, split=cfg.data.split, limit=cfg.data.num_samples, seed=cfg.data.seed
+        )
         self.keep_states = None
         if cfg.rollout.keep_timesteps is not None:
             self.keep_states = surrogate_state_indices(method.num_steps, cfg.rollout.keep_timesteps)
@@ -64,7 +66,12 @@ class RolloutWorker:
         with capture_text_attention(editor, cfg.acd_layers) as capture:
             group_cond = cond.repeat(cfg.group_size)
             result = rollout(
-                editor, group_cond, initial, cfg.num_steps, self.keep_states, capture.attention_kwargs(group_cond)
+                editor,
+                group_cond,
+                initial,
+                cfg.num_steps,
+                self.keep_states,
+                capture.attention_kwargs(group_cond),
             )
             attention = capture.attention_map()
         weights = token_weights(mask_latent)
@@ -90,7 +97,9 @@ class RolloutWorker:
         version = self.sync_weights()
         fields, payload, acd = self.rollout_group(task)
         self.bus.payloads.put(task.task_id, version, payload)
-        published = self.bus.tasks.complete(entry.id, self.bus.task_done_key(task.task_id), self.bus.rollouts.name, fields)
+        published = self.bus.tasks.complete(
+            entry.id, self.bus.task_done_key(task.task_id), self.bus.rollouts.name, fields
+        )
         if published:
             metrics.ROLLOUT_GROUPS.labels(self.worker_id).inc()
             metrics.ROLLOUT_IMAGES.labels(self.worker_id).inc(self.cfg.method.group_size)

@@ -32,12 +32,16 @@ class RunBus:
             stream.ensure_group()
         # weights never expire while kept; payloads live as long as a group may wait to be trained on
         self.weights = WeightStore(
-            self.client, RedisBlobStore(self.client, prefix=cfg.key("weights:blob:"), ttl_s=None), namespace=cfg.key("weights")
+            self.client,
+            RedisBlobStore(self.client, prefix=cfg.key("weights:blob:"), ttl_s=None),
+            namespace=cfg.key("weights"),
         )
         # rollout-group parts too large to inline (full-size images); the reward server reads them
         self.blobs = RedisBlobStore(self.client, prefix=cfg.key("blob:"))
         self.payloads = TrainPayloads(
-            self.client, RedisBlobStore(self.client, prefix=cfg.key("payload:blob:")), namespace=cfg.key("payload")
+            self.client,
+            RedisBlobStore(self.client, prefix=cfg.key("payload:blob:")),
+            namespace=cfg.key("payload"),
         )
         self._stop_key = cfg.key("stop")
 

@@ -142,7 +142,9 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple
     try:
         return RunConfig.model_validate(values)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in error.errors())
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in error.errors()
+        )
         raise ValueError(f"invalid run config: {problems}") from None
     except (TypeError, ValueError) as error:  # MethodConfig's own checks
         raise ValueError(f"invalid run config: method: {error}") from None
@@ -155,11 +157,17 @@ def add_run_arguments(parser, redis_url: bool = True, default_config: Path | Non
         "--config", default=default, help=f"run config YAML (default: {default or 'the RunConfig defaults'})"
     )
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config field, e.g. learner.total_steps=50",
     )
     if redis_url:
-        parser.add_argument("--redis-url", help="the run's Redis (default: the config's redis_url, else REDIS_URL)")
+        parser.add_argument(
+            "--redis-url", help="the run's Redis (default: the config's redis_url, else REDIS_URL)"
+        )
 
 
 def component_config(args, component: str) -> tuple[RunConfig, str]:
@@ -167,5 +175,7 @@ def component_config(args, component: str) -> tuple[RunConfig, str]:
     cfg = load_run_config(args.config, args.overrides)
     redis_url = args.redis_url or cfg.resolved_redis_url()
     if redis_url is None:
-        raise ValueError(f"--redis-url: a standalone {component} needs the run's Redis (set it, redis_url or REDIS_URL)")
+        raise ValueError(
+            f"--redis-url: a standalone {component} needs the run's Redis (set it, redis_url or REDIS_URL)"
+        )
     return cfg, redis_url

@@ -18,24 +18,32 @@ ROLLOUT_GROUP_SECONDS = Histogram(
     ["worker"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
-ROLLOUT_WEIGHT_VERSION = Gauge("rcgrpo_rollout_weight_version", "Policy version the worker samples with", ["worker"])
+ROLLOUT_WEIGHT_VERSION = Gauge(
+    "rcgrpo_rollout_weight_version", "Policy version the worker samples with", ["worker"]
+)
 ROLLOUT_ACD = Gauge("rcgrpo_rollout_acd_mean", "Mean ACD reward of the worker's last group", ["worker"])
 
 # -- learner ------------------------------------------------------------------------------------
 LEARNER_STEP = Gauge("rcgrpo_learner_step", "Optimiser steps taken")
 LEARNER_STEP_SECONDS = Histogram(
-    "rcgrpo_learner_step_seconds", "Wall time of one learner update", buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+    "rcgrpo_learner_step_seconds",
+    "Wall time of one learner update",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 LEARNER_LOSS = Gauge("rcgrpo_learner_loss", "Surrogate loss of the last update")
 LEARNER_REWARD_MEAN = Gauge("rcgrpo_learner_reward_mean", "Mean total reward of the last batch")
 LEARNER_REWARD_STD = Gauge("rcgrpo_learner_reward_std", "Mean within-group reward std of the last batch")
 LEARNER_ACD = Gauge("rcgrpo_learner_acd_mean", "Mean ACD reward of the last batch")
 LEARNER_CLIP_FRACTION = Gauge("rcgrpo_learner_clip_fraction", "Fraction of clipped ratios in the last update")
-LEARNER_ZERO_VARIANCE_RATIO = Gauge("rcgrpo_learner_zero_variance_ratio", "Share of groups dropped for zero reward std")
+LEARNER_ZERO_VARIANCE_RATIO = Gauge(
+    "rcgrpo_learner_zero_variance_ratio", "Share of groups dropped for zero reward std"
+)
 LEARNER_WEIGHT_VERSION = Gauge("rcgrpo_learner_weight_version", "Newest published policy version")
 LEARNER_GROUPS = Counter("rcgrpo_learner_groups_total", "Scored groups consumed, by outcome", ["outcome"])
 LEARNER_STALENESS = Histogram(
-    "rcgrpo_learner_staleness", "Policy versions between a group's sampler and the learner", buckets=(0, 1, 2, 3, 4, 6, 8, 16)
+    "rcgrpo_learner_staleness",
+    "Policy versions between a group's sampler and the learner",
+    buckets=(0, 1, 2, 3, 4, 6, 8, 16),
 )
 
 # -- streams ------------------------------------------------------------------------------------

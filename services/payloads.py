@@ -19,7 +19,14 @@ from rcgrpo.sampler import Rollout
 from services.blobstore import BlobRef, BlobStore
 from services.codec import decode_tensors, encode_tensors
 
-_COND_TENSORS = ("prompt_embeds", "pooled_prompt_embeds", "text_ids", "text_mask", "context_latents", "image_ids")
+_COND_TENSORS = (
+    "prompt_embeds",
+    "pooled_prompt_embeds",
+    "text_ids",
+    "text_mask",
+    "context_latents",
+    "image_ids",
+)
 
 
 @dataclass(frozen=True)

@@ -42,10 +42,18 @@ def main(args) -> int:
     groups = {}
     for name, rdp in (("RDP", True), ("global", False)):
         generator = torch.Generator().manual_seed(args.seed)  # same z* and d_i for both
-        initial = group_noise(dataclasses.replace(cfg, rdp=rdp), mask_latent, (editor.latent_channels, h, w), generator)
+        initial = group_noise(
+            dataclasses.replace(cfg, rdp=rdp), mask_latent, (editor.latent_channels, h, w), generator
+        )
         group_cond = cond.repeat(cfg.group_size)
         with capture_text_attention(editor, cfg.acd_layers) as capture:
-            result = rollout(editor, group_cond, initial, cfg.num_steps, attention_kwargs=capture.attention_kwargs(group_cond))
+            result = rollout(
+                editor,
+                group_cond,
+                initial,
+                cfg.num_steps,
+                attention_kwargs=capture.attention_kwargs(group_cond),
+            )
             acd = acd_reward(capture.attention_map(), token_weights(mask_latent) > 0.5)
         spread = result.images.std(dim=0)[:, background].mean().item()
         groups[name] = result.images

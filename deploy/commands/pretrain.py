@@ -15,7 +15,9 @@ def add_arguments(parser):
     parser.add_argument("--flow-steps", type=int, default=defaults.flow_steps)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the shipped editor used 2)")
-    parser.add_argument("--eval-samples", type=int, default=64, help="held-out samples scored for the model card")
+    parser.add_argument(
+        "--eval-samples", type=int, default=64, help="held-out samples scored for the model card"
+    )
 
 
 def main(args) -> int:
@@ -26,7 +28,13 @@ def main(args) -> int:
     from rcgrpo.pretrain import PretrainConfig, model_card_scores, pretrain, write_model_card
 
     torch.set_num_threads(args.threads)
-    cfg = PretrainConfig(seed=args.seed, train_samples=args.train_samples, vae_steps=args.vae_steps, flow_steps=args.flow_steps, device=args.device)
+    cfg = PretrainConfig(
+        seed=args.seed,
+        train_samples=args.train_samples,
+        vae_steps=args.vae_steps,
+        flow_steps=args.flow_steps,
+        device=args.device,
+    )
     path, facts = pretrain(args.out, cfg)
     command = "rcgrpo " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("rcgrpo") else "rcgrpo pretrain ..."
     scores = model_card_scores(path, cfg, args.eval_samples)
