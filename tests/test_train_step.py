@@ -204,3 +204,32 @@ def test_background_anchor_pulls_the_background_back_to_the_base_editor(tiny_edi
     drifted.backward()
     optimizer.step()
     assert anchor().item() < drifted.item()
+
+
+def test_thirty_steps_on_the_pretrained_editor_keep_the_background_unlike_global_noise():
+    """The full method (RDP, mask-aware distance, background anchor) against Neighbor GRPO's global
+    noise on the shipped pretrained editor: both raise the in-mask reward on fresh seeds, and the
+    background changes far less under RC-GRPO. Measured: gain 0.73 vs 0.76, background |change|
+    0.027 vs 0.289 (without the anchor RC-GRPO's background moves 0.335: the anchor is what holds it)."""
+    from rcgrpo.tiny_editor import SHIPPED_EDITOR_DIR
+
+    def train(cfg):
+        editor, cond, mask_latent = _setup(SHIPPED_EDITOR_DIR, cfg)
+        before = _fresh_edits(editor, cond, cfg)
+        optimizer = make_optimizer(editor.transformer, cfg)
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(30):
+            group = _scored_group(editor, cond, mask_latent, cfg, generator)
+            rc_grpo_step(editor, optimizer, [group], cfg, generator)
+        after = _fresh_edits(editor, cond, cfg)
+        background = (1 - MASK).bool()
+        return (
+            _brightness_in_mask(after) - _brightness_in_mask(before),
+            (after - before).abs()[:, :, background].mean(dim=(1, 2)),
+        )
+
+    small = dict(group_size=8, num_steps=4, anchors=2, timesteps_per_anchor=2, learning_rate=1e-3)
+    rc_gain, rc_background = train(MethodConfig(**small, background_anchor=1.0))
+    global_gain, global_background = train(MethodConfig(**small, rdp=False, mask_aware=False))
+    assert (rc_gain > 0.1).all() and (global_gain > 0.1).all()
+    assert rc_background.mean() < 0.25 * global_background.mean()
