@@ -164,6 +164,7 @@ class Learner:
                 state_indices=payload["state_indices"],
                 states=payload["states"],
                 token_weights=payload["token_weights"],
+                background_weights=payload["background_weights"],
                 advantages=advantages[i],
             )
             for i, (_, payload, _) in enumerate(batch)

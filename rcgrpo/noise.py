@@ -89,6 +89,20 @@ def token_weights(mask_latent: torch.Tensor) -> torch.Tensor:
     return Editor.pack(mask_latent.float()[None, None])[0].amax(dim=-1)
 
 
+def token_background(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """The share of each target token's pixels outside the editing mask: (H, W) -> (h/2 * w/2,).
+
+    What the background-preservation metrics see of a token; the background anchor weights tokens by
+    it, so a token on the mask's border is anchored for its background part (token_weights, max-pooled,
+    would leave it free). Token order is `Editor.pack`'s.
+    """
+    h, w = latent_hw
+    if mask.ndim != 2 or h % 2 or w % 2 or mask.shape[0] % (h // 2) or mask.shape[1] % (w // 2):
+        raise ValueError(f"mask {tuple(mask.shape)} does not divide into the {h // 2}x{w // 2} token grid")
+    coverage = torch.nn.functional.adaptive_avg_pool2d(mask.float()[None, None], (h // 2, w // 2))[0, 0]
+    return (1 - coverage).flatten()
+
+
 def region_decoupled_noise(
     base: torch.Tensor,
     mask_latent: torch.Tensor,

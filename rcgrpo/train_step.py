@@ -24,6 +24,8 @@ class TrainGroup:
     states: torch.Tensor  # (S, G, N, D) x_j for j in state_indices
     token_weights: torch.Tensor  # (N,) w(u): the editing mask at token resolution
     advantages: torch.Tensor  # (G,) A_i
+    # (N,) share of each token's pixels outside the mask (rcgrpo.noise.token_background); None: 1 - w(u)
+    background_weights: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.cond.prompt_embeds.shape[0] != 1:
@@ -38,9 +40,17 @@ class TrainGroup:
             raise ValueError(f"advantages must be ({group_size},), got {tuple(self.advantages.shape)}")
         if self.token_weights.shape != (num_tokens,):
             raise ValueError(f"token_weights must be ({num_tokens},), got {tuple(self.token_weights.shape)}")
+        if self.background_weights is not None and self.background_weights.shape != (num_tokens,):
+            raise ValueError(
+                f"background_weights must be ({num_tokens},), got {tuple(self.background_weights.shape)}"
+            )
         bad = [j for j in self.state_indices if not 0 <= j < len(self.sigmas)]
         if bad:
             raise ValueError(f"state indices {bad} are outside the {len(self.sigmas) - 1}-step grid")
+
+    def anchor_weights(self) -> torch.Tensor:
+        """b(u) of the background anchor: background_weights, else 1 - w(u)."""
+        return self.background_weights if self.background_weights is not None else 1 - self.token_weights
 
     def training_indices(self) -> list[int]:
         """Grid indices j whose step j -> j+1 can be trained on: both x_j and x_{j+1} were kept."""
@@ -93,9 +103,10 @@ def background_anchor_loss(
     sigma: torch.Tensor,
     sigma_next: torch.Tensor,
     cond,
-    token_weights: torch.Tensor,
+    background_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """mean_{(k,j)} sum_u (1 - w(u)) ||v_theta(u) - v_ref(u)||^2 / sum_u (1 - w(u)), per-element mean over D.
+    """mean_{(k,j)} sum_u b(u) ||v_theta(u) - v_ref(u)||^2 / sum_u b(u), per-element mean over D, with b(u)
+    the background share of token u (TrainGroup.background_weights).
 
     v_ref is the base editor's velocity (adapters disabled); v_theta is recovered from x_theta, so the
     anchor costs one extra no-grad forward pass. Velocities, not states, so the term does not vanish
@@ -109,7 +120,7 @@ def background_anchor_loss(
         finally:
             editor.transformer.enable_adapters()
     per_token = ((x_theta.float() - x_ref.float()) / dt).pow(2).mean(dim=-1)  # (M, N)
-    background = 1 - token_weights.float()
+    background = background_weights.float()
     if not background.sum() > 0:
         return per_token.new_zeros(())
     return ((per_token * background).sum(dim=-1) / background.sum()).mean()
@@ -168,7 +179,7 @@ def rc_grpo_step(
                 sigmas[j],
                 sigmas[j + 1],
                 group.cond.repeat(len(k)),
-                group.token_weights.to(device),
+                group.anchor_weights().to(device),
             )
         # accumulate per group so only one group's activations are alive at a time
         (loss / len(groups)).backward()

@@ -14,7 +14,7 @@ from rcgrpo.acd import acd_reward
 from rcgrpo.attention import capture_text_attention
 from rcgrpo.evaluate import load_samples
 from rcgrpo.lora import load_lora_state_dict
-from rcgrpo.noise import group_noise, latent_mask, token_weights
+from rcgrpo.noise import group_noise, latent_mask, token_background, token_weights
 from rcgrpo.sampler import rollout, surrogate_state_indices
 from services import metrics
 from services.bus import RunBus
@@ -88,7 +88,7 @@ class RolloutWorker:
             acd=acd,
             blobs=self.bus.blobs,
         )
-        return fields, encode_train_payload(cond, result, weights), acd
+        return fields, encode_train_payload(cond, result, weights, token_background(sample.mask, (h, w))), acd
 
     def process(self, entry) -> bool:
         """Roll out one task entry and complete it: publish + mark done + ack, atomically."""

@@ -46,7 +46,9 @@ class Task:
         return cls(**json.loads(raw))
 
 
-def encode_train_payload(cond: EditCondition, rollout: Rollout, token_weights: torch.Tensor) -> bytes:
+def encode_train_payload(
+    cond: EditCondition, rollout: Rollout, token_weights: torch.Tensor, background_weights: torch.Tensor
+) -> bytes:
     """The condition (batch 1), the sigma grid and the kept states of one group, as safetensors."""
     tensors = {name: getattr(cond, name) for name in _COND_TENSORS}
     if cond.guidance is not None:
@@ -56,13 +58,15 @@ def encode_train_payload(cond: EditCondition, rollout: Rollout, token_weights: t
         "state_indices": torch.tensor(rollout.state_indices),
         "states": rollout.states,
         "token_weights": token_weights,
+        "background_weights": background_weights,
         "image_size": torch.tensor([cond.height, cond.width]),
     }
     return encode_tensors(tensors)
 
 
 def decode_train_payload(data: bytes, device: torch.device | str = "cpu") -> dict:
-    """Inverse of encode_train_payload: {"cond", "sigmas", "state_indices", "states", "token_weights"}."""
+    """Inverse of encode_train_payload: {"cond", "sigmas", "state_indices", "states", "token_weights",
+    "background_weights"}."""
     tensors = {k: v.to(device) for k, v in decode_tensors(data).items()}
     height, width = tensors["image_size"].tolist()
     cond = EditCondition(
@@ -77,6 +81,7 @@ def decode_train_payload(data: bytes, device: torch.device | str = "cpu") -> dic
         "state_indices": tensors["state_indices"].tolist(),
         "states": tensors["states"],
         "token_weights": tensors["token_weights"],
+        "background_weights": tensors["background_weights"],
     }
 
 

@@ -170,3 +170,17 @@ def test_rdp_shrinks_the_decoded_background_spread(tiny_editor):
     # measured 0.013 vs 0.056 (ratio ~0.24); the transformer's attention still leaks some edit into the background
     assert spread[True] < 0.5 * spread[False]
     assert spread[True] > 0  # not trivially frozen: the background does see the edit region through attention
+
+
+def test_token_background_is_the_share_of_pixels_outside_the_mask():
+    from rcgrpo.noise import token_background
+
+    mask = torch.zeros(64, 64)  # latent 16x16 -> 8x8 tokens of 8x8 pixels
+    mask[0:8, 0:4] = 1  # half of token 0
+    mask[8:16, 8:16] = 1  # all of token 9
+    background = token_background(mask, (16, 16))
+    assert background.shape == (64,)
+    assert background[0].item() == 0.5 and background[9].item() == 0.0
+    assert background.sum().item() == 64 - 1.5
+    with pytest.raises(ValueError, match="token grid"):
+        token_background(torch.zeros(60, 64), (16, 16))

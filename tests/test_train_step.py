@@ -190,7 +190,7 @@ def test_background_anchor_pulls_the_background_back_to_the_base_editor(tiny_edi
         from rcgrpo.surrogate import one_step_prediction
 
         x_theta = one_step_prediction(editor, x_j, sigma, sigma_next, rows)
-        return background_anchor_loss(editor, x_j, x_theta, sigma, sigma_next, rows, group.token_weights)
+        return background_anchor_loss(editor, x_j, x_theta, sigma, sigma_next, rows, group.anchor_weights())
 
     assert anchor().item() == 0.0  # lora_B starts at zero: theta is the base editor
     generator = torch.Generator().manual_seed(0)
