@@ -154,17 +154,22 @@ def test_background_gets_no_direct_push(tiny_editor_dir):
     )
 
 
+def _train_thirty_steps(editor_dir, cfg):
+    """30 RC-GRPO steps against the toy reward; fresh-seed edits before and after."""
+    editor, cond, mask_latent = _setup(editor_dir, cfg)
+    before = _fresh_edits(editor, cond, cfg)
+    optimizer = make_optimizer(editor.transformer, cfg)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        group = _scored_group(editor, cond, mask_latent, cfg, generator)
+        stats = rc_grpo_step(editor, optimizer, [group], cfg, generator)
+        assert stats.num_groups == 1 and abs(stats.ratio_mean - 1) < 0.2
+    return before, _fresh_edits(editor, cond, cfg)
+
+
 def test_thirty_steps_raise_the_in_mask_reward_on_fresh_seeds(tiny_editor_dir):
     def train(cfg):
-        editor, cond, mask_latent = _setup(tiny_editor_dir, cfg)
-        before = _fresh_edits(editor, cond, cfg)
-        optimizer = make_optimizer(editor.transformer, cfg)
-        generator = torch.Generator().manual_seed(0)
-        for _ in range(30):
-            group = _scored_group(editor, cond, mask_latent, cfg, generator)
-            stats = rc_grpo_step(editor, optimizer, [group], cfg, generator)
-            assert stats.num_groups == 1 and abs(stats.ratio_mean - 1) < 0.2
-        after = _fresh_edits(editor, cond, cfg)
+        before, after = _train_thirty_steps(tiny_editor_dir, cfg)
         return _brightness_in_mask(after) - _brightness_in_mask(before)
 
     small = dict(group_size=8, num_steps=4, anchors=2, timesteps_per_anchor=2, learning_rate=1e-2)
@@ -214,14 +219,7 @@ def test_thirty_steps_on_the_pretrained_editor_keep_the_background_unlike_global
     from rcgrpo.tiny_editor import SHIPPED_EDITOR_DIR
 
     def train(cfg):
-        editor, cond, mask_latent = _setup(SHIPPED_EDITOR_DIR, cfg)
-        before = _fresh_edits(editor, cond, cfg)
-        optimizer = make_optimizer(editor.transformer, cfg)
-        generator = torch.Generator().manual_seed(0)
-        for _ in range(30):
-            group = _scored_group(editor, cond, mask_latent, cfg, generator)
-            rc_grpo_step(editor, optimizer, [group], cfg, generator)
-        after = _fresh_edits(editor, cond, cfg)
+        before, after = _train_thirty_steps(SHIPPED_EDITOR_DIR, cfg)
         background = (1 - MASK).bool()
         return (
             _brightness_in_mask(after) - _brightness_in_mask(before),
