@@ -50,7 +50,7 @@ class RewardConfig(_Section):
     token_env: str = "RCGRPO_REWARD_TOKEN"  # environment variable holding the bearer token
     # r_i = sum_j w_j r_ext,j + lambda_ACD R_ACD; the ACD weight comes from method.acd_weight
     rewards: dict[str, float] = Field(
-        default_factory=lambda: {"region_adherence": 1.0, "background_psnr": 0.02, "background_ssim": 1.0}
+        default_factory=lambda: {"region_adherence": 1.0, "background_psnr": 0.25, "background_ssim": 1.0}
     )
 
 
