@@ -38,12 +38,17 @@ class TaskFeeder:
 
     def __init__(self, bus: RunBus, num_samples: int, seed: int, cursor: int = 0):
         self.bus, self.num_samples, self.seed, self.cursor = bus, num_samples, seed, cursor
+        self._epoch, self._order = None, None
 
     def task(self, i: int) -> Task:
         epoch, position = divmod(i, self.num_samples)
-        order = torch.randperm(
-            self.num_samples, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        )
+        if self._epoch != epoch:  # one permutation per epoch, drawn when the epoch starts
+            seed = self.seed * 100_003 + epoch
+            self._epoch, self._order = (
+                epoch,
+                torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(seed)),
+            )
+        order = self._order
         return Task(
             task_id=f"task-{i:07d}", sample_index=int(order[position]), noise_seed=self.seed * 1_000_003 + i
         )

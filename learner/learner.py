@@ -106,12 +106,7 @@ class Learner:
     # -- one update ----------------------------------------------------------------------------
     def _read_scored(self, count: int) -> list[StreamEntry]:
         if self._backlog is None:  # first read: this consumer's entries delivered before a crash
-            reply = self.bus.client.xreadgroup(
-                self.bus.scored.group, self.consumer, {self.bus.scored.name: "0"}
-            )
-            self._backlog = [
-                StreamEntry(entry_id.decode(), fields) for entry_id, fields in (reply[0][1] if reply else [])
-            ]
+            self._backlog = self.bus.scored.read(self.consumer, count=None, own_pending=True)
         if self._backlog:
             taken, self._backlog = self._backlog[:count], self._backlog[count:]
             return taken

@@ -122,9 +122,17 @@ class WorkStream:
         entry_id = self.client.xadd(self.name, dict(fields), maxlen=self.maxlen, approximate=True)
         return _str(entry_id)
 
-    def read(self, consumer: str, count: int = 1, block_ms: int | None = None) -> list[StreamEntry]:
-        """New entries for `consumer` (they stay pending until acked). block_ms=None: don't block."""
-        response = self.client.xreadgroup(self.group, consumer, {self.name: ">"}, count=count, block=block_ms)
+    def read(
+        self, consumer: str, count: int | None = 1, block_ms: int | None = None, own_pending: bool = False
+    ) -> list[StreamEntry]:
+        """New entries for `consumer` (they stay pending until acked). block_ms=None: don't block.
+
+        own_pending: instead, the entries already delivered to `consumer` and not acked (what a
+        restarted consumer of the same name left behind)."""
+        start = "0" if own_pending else ">"
+        response = self.client.xreadgroup(
+            self.group, consumer, {self.name: start}, count=count, block=block_ms
+        )
         # RESP2 reply: [[stream, entries]] for the one stream read.
         return _entries(response[0][1]) if response else []
 

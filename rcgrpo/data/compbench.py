@@ -47,6 +47,11 @@ def _captions(caption: str) -> list[str]:
     return [c.strip() for c in caption.split("|")] if caption else []
 
 
+def _meta(task: str, image_path: str, caption: str) -> dict:
+    """What every CompBench sample records about where it came from (plus its loader's file names)."""
+    return {"dataset": "compbench", "task": task, "image_path": image_path, "captions": _captions(caption)}
+
+
 @dataclass
 class _DiskRecord:
     id: str
@@ -157,10 +162,7 @@ class CompBenchDataset:
             r.caption,
             kind=r.task,
             meta={
-                "dataset": "compbench",
-                "task": r.task,
-                "image_path": r.image_path,
-                "captions": _captions(r.caption),
+                **_meta(r.task, r.image_path, r.caption),
                 "source_path": str(r.source),
                 "target_path": str(r.target),
                 "mask_path": str(r.mask),
@@ -300,10 +302,7 @@ class CompBenchParquet:
             r.caption,
             kind=r.task,
             meta={
-                "dataset": "compbench",
-                "task": r.task,
-                "image_path": r.image_path,
-                "captions": _captions(r.caption),
+                **_meta(r.task, r.image_path, r.caption),
                 "parquet": str(self.files[r.file]),
             },
             names=names,
