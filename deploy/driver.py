@@ -203,7 +203,9 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
                     metrics_file.write(json.dumps(stats) + "\n")
                     metrics_file.flush()
                     info = (
-                        f"reward {stats['reward_mean']:.3f}±{stats['reward_std']:.3f}  ACD {stats['acd_mean']:.3f}  "
+                        f"reward {stats['reward_mean']:.3f}±{stats['reward_std']:.3f}  "
+                        f"instr {stats['instruction_reward_mean']:.3f} ({stats['instruction_share']:.0%} of A)  "
+                        f"clip {stats['clip_fraction']:.1%}  |r-1| {stats['ratio_deviation_p90']:.3f}  "
                         f"stale {stats['staleness_mean']:.2f}  {stats['images_per_s']:.1f} img/s"
                     )
                     progress.update(bar, completed=step, info=info)

@@ -15,6 +15,23 @@ from rcgrpo.evaluate import evaluate, load_samples
 from services.config import RunConfig
 
 HEADLINE = ("region_adherence", "background_psnr", "background_ssim")
+# what the run's summary.json keeps of eval.json (which also holds per-task means and per-sample rows)
+SUMMARY = ("base", "trained", "change", "change_standard_error")
+
+
+def paired_change(base_rows: list[dict], trained_rows: list[dict], metric: str) -> tuple[float, float]:
+    """Mean per-sample change trained - base of a metric and its standard error (paired: the same
+    samples and initial noise), over the samples where both are finite; NaN when fewer than two."""
+    diffs = [
+        t[metric] - b[metric]
+        for b, t in zip(base_rows, trained_rows, strict=True)
+        if math.isfinite(b[metric]) and math.isfinite(t[metric])
+    ]
+    if len(diffs) < 2:
+        return math.nan, math.nan
+    mean = sum(diffs) / len(diffs)
+    variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return mean, math.sqrt(variance / len(diffs))
 
 
 def evaluate_base_vs_trained(cfg: RunConfig, lora_dir, console) -> dict:
@@ -24,8 +41,7 @@ def evaluate_base_vs_trained(cfg: RunConfig, lora_dir, console) -> dict:
         cfg.data.source, split=cfg.eval.split, limit=cfg.eval.num_samples, seed=cfg.data.seed
     )
     editor = load_editor(cfg.editor, dtype=cfg.dtype)
-    results = {}
-    edits = {}
+    results, rows, edits = {}, {}, {}
     for name in ("base", "trained"):
         if name == "trained":
             editor.pipe.load_lora_weights(lora_dir)
@@ -39,24 +55,30 @@ def evaluate_base_vs_trained(cfg: RunConfig, lora_dir, console) -> dict:
             keep_edits=True,
             progress=True,
         )
-        results[name] = result.overall
-        edits[name] = result.edits
+        results[name], rows[name], edits[name] = result.overall, result.rows, result.edits
+        results.setdefault("tasks", {})[name] = result.tasks
     table = Table(title=f"held-out evaluation ({len(samples)} {cfg.data.source} {cfg.eval.split} samples)")
     table.add_column("metric")
-    for name in ("base", "trained", "change"):
+    for name in ("base", "trained", "change ± s.e."):
         table.add_column(name, justify="right")
     metrics = [m for m in HEADLINE if m in results["base"]] + [
         m for m in results["base"] if m not in HEADLINE
     ]
     for metric in metrics:
         base, trained = results["base"][metric], results["trained"][metric]
-        change = trained - base if math.isfinite(base) and math.isfinite(trained) else math.nan
-        table.add_row(metric, f"{base:.4f}", f"{trained:.4f}", f"{change:+.4f}")
+        change, error = paired_change(rows["base"], rows["trained"], metric)
+        results.setdefault("change", {})[metric] = change
+        results.setdefault("change_standard_error", {})[metric] = error
+        table.add_row(metric, f"{base:.4f}", f"{trained:.4f}", f"{change:+.4f} ± {error:.4f}")
     console.print(table)
+    # per-sample rows too, so runs of several seeds can be compared paired per sample
+    results["samples"] = {
+        name: [{m: row[m] for m in ("id", "task", *metrics)} for row in rows[name]] for name in rows
+    }
     (cfg.run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
     shown = min(cfg.eval.grid_samples, len(samples))
     if shown:
         save_before_after(
             samples[:shown], edits["base"][:shown], edits["trained"][:shown], cfg.run_dir / "before_after.png"
         )
-    return results
+    return {name: results[name] for name in SUMMARY}

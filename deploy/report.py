@@ -10,48 +10,81 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+# One panel per entry: (title, [(label, metrics.jsonl key), ...]). A key "a.b" reads row["a"]["b"];
+# "term_spread.*" draws one line per reward term. Read top to bottom they answer: is the reward rising,
+# does it spread within groups and is that spread the instruction's, does the policy move.
 CURVES = (
-    ("reward_mean", "reward mean"),
-    ("reward_std", "within-group reward std"),
-    ("acd_mean", "ACD"),
-    ("loss", "loss"),
+    ("reward", [("total", "reward_mean"), ("instruction term", "instruction_reward_mean")]),
+    ("within-group reward std", [("total", "reward_std")]),
+    ("within-group spread of each weighted reward term", [("", "term_spread.*")]),
+    (
+        "instruction term and advantages",
+        [
+            ("share of advantage variance", "instruction_share"),
+            ("groups it dominates", "instruction_dominant"),
+        ],
+    ),
+    ("ACD", [("mean", "acd_mean"), ("corr with instruction", "acd_instruction_corr")]),
+    ("clip fraction", [("", "clip_fraction")]),
+    ("|r - 1|", [("median", "ratio_deviation_p50"), ("90th percentile", "ratio_deviation_p90")]),
+    ("pi_old over the candidates", [("effective neighbours exp(H)", "effective_neighbours")]),
+    ("grad norm (before clipping)", [("", "grad_norm")]),
+    ("loss", [("total", "loss"), ("background anchor", "background_anchor_loss")]),
 )
-
-
+COLOURS = ((20, 70, 180), (200, 80, 20), (30, 150, 60), (150, 40, 160), (120, 120, 120), (0, 150, 160))
 SMOOTHING = 10  # steps in the moving average drawn over each curve
+PANEL_W, PANEL_H, COLUMNS = 600, 210, 2
 
 
 def _moving_average(values: list[float], window: int) -> list[float]:
-    finite = [v if math.isfinite(v) else 0.0 for v in values]
-    return [
-        sum(finite[max(0, i - window + 1) : i + 1]) / len(finite[max(0, i - window + 1) : i + 1])
-        for i in range(len(values))
-    ]
+    out = []
+    for i in range(len(values)):
+        finite = [v for v in values[max(0, i - window + 1) : i + 1] if math.isfinite(v)]
+        out.append(sum(finite) / len(finite) if finite else math.nan)
+    return out
 
 
-def _panel(
-    draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, values: list[float]
-) -> None:
+def _value(row: dict, key: str) -> float:
+    node = row
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    try:
+        return float(node)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _series(rows: list[dict], label: str, key: str) -> list[tuple[str, list[float]]]:
+    if key.endswith(".*"):
+        parent = key[:-2]
+        names = sorted({name for row in rows for name in (row.get(parent) or {})})
+        return [(name, [_value(row, f"{parent}.{name}") for row in rows]) for name in names]
+    return [(label, [_value(row, key) for row in rows])]
+
+
+def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, series) -> None:
     left, top, right, bottom = box
     draw.rectangle(box, outline=(180, 180, 180))
-    finite = [v for v in values if math.isfinite(v)]
+    finite = [v for _, values in series for v in values if math.isfinite(v)]
     low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
     if high - low < 1e-12:
         low, high = low - 0.5, high + 0.5
-    draw.text(
-        (left + 6, top + 4),
-        f"{title}  [{low:.3g}, {high:.3g}]  (thick: {SMOOTHING}-step mean)",
-        fill=(0, 0, 0),
-    )
-    inner = (left + 8, top + 22, right - 8, bottom - 8)
+    draw.text((left + 6, top + 4), f"{title}  [{low:.3g}, {high:.3g}]", fill=(0, 0, 0))
+    legend_x = left + 6
+    for n, (label, _) in enumerate(series):
+        if label:
+            colour = COLOURS[n % len(COLOURS)]
+            draw.text((legend_x, top + 18), label, fill=colour)
+            legend_x += 7 * len(label) + 14
+    inner = (left + 8, top + 34, right - 8, bottom - 8)
 
-    def line(series, colour, width):
+    def line(values, colour, width):
         points = [
             (
-                inner[0] + (inner[2] - inner[0]) * i / max(len(series) - 1, 1),
+                inner[0] + (inner[2] - inner[0]) * i / max(len(values) - 1, 1),
                 inner[3] - (inner[3] - inner[1]) * (v - low) / (high - low),
             )
-            for i, v in enumerate(series)
+            for i, v in enumerate(values)
             if math.isfinite(v)
         ]
         if len(points) > 1:
@@ -61,23 +94,24 @@ def _panel(
                 [points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2], fill=colour
             )
 
-    line(values, (170, 195, 235), 1)  # every step
-    line(_moving_average(values, SMOOTHING), (20, 70, 180), 3)  # the trend
+    for n, (_, values) in enumerate(series):
+        colour = COLOURS[n % len(COLOURS)]
+        faint = tuple(c + (255 - c) * 2 // 3 for c in colour)
+        line(values, faint, 1)  # every step
+        line(_moving_average(values, SMOOTHING), colour, 3)  # the trend
 
 
 def save_curves(metrics_path: Path, out_path: Path) -> Path:
-    """One panel per curve of the metrics JSONL, against the learner step."""
+    """The learning signal of a run against the learner step, one panel per CURVES entry (thin: every
+    step; thick: a SMOOTHING-step moving average)."""
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    width, height = 900, 200 * len(CURVES)
-    image = Image.new("RGB", (width, height), "white")
+    panel_rows = math.ceil(len(CURVES) / COLUMNS)
+    image = Image.new("RGB", (COLUMNS * PANEL_W, panel_rows * PANEL_H), "white")
     draw = ImageDraw.Draw(image)
-    for n, (key, title) in enumerate(CURVES):
-        _panel(
-            draw,
-            (4, n * 200 + 4, width - 4, (n + 1) * 200 - 4),
-            title,
-            [float(r.get(key, float("nan"))) for r in rows],
-        )
+    for n, (title, keys) in enumerate(CURVES):
+        row, col = divmod(n, COLUMNS)
+        box = (col * PANEL_W + 4, row * PANEL_H + 4, (col + 1) * PANEL_W - 4, (row + 1) * PANEL_H - 4)
+        _panel(draw, box, title, [s for label, key in keys for s in _series(rows, label, key)])
     image.save(out_path)
     return out_path
 

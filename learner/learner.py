@@ -9,13 +9,15 @@ resumed learner re-reads what was pending and skips groups its checkpoint alread
 from __future__ import annotations
 
 import logging
+import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from learner.checkpoint import LearnerState, latest_checkpoint, load_checkpoint, save_checkpoint
-from rcgrpo.advantages import group_advantages, zero_variance_groups
+from rcgrpo.advantages import group_advantages, reward_term_diagnostics, zero_variance_groups
 from rcgrpo.lora import load_lora_state_dict, lora_state_dict, save_lora
 from rcgrpo.train_step import TrainGroup, make_optimizer, rc_grpo_step
 from services import metrics
@@ -42,6 +44,8 @@ class Learner:
         self.cfg = cfg
         self.consumer = consumer
         self.bus = RunBus(cfg, redis_url)
+        if cfg.learner.gradient_checkpointing:
+            self.editor.transformer.enable_gradient_checkpointing()
         self.optimizer = make_optimizer(self.editor.transformer, cfg.method)
         self.generator = torch.Generator().manual_seed(cfg.learner.seed)
         self.checkpoint_dir = cfg.run_dir / "checkpoints"
@@ -165,23 +169,38 @@ class Learner:
             for i, (_, payload, _) in enumerate(batch)
             if not flat[i]
         ]
-        stats = rc_grpo_step(self.editor, self.optimizer, groups, method, self.generator) if groups else None
+        stats = rc_grpo_step(
+            self.editor, self.optimizer, groups, method, self.generator, cfg.micro_batch_rows
+        )
         self.state.step += 1
         updated = time.perf_counter()
         if self.state.step % cfg.publish_every == 0:
             self.publish_weights()
         self._unfreed += [(scored.group_id, scored.policy_version) for scored, _, _ in batch]
-        acd = [s.scores[i].get("acd", float("nan")) for s, _, _ in batch for i in range(len(s.totals))]
+        terms = {
+            name: torch.tensor([[c[name] for c in s.scores] for s, _, _ in batch])
+            for name in batch[0][0].weights
+        }
+        instruction = sum(terms[name] for name in self.cfg.reward.instruction_terms)  # unweighted
+        signal = reward_term_diagnostics(
+            terms,
+            batch[0][0].weights,
+            self.cfg.reward.instruction_terms,
+            method.adv_p,
+            method.adv_clip,
+            method.zero_std_eps,
+        )
         result = {
             "step": self.state.step,
             "weight_version": self.state.weight_version,
-            "loss": stats.loss if stats else 0.0,
-            "clip_fraction": stats.clip_fraction if stats else 0.0,
-            "ratio_mean": stats.ratio_mean if stats else 1.0,
-            "grad_norm": stats.grad_norm if stats else 0.0,
+            **{name: value for name, value in asdict(stats).items() if name != "distance_scale"},
+            # JSON keys are strings: the grid index j of each measured distance scale
+            "distance_scale": {str(j): c for j, c in stats.distance_scale.items()},
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std(dim=1, unbiased=False).mean().item(),
-            "acd_mean": float(torch.tensor(acd).nanmean()),
+            "instruction_reward_mean": instruction.mean().item(),
+            "acd_mean": terms["acd"].mean().item() if "acd" in terms else math.nan,
+            **signal,
             "zero_variance_ratio": flat.float().mean().item(),
             "staleness_mean": sum(s for _, _, s in batch) / len(batch),
             "wait_seconds": started - waited,  # the learner idle, waiting for scored groups
@@ -191,16 +210,7 @@ class Learner:
         }
         self.bus.observe()
         self.bus.set_learner_stats(result)  # what a driver follows when the learner is external
-        metrics.LEARNER_STEP.set(result["step"])
-        metrics.LEARNER_STEP_SECONDS.observe(result["update_seconds"])
-        metrics.LEARNER_LOSS.set(result["loss"])
-        metrics.LEARNER_REWARD_MEAN.set(result["reward_mean"])
-        metrics.LEARNER_REWARD_STD.set(result["reward_std"])
-        metrics.LEARNER_ACD.set(result["acd_mean"])
-        metrics.LEARNER_CLIP_FRACTION.set(result["clip_fraction"])
-        metrics.LEARNER_ZERO_VARIANCE_RATIO.set(result["zero_variance_ratio"])
-        metrics.LEARNER_GROUPS.labels("trained").inc(len(groups))
-        metrics.LEARNER_GROUPS.labels("zero_variance").inc(int(flat.sum()))
+        _export(result, len(groups), int(flat.sum()))
         return result
 
     def run_standalone(self) -> None:
@@ -213,3 +223,30 @@ class Learner:
                 self.checkpoint(self.bus.task_cursor())
             log.info("step %(step)d reward %(reward_mean).4f loss %(loss).4f v%(weight_version)d", stats)
         self.save_final_lora(self.cfg.run_dir / "lora")
+
+
+def _export(result: dict, trained: int, zero_variance: int) -> None:
+    """The step's numbers as Prometheus metrics."""
+    metrics.LEARNER_STEP.set(result["step"])
+    metrics.LEARNER_STEP_SECONDS.observe(result["update_seconds"])
+    metrics.LEARNER_LOSS.set(result["loss"])
+    metrics.LEARNER_REWARD_MEAN.set(result["reward_mean"])
+    metrics.LEARNER_REWARD_STD.set(result["reward_std"])
+    metrics.LEARNER_ACD.set(result["acd_mean"])
+    metrics.LEARNER_CLIP_FRACTION.set(result["clip_fraction"])
+    for quantile in ("p50", "p90", "max"):
+        metrics.LEARNER_RATIO_DEVIATION.labels(quantile).set(result[f"ratio_deviation_{quantile}"])
+    metrics.LEARNER_APPROX_KL.set(result["approx_kl"])
+    metrics.LEARNER_POLICY_ENTROPY.set(result["policy_entropy"])
+    metrics.LEARNER_EFFECTIVE_NEIGHBOURS.set(result["effective_neighbours"])
+    metrics.LEARNER_GRAD_NORM.set(result["grad_norm"])
+    metrics.LEARNER_BACKGROUND_ANCHOR.set(result["background_anchor_loss"])
+    for timestep, scale in result["distance_scale"].items():
+        metrics.LEARNER_DISTANCE_SCALE.labels(timestep).set(scale)
+    for reward, spread in result["term_spread"].items():
+        metrics.LEARNER_REWARD_TERM_SPREAD.labels(reward).set(spread)
+    metrics.LEARNER_INSTRUCTION_SHARE.set(result["instruction_share"])
+    metrics.LEARNER_INSTRUCTION_DOMINANT.set(result["instruction_dominant"])
+    metrics.LEARNER_ZERO_VARIANCE_RATIO.set(result["zero_variance_ratio"])
+    metrics.LEARNER_GROUPS.labels("trained").inc(trained)
+    metrics.LEARNER_GROUPS.labels("zero_variance").inc(zero_variance)

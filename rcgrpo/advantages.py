@@ -43,3 +43,64 @@ def group_advantages(
     advantages = math.sqrt(group_size) * centred / norm
     advantages = advantages.masked_fill(flat.unsqueeze(-1), 0.0)
     return advantages.clamp(-clip, clip)
+
+
+def _row_corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of each row pair of (n, G) tensors; NaN where either row is constant."""
+    a, b = a - a.mean(dim=-1, keepdim=True), b - b.mean(dim=-1, keepdim=True)
+    denom = a.norm(dim=-1) * b.norm(dim=-1)
+    return torch.where(denom > 0, (a * b).sum(dim=-1) / denom.clamp_min(1e-30), torch.nan)
+
+
+def _variance_share(total: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """Cov(total, part) / Var(total) per row of (n, G) tensors; NaN where the total is constant."""
+    centred = total - total.mean(dim=-1, keepdim=True)
+    variance = centred.pow(2).sum(dim=-1)
+    covariance = (centred * (part - part.mean(dim=-1, keepdim=True))).sum(dim=-1)
+    return torch.where(variance > 0, covariance / variance.clamp_min(1e-30), torch.nan)
+
+
+def reward_term_diagnostics(
+    scores: dict[str, torch.Tensor],
+    weights: dict[str, float],
+    instruction_terms: list[str],
+    p: float = 0.8,
+    clip: float = 5.0,
+    eps: float = 1e-6,
+) -> dict:
+    """Where a batch's advantages come from: the instruction term, or background and ACD noise.
+
+    scores: reward name -> (groups, G) raw sub-scores; weights: name -> w_j of r_i = sum_j w_j r_ij.
+    Returns, averaged over groups (NaN-skipping):
+      term_spread[name]            w_j * std_i(r_ij), what each term adds to the within-group spread;
+      instruction_dominant         share of groups whose instruction spread is the largest term's;
+      advantage_instruction_corr   corr_i(A_i of r, A_i of the instruction terms alone);
+      instruction_share            Cov_i(r, r_instruction) / Var_i(r): the instruction term's part of the
+                                   total's variance (the terms' parts sum to 1; negative when the other
+                                   terms pull the advantages against the instruction);
+      acd_instruction_corr         corr_i(R_ACD, instruction reward), when ACD is scored.
+    """
+    missing = [name for name in instruction_terms if name not in scores]
+    if missing:
+        raise ValueError(f"instruction terms {missing} are not among the scored rewards {sorted(scores)}")
+    weighted = {name: weights[name] * value.float() for name, value in scores.items()}
+    total = sum(weighted.values())
+    instruction = sum(weighted[name] for name in instruction_terms)
+    spread = {name: value.std(dim=-1, unbiased=False) for name, value in weighted.items()}
+    others = [spread[name] for name in spread if name not in instruction_terms]
+    instruction_spread = instruction.std(dim=-1, unbiased=False)
+    dominant = (
+        instruction_spread >= torch.stack(others).amax(dim=0)
+        if others
+        else torch.ones_like(instruction_spread)
+    ).float()
+    corr = _row_corr(group_advantages(total, p, clip, eps), group_advantages(instruction, p, clip, eps))
+    result = {
+        "term_spread": {name: value.mean().item() for name, value in spread.items()},
+        "instruction_dominant": dominant.mean().item(),
+        "advantage_instruction_corr": corr.nanmean().item(),
+        "instruction_share": _variance_share(total, instruction).nanmean().item(),
+    }
+    if "acd" in scores:
+        result["acd_instruction_corr"] = _row_corr(scores["acd"].float(), instruction).nanmean().item()
+    return result

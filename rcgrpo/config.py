@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+DISTANCE_SCALES = ("none", "neighbours")
+
 
 @dataclass
 class MethodConfig:
@@ -25,7 +27,14 @@ class MethodConfig:
     # -- surrogate (sections 2 and 5) --
     anchors: int = 4  # B anchors sampled out of G
     timesteps_per_anchor: int = 4  # K training timesteps per anchor
-    tau: float = 1.0  # softmax temperature on the per-element mean distance
+    tau: float = 1.0  # softmax temperature on the per-element mean distance (divided by c, see below)
+    # c(k, j) that d_i is divided by before tau: "none" (c = 1, METHOD's plain form) or "neighbours" (the
+    # mean distance of the other candidates to the anchor at that step), so tau is relative to the
+    # group's own spread and pi_old is neither one-hot nor uniform at any timestep
+    distance_scale: str = "none"
+    # optimiser steps per batch of groups, each on fresh anchors and steps, all against the same pi_old
+    # (the rollout's policy): PPO's epochs. With 1 the ratio only leaves 1 through staleness.
+    update_epochs: int = 1
     clip_eps: float = 0.2  # PPO clip epsilon
     log_ratio_clamp: float = 10.0
     mask_aware: bool = True  # False: d_i is the plain mean over all tokens
@@ -71,6 +80,10 @@ class MethodConfig:
                 problems.append(f"{name} must be in [0, 1] (got {getattr(self, name)})")
         if self.background_anchor < 0:
             problems.append(f"background_anchor must be >= 0 (got {self.background_anchor})")
+        if self.distance_scale not in DISTANCE_SCALES:
+            problems.append(f"distance_scale must be one of {DISTANCE_SCALES} (got {self.distance_scale!r})")
+        if self.update_epochs < 1:
+            problems.append(f"update_epochs must be >= 1 (got {self.update_epochs})")
         if self.tau <= 0:
             problems.append(f"tau must be > 0 (got {self.tau})")
         if not 0 < self.adv_p:

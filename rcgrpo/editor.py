@@ -61,6 +61,30 @@ class EditCondition:
             width=self.width,
         )
 
+    @staticmethod
+    def cat(conds: list[EditCondition]) -> EditCondition:
+        """One batch from several conditions of the same image size and text length (rows of a
+        training micro-batch that mixes groups)."""
+        first = conds[0]
+        for other in conds[1:]:
+            same_size = (other.height, other.width) == (first.height, first.width)
+            if not same_size or other.text_ids.shape != first.text_ids.shape:
+                raise ValueError(
+                    f"conditions of {other.height}x{other.width} with {other.text_ids.shape[0]} text tokens and "
+                    f"{first.height}x{first.width} with {first.text_ids.shape[0]} cannot share a batch"
+                )
+        return EditCondition(
+            prompt_embeds=torch.cat([c.prompt_embeds for c in conds]),
+            pooled_prompt_embeds=torch.cat([c.pooled_prompt_embeds for c in conds]),
+            text_ids=first.text_ids,
+            text_mask=torch.cat([c.text_mask for c in conds]),
+            context_latents=torch.cat([c.context_latents for c in conds]),
+            image_ids=first.image_ids,
+            guidance=None if first.guidance is None else torch.cat([c.guidance for c in conds]),
+            height=first.height,
+            width=first.width,
+        )
+
 
 class Editor:
     """A FluxKontextPipeline and the operations on it that rollouts and training share."""

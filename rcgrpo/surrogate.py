@@ -36,20 +36,20 @@ def masked_distance(
 ) -> torch.Tensor:
     """d_i = sum_u w(u) ||x^(i)(u) - x_theta(u)||^2 / sum_u w(u), per-element mean over the token dim D.
 
-    candidates (..., G, N, D), prediction (..., N, D), token_weights (N,) or None (plain mean over
-    tokens) -> (..., G). Only tokens with w(u) > 0 can influence d, so the background (w = 0) cannot
-    move the policy.
+    candidates (..., G, N, D), prediction (..., N, D), token_weights (N,) or (..., N) (one mask per
+    leading index, e.g. per row of a batch mixing groups) or None (plain mean over tokens) -> (..., G).
+    Only tokens with w(u) > 0 can influence d, so the background (w = 0) cannot move the policy.
     """
     per_token = (candidates.float() - prediction.float().unsqueeze(-3)).pow(2).mean(dim=-1)  # (..., G, N)
     if token_weights is None:
         return per_token.mean(dim=-1)
     weights = token_weights.to(per_token.device, torch.float32)
-    if weights.shape != per_token.shape[-1:]:
+    if weights.shape[-1] != per_token.shape[-1]:
         raise ValueError(f"token weights {tuple(weights.shape)} do not match {per_token.shape[-1]} tokens")
-    total = weights.sum()
-    if not total > 0:
+    total = weights.sum(dim=-1, keepdim=True)  # (..., 1)
+    if not (total > 0).all():
         raise ValueError("token weights sum to zero: the editing mask is empty at token resolution")
-    return (per_token * weights).sum(dim=-1) / total
+    return (per_token * weights.unsqueeze(-2)).sum(dim=-1) / total
 
 
 def policy_log_probs(
@@ -57,9 +57,33 @@ def policy_log_probs(
     prediction: torch.Tensor,
     token_weights: torch.Tensor | None,
     tau: float,
+    distance_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """log pi(i|k,j) = log_softmax_i(-d(x^(i)_{j+1}, prediction) / tau): (M, G, N, D), (M, N, D) -> (M, G)."""
-    return torch.log_softmax(-masked_distance(candidates_next, prediction, token_weights) / tau, dim=-1)
+    """log pi(i|k,j) = log_softmax_i(-d(x^(i)_{j+1}, prediction) / (c tau)): (M, G, N, D), (M, N, D) -> (M, G).
+
+    c (M,) is the distance scale of each (anchor, step) row (`neighbour_distance_scale`); None: c = 1.
+    """
+    d = masked_distance(candidates_next, prediction, token_weights)
+    if distance_scale is not None:
+        d = d / distance_scale.unsqueeze(-1)
+    return torch.log_softmax(-d / tau, dim=-1)
+
+
+def neighbour_distance_scale(
+    candidates_next: torch.Tensor, anchors: torch.Tensor, token_weights: torch.Tensor | None
+) -> torch.Tensor:
+    """c(k, j): the mean distance from the anchor's stored x^(k)_{j+1} to the other candidates' x^(i)_{j+1}.
+
+    candidates_next (M, G, N, D), anchors (M,) -> (M,). How far apart the group's candidates lie changes
+    along the ODE and between edits (METHOD section 5), while an update moves x_theta by dt times a
+    change of velocity; dividing d by c makes tau a temperature relative to the group's own spread, so
+    pi_old has a similar entropy at every timestep. Computed from stored states only (theta_old), so
+    it is a constant of the update.
+    """
+    rows = torch.arange(len(anchors), device=candidates_next.device)
+    d = masked_distance(candidates_next, candidates_next[rows, anchors], token_weights)  # (M, G), d_kk = 0
+    others = d.sum(dim=-1) / (d.shape[-1] - 1)
+    return others.clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def clipped_surrogate_loss(
@@ -69,14 +93,15 @@ def clipped_surrogate_loss(
     clip_eps: float,
     log_ratio_clamp: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO clipped objective L = -mean_{k,j,i} min(A_i r, A_i clip(r, 1 - eps, 1 + eps)).
+    """PPO's clipped objective per (anchor, step) row: -mean_i min(A_i r, A_i clip(r, 1 - eps, 1 + eps)).
 
-    All inputs (M, G) over M (anchor, step) pairs and G candidates. Returns (loss, ratio).
-    Note that r is per candidate i: the ratio of the softmax probabilities
-    pi_theta(i|k,j) / pi_old(i|k,j) over the group's candidates, not of a trajectory likelihood.
+    All inputs (M, G) over M (anchor, step) rows and G candidates. Returns (loss (M,), ratio (M, G));
+    L = loss.mean() is -mean_{k,j,i} min(...). Note that r is per candidate i: the ratio of the
+    softmax probabilities pi_theta(i|k,j) / pi_old(i|k,j) over the group's candidates, not of a
+    trajectory likelihood.
     """
     # r = exp(clamp(log pi_theta - log pi_old, +-clamp)): the clamp keeps exp finite early in training
     ratio = torch.exp((log_probs - old_log_probs).clamp(-log_ratio_clamp, log_ratio_clamp))
     unclipped = advantages * ratio
     clipped = advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    return -torch.min(unclipped, clipped).mean(), ratio
+    return -torch.min(unclipped, clipped).mean(dim=-1), ratio

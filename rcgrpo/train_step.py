@@ -1,17 +1,26 @@
-"""One RC-GRPO policy update (METHOD sections 2 and 5), cleanrl style: sample anchors and steps,
-compute the mask-aware surrogate's clipped loss, backward, clip the gradient, one optimiser step.
+"""One RC-GRPO policy update (METHOD sections 2 and 5), cleanrl style: for each of `update_epochs`
+passes over a batch of scored groups, sample anchors and steps, compute the mask-aware surrogate's
+clipped loss (plus the background anchor), backward in micro-batches of rows, clip the gradient,
+take one optimiser step. The step also measures the learning signal (pi_old's entropy, |r - 1|,
+clip fraction, the candidates' distance scale per timestep) so a run shows whether the policy moves.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 
 from rcgrpo.config import MethodConfig
 from rcgrpo.editor import EditCondition, Editor
 from rcgrpo.lora import lora_parameters
-from rcgrpo.surrogate import clipped_surrogate_loss, one_step_prediction, policy_log_probs
+from rcgrpo.surrogate import (
+    clipped_surrogate_loss,
+    neighbour_distance_scale,
+    one_step_prediction,
+    policy_log_probs,
+)
 
 
 @dataclass
@@ -60,13 +69,27 @@ class TrainGroup:
 
 @dataclass
 class StepStats:
-    loss: float
-    clip_fraction: float  # fraction of (k, j, i) with |r - 1| > eps
-    ratio_mean: float
-    ratio_min: float
-    ratio_max: float
-    grad_norm: float  # before clipping
+    """What one update did and how strong its learning signal was. Without a group that carries
+    signal (`num_groups == 0`) nothing is updated and every measurement is NaN."""
+
     num_groups: int  # groups that contributed (groups with all-zero advantages are skipped)
+    num_updates: int = 0  # optimiser steps taken (update_epochs, or 0)
+    loss: float = math.nan  # surrogate + beta_bg * anchor, mean over the updates
+    surrogate_loss: float = math.nan
+    background_anchor_loss: float = math.nan  # mean_bg ||v_theta - v_ref||^2 (without beta_bg)
+    clip_fraction: float = math.nan  # share of (update, k, j, i) with |r - 1| > eps
+    ratio_mean: float = math.nan
+    ratio_min: float = math.nan
+    ratio_max: float = math.nan
+    ratio_deviation_p50: float = math.nan  # quantiles of |r - 1| over (update, k, j, i)
+    ratio_deviation_p90: float = math.nan
+    ratio_deviation_max: float = math.nan
+    approx_kl: float = math.nan  # mean of (r - 1) - log r, an estimate of KL(pi_old || pi_theta)
+    policy_entropy: float = math.nan  # mean over (k, j) of H(pi_old(. | k, j)), nats
+    effective_neighbours: float = math.nan  # mean of exp(H): how many candidates pi_old spreads over
+    grad_norm: float = math.nan  # before clipping, mean over the updates
+    # grid index j -> mean over the sampled (k, j) of the candidates' mean distance to the anchor
+    distance_scale: dict[int, float] = field(default_factory=dict)
 
 
 def make_optimizer(transformer, cfg: MethodConfig) -> torch.optim.AdamW:
@@ -105,12 +128,13 @@ def background_anchor_loss(
     cond,
     background_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """mean_{(k,j)} sum_u b(u) ||v_theta(u) - v_ref(u)||^2 / sum_u b(u), per-element mean over D, with b(u)
-    the background share of token u (TrainGroup.background_weights).
+    """Per row: sum_u b(u) ||v_theta(u) - v_ref(u)||^2 / sum_u b(u), per-element mean over D, with b(u)
+    the background share of token u (TrainGroup.background_weights): (M,).
 
-    v_ref is the base editor's velocity (adapters disabled); v_theta is recovered from x_theta, so the
-    anchor costs one extra no-grad forward pass. Velocities, not states, so the term does not vanish
-    as dt shrinks.
+    background_weights is (N,) or one row per (anchor, step) row, (M, N). v_ref is the base editor's
+    velocity (adapters disabled); v_theta is recovered from x_theta, so the anchor costs one extra
+    no-grad forward pass. Velocities, not states, so the term does not vanish as dt shrinks. A row
+    without background (the mask covers the image) contributes 0.
     """
     dt = (sigma_next - sigma)[:, None, None]
     with torch.no_grad():
@@ -120,10 +144,27 @@ def background_anchor_loss(
         finally:
             editor.transformer.enable_adapters()
     per_token = ((x_theta.float() - x_ref.float()) / dt).pow(2).mean(dim=-1)  # (M, N)
-    background = background_weights.float()
-    if not background.sum() > 0:
-        return per_token.new_zeros(())
-    return ((per_token * background).sum(dim=-1) / background.sum()).mean()
+    background = background_weights.float().expand_as(per_token)
+    total = background.sum(dim=-1)
+    return (per_token * background).sum(dim=-1) / total.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+@dataclass
+class _Rows:
+    """The (group g, anchor k, step j) rows of one update, flattened across groups."""
+
+    group: torch.Tensor  # (M,) index into the batch of groups
+    anchor: torch.Tensor  # (M,) k
+    step: torch.Tensor  # (M,) j
+
+
+def _sample_rows(groups: list[TrainGroup], cfg: MethodConfig, generator: torch.Generator) -> _Rows:
+    parts = []
+    for g, group in enumerate(groups):
+        anchors, steps = sample_anchor_steps(group, cfg, generator)
+        k = anchors.repeat_interleave(steps.shape[1])  # B x K rows: (B * K,)
+        parts.append((torch.full_like(k, g), k, steps.reshape(-1)))
+    return _Rows(*(torch.cat(p) for p in zip(*parts, strict=True)))
 
 
 def rc_grpo_step(
@@ -132,69 +173,108 @@ def rc_grpo_step(
     groups: list[TrainGroup],
     cfg: MethodConfig,
     generator: torch.Generator,
+    micro_batch_rows: int | None = None,
 ) -> StepStats:
-    """One policy update on a batch of scored groups; the loss is the mean of the groups' losses."""
-    if not groups:
-        raise ValueError("rc_grpo_step needs at least one group")
-    device = editor.device
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    """`cfg.update_epochs` policy updates on one batch of scored groups.
+
+    Every update samples B anchors x K steps per group afresh; the loss is the mean over all rows of
+    all groups (every group has B * K rows, so it is also the mean of the groups' losses). Rows go
+    through the transformer `micro_batch_rows` at a time (None: all at once) with gradients
+    accumulated, so peak memory is bounded by the micro-batch, not by B * K * groups; the result
+    equals the unbatched update up to float rounding.
+    """
+    if micro_batch_rows is not None and micro_batch_rows < 1:
+        raise ValueError(f"micro_batch_rows must be >= 1 (got {micro_batch_rows})")
     # groups whose rewards were all equal have A = 0: no signal, skip their forward pass
     groups = [g for g in groups if g.advantages.abs().max() > 0]
     if not groups:
-        return StepStats(0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0)
+        return StepStats(num_groups=0)
+    device = editor.device
+    params = [p for param_group in optimizer.param_groups for p in param_group["params"]]
+    position = [{index: s for s, index in enumerate(g.state_indices)} for g in groups]
 
-    optimizer.zero_grad(set_to_none=True)
-    total_loss, ratios = 0.0, []
-    for group in groups:
-        anchors, steps = sample_anchor_steps(group, cfg, generator)
-        # flatten the B x K (anchor k, step j) pairs into M = B * K rows
-        k = anchors.repeat_interleave(steps.shape[1])  # (M,)
-        j = steps.reshape(-1)  # (M,)
-        position = {index: s for s, index in enumerate(group.state_indices)}
-        now = torch.tensor([position[int(i)] for i in j])
-        nxt = torch.tensor([position[int(i) + 1] for i in j])
-        states = group.states.to(device)
-        x_j = states[now, k]  # x^(k)_j: (M, N, D)
-        candidates_next = states[nxt]  # x^(i)_{j+1} for all i: (M, G, N, D)
-        sigmas = group.sigmas.to(device)
-        weights = group.token_weights.to(device) if cfg.mask_aware else None  # w(u)
-
-        with torch.no_grad():
-            # pi_old: theta_old's one-step prediction is the anchor's stored x^(k)_{j+1}
-            old_log_probs = policy_log_probs(
-                candidates_next, candidates_next[torch.arange(len(k)), k], weights, cfg.tau
+    losses, surrogates, anchor_terms, grad_norms, ratios, log_ratios, entropies = [], [], [], [], [], [], []
+    scale_by_step: dict[int, list[float]] = {}
+    for _ in range(cfg.update_epochs):
+        rows = _sample_rows(groups, cfg, generator)
+        num_rows = len(rows.anchor)
+        chunk = micro_batch_rows or num_rows
+        optimizer.zero_grad(set_to_none=True)
+        update_loss = update_surrogate = update_anchor = 0.0
+        for start in range(0, num_rows, chunk):
+            g_rows = rows.group[start : start + chunk].tolist()
+            k = rows.anchor[start : start + chunk].to(device)
+            j = rows.step[start : start + chunk]
+            now = [position[g][int(i)] for g, i in zip(g_rows, j, strict=True)]
+            nxt = [position[g][int(i) + 1] for g, i in zip(g_rows, j, strict=True)]
+            x_j = torch.stack([groups[g].states[s, int(a)] for g, s, a in zip(g_rows, now, k, strict=True)])
+            x_j = x_j.to(device)  # x^(k)_j: (R, N, D)
+            candidates_next = torch.stack([groups[g].states[s] for g, s in zip(g_rows, nxt, strict=True)])
+            candidates_next = candidates_next.to(device)  # x^(i)_{j+1} for all i: (R, G, N, D)
+            sigma = torch.stack([groups[g].sigmas[int(i)] for g, i in zip(g_rows, j, strict=True)]).to(device)
+            sigma_next = torch.stack([groups[g].sigmas[int(i) + 1] for g, i in zip(g_rows, j, strict=True)])
+            sigma_next = sigma_next.to(device)
+            cond = EditCondition.cat([groups[g].cond for g in g_rows])
+            # w(u) per row; None: Neighbor GRPO's plain distance over all tokens
+            weights = (
+                torch.stack([groups[g].token_weights for g in g_rows]).to(device) if cfg.mask_aware else None
             )
-        # x_theta = x^(k)_j + (sigma_{j+1} - sigma_j) v_theta(x^(k)_j, sigma_j, c): the only term with gradient
-        x_theta = one_step_prediction(editor, x_j, sigmas[j], sigmas[j + 1], group.cond.repeat(len(k)))
-        log_probs = policy_log_probs(candidates_next, x_theta, weights, cfg.tau)  # log pi_theta(i|k,j)
-        advantages = group.advantages.to(device, torch.float32).expand_as(log_probs)  # A_i for every (k, j)
-        loss, ratio = clipped_surrogate_loss(
-            log_probs, old_log_probs, advantages, cfg.clip_eps, cfg.log_ratio_clamp
-        )
-        if cfg.background_anchor > 0:
-            loss = loss + cfg.background_anchor * background_anchor_loss(
-                editor,
-                x_j,
-                x_theta,
-                sigmas[j],
-                sigmas[j + 1],
-                group.cond.repeat(len(k)),
-                group.anchor_weights().to(device),
-            )
-        # accumulate per group so only one group's activations are alive at a time
-        (loss / len(groups)).backward()
-        total_loss += loss.item() / len(groups)
-        ratios.append(ratio.detach().flatten())
+            advantages = torch.stack([groups[g].advantages for g in g_rows]).to(device, torch.float32)
 
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-    optimizer.step()
-    ratio = torch.cat(ratios)
+            with torch.no_grad():
+                # c(k, j): the candidates' own distance scale at this step, always measured; the
+                # distances are divided by it only with distance_scale="neighbours"
+                measured = neighbour_distance_scale(candidates_next, k, weights)
+                for i, c in zip(j.tolist(), measured.tolist(), strict=True):
+                    scale_by_step.setdefault(i, []).append(c)
+                scale = measured if cfg.distance_scale == "neighbours" else None
+                # pi_old: theta_old's one-step prediction is the anchor's stored x^(k)_{j+1}
+                stored_next = candidates_next[torch.arange(len(k), device=device), k]
+                old_log_probs = policy_log_probs(candidates_next, stored_next, weights, cfg.tau, scale)
+                entropies.append(-(old_log_probs.exp() * old_log_probs).sum(dim=-1).cpu())
+            # x_theta = x^(k)_j + (sigma_{j+1} - sigma_j) v_theta(x^(k)_j, sigma_j, c): the only term with gradient
+            x_theta = one_step_prediction(editor, x_j, sigma, sigma_next, cond)
+            log_probs = policy_log_probs(candidates_next, x_theta, weights, cfg.tau, scale)  # log pi_theta
+            surrogate, ratio = clipped_surrogate_loss(
+                log_probs, old_log_probs, advantages, cfg.clip_eps, cfg.log_ratio_clamp
+            )
+            loss = surrogate
+            if cfg.background_anchor > 0:
+                # beta_bg * mean_bg ||v_theta - v_ref||^2, in the same micro-batch as the surrogate
+                background = torch.stack([groups[g].anchor_weights() for g in g_rows]).to(device)
+                anchor = background_anchor_loss(editor, x_j, x_theta, sigma, sigma_next, cond, background)
+                loss = loss + cfg.background_anchor * anchor
+                update_anchor += anchor.detach().sum().item() / num_rows
+            (loss.sum() / num_rows).backward()
+            update_loss += loss.detach().sum().item() / num_rows
+            update_surrogate += surrogate.detach().sum().item() / num_rows
+            ratios.append(ratio.detach().flatten().cpu())
+            log_ratios.append((log_probs - old_log_probs).detach().flatten().cpu())
+
+        grad_norms.append(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item())
+        optimizer.step()
+        losses.append(update_loss)
+        surrogates.append(update_surrogate)
+        anchor_terms.append(update_anchor if cfg.background_anchor > 0 else math.nan)
+
+    ratio, log_ratio, entropy = torch.cat(ratios), torch.cat(log_ratios), torch.cat(entropies)
+    deviation = (ratio - 1.0).abs()
     return StepStats(
-        loss=total_loss,
-        clip_fraction=((ratio - 1.0).abs() > cfg.clip_eps).float().mean().item(),
+        num_groups=len(groups),
+        num_updates=cfg.update_epochs,
+        loss=sum(losses) / len(losses),
+        surrogate_loss=sum(surrogates) / len(surrogates),
+        background_anchor_loss=sum(anchor_terms) / len(anchor_terms),
+        clip_fraction=(deviation > cfg.clip_eps).float().mean().item(),
         ratio_mean=ratio.mean().item(),
         ratio_min=ratio.min().item(),
         ratio_max=ratio.max().item(),
-        grad_norm=grad_norm.item(),
-        num_groups=len(groups),
+        ratio_deviation_p50=deviation.quantile(0.5).item(),
+        ratio_deviation_p90=deviation.quantile(0.9).item(),
+        ratio_deviation_max=deviation.max().item(),
+        approx_kl=((ratio - 1.0) - log_ratio.clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp)).mean().item(),
+        policy_entropy=entropy.mean().item(),
+        effective_neighbours=entropy.exp().mean().item(),
+        grad_norm=sum(grad_norms) / len(grad_norms),
+        distance_scale={i: sum(v) / len(v) for i, v in sorted(scale_by_step.items())},
     )

@@ -52,6 +52,9 @@ class RewardConfig(_Section):
     rewards: dict[str, float] = Field(
         default_factory=lambda: {"region_adherence": 1.0, "background_psnr": 0.25, "background_ssim": 1.0}
     )
+    # the rewards that measure following the instruction (the rest preserve or are intrinsic): what the
+    # learner's diagnostics compare the advantages with
+    instruction_terms: list[str] = Field(default_factory=lambda: ["region_adherence"], min_length=1)
 
 
 class LearnerConfig(_Section):
@@ -68,6 +71,10 @@ class LearnerConfig(_Section):
     torch_threads: int = Field(1, ge=1)
     metrics_port: int = Field(0, ge=0)  # the learner's Prometheus port (e.g. 9100); 0 = off
     seed: int = 0
+    # (anchor, step) rows per forward/backward of the update; None: all rows of the batch at once.
+    # Bounds the learner's activation memory (FLUX scale: a few rows per micro-batch).
+    micro_batch_rows: int | None = Field(None, ge=1)
+    gradient_checkpointing: bool = False  # recompute transformer blocks in backward: less memory, more time
 
 
 class EvalConfig(_Section):

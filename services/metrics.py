@@ -35,6 +35,37 @@ LEARNER_REWARD_MEAN = Gauge("rcgrpo_learner_reward_mean", "Mean total reward of 
 LEARNER_REWARD_STD = Gauge("rcgrpo_learner_reward_std", "Mean within-group reward std of the last batch")
 LEARNER_ACD = Gauge("rcgrpo_learner_acd_mean", "Mean ACD reward of the last batch")
 LEARNER_CLIP_FRACTION = Gauge("rcgrpo_learner_clip_fraction", "Fraction of clipped ratios in the last update")
+# -- the learning signal: is the policy moving, does the reward spread, is the advantage the instruction's
+LEARNER_RATIO_DEVIATION = Gauge(
+    "rcgrpo_learner_ratio_deviation", "Quantile of |r - 1| over the last update's ratios", ["quantile"]
+)
+LEARNER_APPROX_KL = Gauge("rcgrpo_learner_approx_kl", "Estimated KL(pi_old || pi_theta) of the last update")
+LEARNER_POLICY_ENTROPY = Gauge(
+    "rcgrpo_learner_policy_entropy", "Mean entropy of pi_old over the G candidates (nats)"
+)
+LEARNER_EFFECTIVE_NEIGHBOURS = Gauge(
+    "rcgrpo_learner_effective_neighbours", "Mean exp(entropy of pi_old): candidates pi_old spreads over"
+)
+LEARNER_GRAD_NORM = Gauge("rcgrpo_learner_grad_norm", "LoRA gradient norm before clipping, last update")
+LEARNER_DISTANCE_SCALE = Gauge(
+    "rcgrpo_learner_distance_scale",
+    "Mean distance between candidates and the anchor at a grid step, last update",
+    ["timestep"],
+)
+LEARNER_REWARD_TERM_SPREAD = Gauge(
+    "rcgrpo_learner_reward_term_spread", "Mean within-group std of w_j * r_j, last batch", ["reward"]
+)
+LEARNER_INSTRUCTION_SHARE = Gauge(
+    "rcgrpo_learner_instruction_share",
+    "Share of the advantages' variance explained by the instruction term, last batch",
+)
+LEARNER_INSTRUCTION_DOMINANT = Gauge(
+    "rcgrpo_learner_instruction_dominant",
+    "Share of the last batch's groups whose largest reward spread is the instruction term's",
+)
+LEARNER_BACKGROUND_ANCHOR = Gauge(
+    "rcgrpo_learner_background_anchor", "Background anchor term mean_bg ||v_theta - v_ref||^2, last update"
+)
 LEARNER_ZERO_VARIANCE_RATIO = Gauge(
     "rcgrpo_learner_zero_variance_ratio", "Share of groups dropped for zero reward std"
 )

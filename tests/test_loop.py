@@ -23,6 +23,7 @@ from PIL import Image
 from prometheus_client import REGISTRY
 from safetensors.torch import load_file
 
+from deploy.evaluation import SUMMARY
 from deploy.reward_process import reward_server_settings
 from learner.learner import Learner
 from rcgrpo.lora import lora_state_dict
@@ -178,13 +179,19 @@ def test_three_iteration_run_through_the_driver(tmp_path, redis_url, monkeypatch
     assert_same_tensors(get_peft_model_state_dict(pipe.transformer, adapter_name=adapter), final)
 
     with Image.open(run_dir / "reward_curves.png") as curves:
-        assert curves.format == "PNG" and curves.size == (900, 800)
+        assert curves.format == "PNG" and curves.size == (1200, 5 * 210)
     with Image.open(run_dir / "before_after.png") as grid:  # 2 rows of source | base | trained | target
         assert grid.format == "PNG" and grid.size == (4 * 128, 2 * (128 + 14))
     evaluation = json.loads((run_dir / "eval.json").read_text())
-    assert evaluation == summary["eval"] and set(evaluation) == {"base", "trained"}
+    assert set(evaluation) == {"base", "trained", "change", "change_standard_error", "tasks", "samples"}
+    assert summary["eval"] == {name: evaluation[name] for name in SUMMARY}
     for name in ("region_adherence", "background_psnr", "background_ssim"):
         assert math.isfinite(evaluation["base"][name]) and math.isfinite(evaluation["trained"][name])
+        # the change is the mean of per-sample changes, so it equals the change of the means
+        change = evaluation["trained"][name] - evaluation["base"][name]
+        assert evaluation["change"][name] == pytest.approx(change, abs=1e-9)
+        assert evaluation["change_standard_error"][name] >= 0
+    assert len(evaluation["samples"]["base"]) == len(evaluation["samples"]["trained"]) == cfg.eval.num_samples
 
     # the staleness bound held for every trained group. The learner trains scored groups in stream order;
     # it consumed exactly 3 steps x 2 groups (none dropped), so consumed entry j was trained at step

@@ -68,6 +68,43 @@ def test_zero_variance_groups_get_zero_advantages():
 
 
 # -- distance, policy and loss ------------------------------------------------------------------
+def test_reward_term_diagnostics_tell_instruction_signal_from_background_noise():
+    from rcgrpo.advantages import reward_term_diagnostics
+
+    weights = {"region_adherence": 1.0, "background_psnr": 0.1, "acd": 0.5}
+    # group 0: the instruction term spreads, PSNR is flat; group 1: PSNR spreads 10x more than it
+    scores = {
+        "region_adherence": torch.tensor([[0.1, 0.9, 0.5, 0.3], [0.50, 0.51, 0.50, 0.51]]),
+        "background_psnr": torch.tensor([[30.0, 30.0, 30.0, 30.0], [31.0, 28.0, 30.0, 29.0]]),
+        "acd": torch.tensor([[0.4, 0.6, 0.5, 0.45], [0.5, 0.5, 0.5, 0.5]]),
+    }
+    result = reward_term_diagnostics(scores, weights, ["region_adherence"])
+    spread = result["term_spread"]
+    assert spread["background_psnr"] == pytest.approx(
+        (0 + 0.1 * torch.tensor([31.0, 28, 30, 29]).std(unbiased=False).item()) / 2
+    )
+    assert spread["region_adherence"] > spread["acd"] > 0
+    assert result["instruction_dominant"] == 0.5  # group 0 only
+    # group 0's total follows the instruction term (and ACD, aligned with it here); group 1's PSNR, 10x
+    # larger, runs against the instruction term: its advantages anti-correlate with the instruction's
+    total = {name: weights[name] * value for name, value in scores.items()}
+    total = sum(total.values())
+    corr = [
+        torch.corrcoef(torch.stack([total[g], scores["region_adherence"][g]]))[0, 1].item() for g in (0, 1)
+    ]
+    assert corr[0] == pytest.approx(1.0, abs=1e-3) and corr[1] < -0.8
+    assert result["advantage_instruction_corr"] == pytest.approx(sum(corr) / 2, abs=1e-4)
+    t, r = total - total.mean(dim=1, keepdim=True), scores["region_adherence"]
+    share = (t * (r - r.mean(dim=1, keepdim=True))).sum(dim=1) / t.pow(2).sum(dim=1)
+    assert share[0] > 0.8 and share[1] < 0
+    assert result["instruction_share"] == pytest.approx(share.mean().item(), abs=1e-5)
+    assert result["acd_instruction_corr"] == pytest.approx(
+        1.0, abs=1e-4
+    )  # group 0; group 1's ACD is constant
+    with pytest.raises(ValueError, match="not among the scored rewards"):
+        reward_term_diagnostics(scores, weights, ["lc_t"])
+
+
 def test_masked_distance_by_hand_and_ignores_the_background():
     prediction = torch.zeros(3, 2)  # N = 3 tokens, D = 2
     candidates = torch.zeros(2, 3, 2)
@@ -103,7 +140,7 @@ def test_clipped_loss_by_hand():
     loss, ratio = clipped_surrogate_loss(new, old, advantages, clip_eps=0.2, log_ratio_clamp=10.0)
     assert torch.allclose(ratio, torch.tensor([[2.0, 0.8, 0.6]]))
     # min(A r, A clip(r)): 1 * min(2, 1.2) = 1.2; -1 * 0.8 = -0.8 (both equal); 0.5 * min(0.6, 0.8) = 0.3
-    assert loss.item() == pytest.approx(-(1.2 - 0.8 + 0.3) / 3)
+    assert loss.shape == (1,) and loss.item() == pytest.approx(-(1.2 - 0.8 + 0.3) / 3)
     _, ratio = clipped_surrogate_loss(new + 50, old, advantages, clip_eps=0.2, log_ratio_clamp=10.0)
     assert torch.allclose(ratio, torch.full_like(ratio, math.exp(10.0)))
 

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -5,7 +7,7 @@ from rcgrpo.advantages import group_advantages
 from rcgrpo.config import MethodConfig
 from rcgrpo.editor import load_editor
 from rcgrpo.lora import add_lora, lora_state_dict
-from rcgrpo.noise import group_noise, latent_mask, token_weights
+from rcgrpo.noise import group_noise, latent_mask, token_background, token_weights
 from rcgrpo.sampler import rollout
 from rcgrpo.train_step import TrainGroup, make_optimizer, rc_grpo_step, sample_anchor_steps
 
@@ -82,12 +84,11 @@ def test_groups_without_signal_are_skipped(tiny_editor_dir):
     cfg = MethodConfig()
     optimizer = make_optimizer(editor.transformer, cfg)
     before = lora_state_dict(editor.transformer)
-    stats = rc_grpo_step(editor, optimizer, [_fake_group(), _fake_group()], cfg, torch.Generator())
-    assert stats.num_groups == 0 and stats.loss == 0.0 and stats.grad_norm == 0.0
+    for groups in ([_fake_group(), _fake_group()], []):
+        stats = rc_grpo_step(editor, optimizer, groups, cfg, torch.Generator())
+        assert stats.num_groups == 0 and stats.num_updates == 0 and math.isnan(stats.loss)
     after = lora_state_dict(editor.transformer)
     assert all(torch.equal(before[n], after[n]) for n in before)
-    with pytest.raises(ValueError, match="at least one group"):
-        rc_grpo_step(editor, optimizer, [], cfg, torch.Generator())
     with pytest.raises(ValueError, match="call add_lora"):
         make_optimizer(load_editor(tiny_editor_dir).transformer, cfg)
 
@@ -195,7 +196,10 @@ def test_background_anchor_pulls_the_background_back_to_the_base_editor(tiny_edi
         from rcgrpo.surrogate import one_step_prediction
 
         x_theta = one_step_prediction(editor, x_j, sigma, sigma_next, rows)
-        return background_anchor_loss(editor, x_j, x_theta, sigma, sigma_next, rows, group.anchor_weights())
+        per_row = background_anchor_loss(
+            editor, x_j, x_theta, sigma, sigma_next, rows, group.anchor_weights()
+        )
+        return per_row.mean()
 
     assert anchor().item() == 0.0  # lora_B starts at zero: theta is the base editor
     generator = torch.Generator().manual_seed(0)
@@ -231,3 +235,97 @@ def test_thirty_steps_on_the_pretrained_editor_keep_the_background_unlike_global
     global_gain, global_background = train(MethodConfig(**small, rdp=False, mask_aware=False))
     assert (rc_gain > 0.1).all() and (global_gain > 0.1).all()
     assert rc_background.mean() < 0.25 * global_background.mean()
+
+
+def _two_scored_groups(editor, cfg):
+    """Two groups of different edits (sources, masks, instructions) with nonzero advantages."""
+    groups = []
+    for seed, (top, left) in enumerate(((8, 8), (24, 16))):
+        mask = torch.zeros(SIZE, SIZE)
+        mask[top : top + 24, left : left + 32] = 1
+        source = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+        cond = editor.encode_condition(
+            source, [f"make the square {'red blue'.split()[seed]}"], cfg.guidance_scale
+        )
+        mask_latent = latent_mask(mask, editor.latent_size(SIZE, SIZE))
+        noise = group_noise(
+            cfg,
+            mask_latent,
+            (editor.latent_channels, *mask_latent.shape),
+            torch.Generator().manual_seed(seed),
+        )
+        result = rollout(editor, cond, noise, cfg.num_steps, decode=False)
+        advantages = torch.linspace(-1.5, 1.5, cfg.group_size)[
+            torch.randperm(cfg.group_size, generator=torch.Generator().manual_seed(seed))
+        ]
+        groups.append(
+            TrainGroup(
+                cond,
+                result.sigmas,
+                result.state_indices,
+                result.states,
+                token_weights(mask_latent),
+                advantages,
+                token_background(mask, mask_latent.shape),
+            )
+        )
+    return groups
+
+
+def test_micro_batches_give_the_unbatched_gradient_and_update(tiny_editor_dir):
+    """Rows split into micro-batches (mixing both groups, anchor pass included) accumulate to the same
+    gradient and the same updated LoRA as all rows in one batch, up to float32 rounding."""
+    cfg = MethodConfig(group_size=4, num_steps=4, anchors=3, timesteps_per_anchor=3, background_anchor=1.0)
+    results = {}
+    for rows in (None, 5, 1):
+        torch.manual_seed(0)  # the same LoRA initialisation for every variant
+        editor = load_editor(tiny_editor_dir)
+        add_lora(editor.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        with torch.no_grad():
+            for name, p in editor.transformer.named_parameters():
+                if "lora_B" in name:  # a LoRA that already moved, so the anchor term has a gradient too
+                    p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+        groups = _two_scored_groups(editor, cfg)
+        params = [p for p in editor.transformer.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=0.1)
+        stats = rc_grpo_step(
+            editor, optimizer, groups, cfg, torch.Generator().manual_seed(7), micro_batch_rows=rows
+        )
+        assert stats.num_groups == 2 and stats.background_anchor_loss > 0
+        results[rows] = (
+            torch.cat([p.grad.flatten() for p in params]),
+            lora_state_dict(editor.transformer),
+            stats,
+        )
+    grad, lora, stats = results[None]
+    for rows in (5, 1):
+        other_grad, other_lora, other_stats = results[rows]
+        assert torch.allclose(other_grad, grad, rtol=1e-4, atol=1e-7)
+        assert all(torch.allclose(other_lora[n], lora[n], rtol=1e-5, atol=1e-7) for n in lora)
+        assert other_stats.loss == pytest.approx(stats.loss, abs=1e-8)
+
+
+def test_update_epochs_move_the_ratio_off_one(tiny_editor_dir):
+    """One update on fresh samples has r = 1 exactly (pi_theta is pi_old); later epochs on the same
+    batch see a moved policy, so |r - 1| grows and, with a large enough step, ratios get clipped."""
+    base = dict(group_size=4, num_steps=4, anchors=4, timesteps_per_anchor=3, learning_rate=2e-2, tau=0.5)
+    measured = {}
+    for epochs in (1, 4):
+        torch.manual_seed(0)
+        editor = load_editor(tiny_editor_dir)
+        cfg = MethodConfig(**base, update_epochs=epochs, distance_scale="neighbours")
+        add_lora(editor.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        stats = rc_grpo_step(
+            editor,
+            make_optimizer(editor.transformer, cfg),
+            _two_scored_groups(editor, cfg),
+            cfg,
+            torch.Generator().manual_seed(0),
+        )
+        assert stats.num_updates == epochs
+        measured[epochs] = stats
+    assert measured[1].ratio_deviation_max < 1e-4 and measured[1].clip_fraction == 0.0
+    assert measured[4].ratio_deviation_p90 > 0.05 and measured[4].clip_fraction > 0.0
+    # pi_old spreads over more than the anchor itself, and fewer than all G candidates
+    assert 1.0 < measured[4].effective_neighbours < 4.0
+    assert sorted(measured[4].distance_scale) == [0, 1, 2, 3] and min(measured[4].distance_scale.values()) > 0
