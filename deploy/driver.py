@@ -109,6 +109,17 @@ class ExternalLearner:
         )
 
 
+def check_local_cpus(cfg: RunConfig, cpus: float) -> None:
+    """Refuse a run whose rollout actors need more logical CPUs than the local Ray has."""
+    needed = cfg.rollout.num_workers * cfg.rollout.cpus_per_worker
+    if needed > cpus:
+        raise ValueError(
+            f"rollout.num_workers={cfg.rollout.num_workers} x rollout.cpus_per_worker="
+            f"{cfg.rollout.cpus_per_worker} needs {needed:g} CPUs, but the local Ray has {cpus:g}: "
+            "lower either (cpus_per_worker=0 reserves none)"
+        )
+
+
 def run(cfg: RunConfig, resume: bool = False) -> dict:
     import ray
     from rich.console import Console
@@ -151,6 +162,8 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
                 address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
             )
             stack.callback(ray.shutdown)
+            if address == "local":  # actors that cannot all be placed would wait for CPUs forever
+                check_local_cpus(cfg, ray.cluster_resources().get("CPU", 0))
         if cfg.learner.external:
             learner = ExternalLearner(bus)
         else:
@@ -158,7 +171,9 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
             learner = RayLearner(
                 learner_cls.remote(cfg, redis_url, resume, metrics_port=cfg.learner.metrics_port)
             )
-        worker_cls = ray.remote(num_cpus=0, num_gpus=cfg.rollout.gpus_per_worker)(RolloutWorker)
+        worker_cls = ray.remote(num_cpus=cfg.rollout.cpus_per_worker, num_gpus=cfg.rollout.gpus_per_worker)(
+            RolloutWorker
+        )
         ports = [
             cfg.rollout.metrics_port + i if cfg.rollout.metrics_port else 0
             for i in range(cfg.rollout.num_workers)

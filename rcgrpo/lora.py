@@ -96,16 +96,3 @@ def save_lora(editor, directory: str | Path) -> Path:
     )
     return directory
 
-
-def load_lora(transformer, directory: str | Path) -> None:
-    """Load a `save_lora` directory into a transformer that already has a matching adapter (resume)."""
-    from diffusers import FluxKontextPipeline
-    from diffusers.utils import convert_unet_state_dict_to_peft
-
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"LoRA directory {str(directory)!r} does not exist")
-    state = FluxKontextPipeline.lora_state_dict(directory)
-    prefix = FluxKontextPipeline.transformer_name + "."
-    state = {name[len(prefix) :]: t for name, t in state.items() if name.startswith(prefix)}
-    load_lora_state_dict(transformer, convert_unet_state_dict_to_peft(state))

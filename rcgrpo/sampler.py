@@ -25,10 +25,6 @@ class Rollout:
     final_latents: torch.Tensor  # (G, N, D) x_T
     images: torch.Tensor  # (G, 3, H, W) in [0, 1]
 
-    def state(self, j: int) -> torch.Tensor:
-        """x_j for all candidates: (G, N, D)."""
-        return self.states[self.state_indices.index(j)]
-
 
 def surrogate_state_indices(num_steps: int, timesteps: Sequence[int] | None) -> list[int]:
     """Grid indices to keep so the surrogate can use steps j -> j+1 for every j in `timesteps`.

@@ -18,8 +18,6 @@ from rcgrpo.tiny_editor import SHIPPED_EDITOR_DIR
 
 # What `rcgrpo train` runs without --config (a source checkout or an editable install has it).
 DEFAULT_RUN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_shapes.yaml"
-# Redis keys and streams of one run live under "rcgrpo:<run name>:".
-STREAM_NAMES = ("tasks", "rollouts", "scored")
 
 
 class _Section(BaseModel):
@@ -30,14 +28,13 @@ class DataConfig(_Section):
     source: str = "shapes"  # shapes | compbench:PATH | jsonl:PATH
     split: str = "train"
     num_samples: int = Field(512, ge=1)  # ShapesEdit samples generated for training
-    image_size: int = Field(64, ge=16)
     seed: int = 0
 
 
 class RolloutConfig(_Section):
     num_workers: int = Field(2, ge=1)
     gpus_per_worker: float = Field(0.0, ge=0)  # 0 on CPU; 1 per worker for FLUX scale
-    cpus_per_worker: float = Field(1.0, ge=0)
+    cpus_per_worker: float = Field(1.0, ge=0)  # Ray logical CPUs each rollout actor reserves
     torch_threads: int = Field(1, ge=1)
     keep_timesteps: list[int] | None = None  # grid indices j the surrogate may train on (None: all)
     reclaim_idle_ms: int = Field(30_000, ge=1)  # a task pending this long (its worker died) is taken over
@@ -47,7 +44,6 @@ class RolloutConfig(_Section):
 
 class RewardConfig(_Section):
     url: str | None = None  # None: the driver starts a reward server on a loopback port
-    token_env: str = "RCGRPO_REWARD_TOKEN"  # environment variable holding the bearer token
     # r_i = sum_j w_j r_ext,j + lambda_ACD R_ACD; the ACD weight comes from method.acd_weight
     rewards: dict[str, float] = Field(
         default_factory=lambda: {"region_adherence": 1.0, "background_psnr": 0.25, "background_ssim": 1.0}
@@ -104,7 +100,7 @@ class RunConfig(_Section):
         return self.runs_dir / self.name
 
     def key(self, suffix: str) -> str:
-        """A Redis key or stream name of this run."""
+        """A Redis key or stream name of this run: every one lives under "rcgrpo:<run name>:"."""
         return f"rcgrpo:{self.name}:{suffix}"
 
     def resolved_redis_url(self) -> str | None:

@@ -45,11 +45,6 @@ def done_key(namespace: str, group_id: str, policy_version: int) -> str:
     return f"{namespace}:done:{group_id}:v{policy_version}"
 
 
-def claim_once(client: redis.Redis, key: str, ttl_s: float = DEFAULT_DONE_TTL_S) -> bool:
-    """True for the first caller to claim `key` (within ttl_s), False for every later one."""
-    return bool(client.set(key, b"1", nx=True, px=int(ttl_s * 1000)))
-
-
 # KEYS: stream, done key, result stream. ARGV: group, entry id, done ttl ms, result maxlen (0: none),
 # then result fields as name, value pairs. Returns 1 if this call completed the entry, 0 if it was done.
 _COMPLETE_LUA = """

@@ -2,8 +2,7 @@
 
 Each version is a safetensors blob in a persistent blob store plus a Redis hash
 `{namespace}:version:{v}` = {version, sha256, size, blob_key, created_at}; `{namespace}:latest` points
-at the newest and `{namespace}:events` (a stream) announces each one. The last `keep_last` versions are
-kept; older records and blobs are deleted on publish.
+at the newest. The last `keep_last` versions are kept; older records and blobs are deleted on publish.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from services.blobstore import BlobRef, BlobStore
 from services.codec import decode_tensors, encode_tensors
 
 DEFAULT_KEEP_LAST = 4
-EVENTS_MAXLEN = 1000
 
 
 @dataclass(frozen=True)
@@ -64,7 +62,6 @@ class WeightStore:
         self.blobs = blobs
         self.namespace = namespace
         self.keep_last = keep_last
-        self.events = f"{namespace}:events"
         self._latest_key = f"{namespace}:latest"
         self._versions_key = f"{namespace}:versions"  # sorted set: member = score = version
 
@@ -89,7 +86,6 @@ class WeightStore:
             pipe.hset(self._record_key(version), mapping={k: str(v) for k, v in vars(record).items()})
             pipe.zadd(self._versions_key, {str(version): version})
             pipe.set(self._latest_key, version)
-            pipe.xadd(self.events, {"version": version}, maxlen=EVENTS_MAXLEN, approximate=True)
             pipe.execute()
         self._prune()
         return record
@@ -127,20 +123,3 @@ class WeightStore:
         if record is None:
             raise KeyError(f"weight version {version} is not stored (kept versions: {self.versions()})")
         return decode_tensors(self.blobs.get(record.blob_ref))
-
-    def wait_for_newer(self, version: int | None, timeout_s: float) -> WeightVersion | None:
-        """The latest version if newer than `version` (None: any), waiting up to timeout_s for one."""
-        deadline = time.monotonic() + timeout_s
-        # Read events after the newest one seen before checking `latest`, so none is missed in between.
-        newest = self.client.xrevrange(self.events, count=1)
-        last_event = newest[0][0] if newest else "0-0"
-        while True:
-            latest = self.latest()
-            if latest is not None and (version is None or latest.version > version):
-                return latest
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0:
-                return None
-            response = self.client.xread({self.events: last_event}, count=1, block=remaining_ms)
-            if response:
-                last_event = response[0][1][-1][0]
