@@ -95,4 +95,3 @@ def save_lora(editor, directory: str | Path) -> Path:
         transformer_lora_adapter_metadata=transformer.peft_config[ADAPTER_NAME].to_dict(),
     )
     return directory
-

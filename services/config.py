@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rcgrpo.config import MethodConfig
 from rcgrpo.tiny_editor import SHIPPED_EDITOR_DIR
+from services.schemas import ID_PATTERN
 
 # What `rcgrpo train` runs without --config (a source checkout or an editable install has it).
 DEFAULT_RUN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_shapes.yaml"
@@ -44,19 +45,32 @@ class RolloutConfig(_Section):
 
 class RewardConfig(_Section):
     url: str | None = None  # None: the driver starts a reward server on a loopback port
-    # r_i = sum_j w_j r_ext,j + lambda_ACD R_ACD; the ACD weight comes from method.acd_weight
+    # The run's external rewards and their weights w_j, sent with every group to whichever server scores
+    # it (r_i = sum_j w_j r_ext,j + lambda_ACD R_ACD; lambda_ACD is method.acd_weight). The defaults are
+    # the tiny run's: with RDP the group's backgrounds differ only where in-mask changes spill through
+    # the VAE decoder, and 0.25 per dB of background PSNR makes that spill count in the advantages
+    # (0.02 per dB let PSNR slip by 0.2-0.3 dB).
     rewards: dict[str, float] = Field(
         default_factory=lambda: {"region_adherence": 1.0, "background_psnr": 0.25, "background_ssim": 1.0}
     )
+
+    @field_validator("rewards")
+    @classmethod
+    def _no_acd(cls, rewards: dict[str, float]) -> dict[str, float]:
+        if "acd" in rewards:
+            raise ValueError(
+                "the ACD reward's weight is lambda_ACD: set method.acd_weight, not reward.rewards.acd"
+            )
+        return rewards
 
 
 class LearnerConfig(_Section):
     total_steps: int = Field(30, ge=1)
     groups_per_step: int = Field(2, ge=1)  # whole groups per optimiser step
-    publish_every: int = Field(1, ge=1)  # publish a weight version every N updates
+    publish_every: int = Field(1, ge=1)  # publish a policy version every N updates
     max_staleness: int = Field(1, ge=0)  # policy versions a group may lag the learner
     # drop: stale groups are discarded (counted); wait: tasks are only fed for the next update, so
-    # every group is sampled with the newest weights (synchronous); stale ones are dropped in both
+    # every group is sampled with the newest policy (synchronous); stale ones are dropped in both
     staleness_policy: Literal["drop", "wait"] = "drop"
     checkpoint_every: int = Field(10, ge=1)
     external: bool = False  # True: the learner runs as its own process (`rcgrpo learner`), not a Ray actor
@@ -74,7 +88,7 @@ class EvalConfig(_Section):
 
 
 class RunConfig(_Section):
-    name: str = "tiny-shapes"
+    name: str = Field("tiny-shapes", max_length=64, pattern=ID_PATTERN)  # in every Redis key of the run
     editor: Path = SHIPPED_EDITOR_DIR
     dtype: str | None = None  # default: bfloat16 on CUDA, float32 on CPU
     runs_dir: Path = Path("runs")
@@ -94,6 +108,11 @@ class RunConfig(_Section):
         if isinstance(value, dict):
             MethodConfig.check_fields(value)  # pydantic then validates and converts each field
         return value
+
+    @property
+    def rewards(self) -> dict[str, float]:
+        """Every reward of the run with its weight: reward.rewards, and R_ACD weighted by method.acd_weight."""
+        return {**self.reward.rewards, "acd": self.method.acd_weight}
 
     @property
     def run_dir(self) -> Path:

@@ -123,4 +123,3 @@ def test_saved_lora_loads_into_a_stock_kontext_pipeline(tiny_editor_dir, editor,
         output_type="pt",
     ).images
     assert (stock - ours).abs().max().item() <= 1e-5
-
