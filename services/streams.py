@@ -191,6 +191,3 @@ class WorkStream:
 
     def dead_letter_length(self) -> int:
         return self.client.xlen(self.dead_letter)
-
-    def read_dead_letters(self, count: int = 100) -> list[StreamEntry]:
-        return _entries(self.client.xrange(self.dead_letter, count=count))

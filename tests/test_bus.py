@@ -212,9 +212,9 @@ def test_dead_letter_after_max_deliveries(client):
     time.sleep(0.03)
     assert stream.reclaim("w4", min_idle_ms=20, max_deliveries=3) == []
     assert stream.pending_count() == 0 and stream.dead_letter_length() == 1
-    (dead,) = stream.read_dead_letters()
-    assert dead.fields[b"dead_letter_of"] == poison.encode()
-    assert dead.fields[b"deliveries"] == b"3" and dead.fields[b"job"] == b"poison"
+    ((_, dead),) = client.xrange(stream.dead_letter)
+    assert dead[b"dead_letter_of"] == poison.encode()
+    assert dead[b"deliveries"] == b"3" and dead[b"job"] == b"poison"
     assert stream.dead_letter_exhausted(max_deliveries=1) == []  # moved once only
 
 

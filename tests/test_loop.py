@@ -265,6 +265,24 @@ def test_an_external_reward_server_scores_the_runs_groups_with_the_runs_weights(
     assert not (tmp_path / "refused" / "metrics.jsonl").exists()  # refused before any step
 
 
+def test_the_ray_and_the_external_learner_offer_what_the_driver_asks():
+    import inspect
+
+    from deploy.driver import ExternalLearner, LearnerHandle, RayLearner
+
+    asked = {
+        name: list(inspect.signature(fn).parameters)
+        for name, fn in vars(LearnerHandle).items()
+        if inspect.isfunction(fn) and not name.startswith("_")
+    }
+    assert set(asked) == {"resume_point", "publish_lora", "step", "checkpoint", "save_final_lora"}
+    for learner in (RayLearner, ExternalLearner, Learner):
+        for name, parameters in asked.items():
+            offered = inspect.signature(getattr(learner, name)).parameters
+            assert list(offered)[: len(parameters)] == parameters, (learner.__name__, name)
+            assert all(p.default is not p.empty for p in list(offered.values())[len(parameters) :])
+
+
 def test_a_run_needing_more_cpus_than_the_local_ray_has_is_refused():
     from deploy.driver import check_local_cpus
 
