@@ -1,4 +1,4 @@
-"""One rollout group, sampled as the method does it (METHOD sections 2-4): the edit's condition, RDP
+"""One rollout group, sampled as the method does it (docs/METHOD.md sections 2-4): the edit's condition, RDP
 initial noise around a shared base noise, the deterministic Euler rollout with text-attention capture,
 and R_ACD per candidate. The rollout worker, `rcgrpo demo` and the benchmarks all sample through here.
 """

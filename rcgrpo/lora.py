@@ -1,4 +1,4 @@
-"""LoRA on the editor transformer's attention projections (METHOD section 5), through peft.
+"""LoRA on the editor transformer's attention projections (docs/METHOD.md section 5.4), through peft.
 
 Adapters are added with `transformer.add_adapter` and saved in the diffusers LoRA format, the way
 diffusers' Flux(-Kontext) LoRA training scripts do, so a stock `FluxKontextPipeline.load_lora_weights`

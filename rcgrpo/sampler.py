@@ -1,4 +1,4 @@
-"""Deterministic ODE rollouts of a group of candidates (METHOD section 2).
+"""Deterministic ODE rollouts of a group of candidates (docs/METHOD.md section 2).
 
 The flow ODE dx/dsigma = v_theta(x, sigma, c) is integrated with first-order Euler steps on the
 editor's Kontext sigma grid, exactly as `FluxKontextPipeline.__call__` does, so that for theta_old

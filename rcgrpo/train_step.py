@@ -1,4 +1,4 @@
-"""One RC-GRPO policy update (METHOD sections 2 and 5), cleanrl style: sample anchors and steps,
+"""One RC-GRPO policy update (docs/METHOD.md section 5), cleanrl style: sample anchors and steps,
 compute the mask-aware surrogate's clipped loss, backward, clip the gradient, one optimiser step.
 """
 

@@ -1,7 +1,7 @@
 """The scoring core that REST and stream mode share: wire items to checked tensors, the choice of
 rewards and weights, and scores through the micro-batcher.
 
-Per candidate the total is r_i = sum_j w_j r_j (METHOD section 5), the passed-through ACD being one
+Per candidate the total is r_i = sum_j w_j r_j (docs/METHOD.md section 5.1), the passed-through ACD being one
 of the r_j with w = lambda_ACD.
 """
 
