@@ -3,14 +3,15 @@
 Part 1, in this process, sequentially, on a private embedded Redis (median over --iterations after one
 warm-up iteration), with the run's own components on the config's (default: configs/tiny_shapes.yaml):
   - rollout: RolloutWorker.rollout_group for the iteration's groups_per_step tasks (model: encode,
-    ODE with attention capture, VAE decode, ACD; plus encoding its outputs as PNG/safetensors);
-  - rollout bus: the rest of RolloutWorker.process (payload put, publish + mark done + ack);
+    ODE with attention capture, VAE decode, ACD; plus encoding the record as PNG/safetensors and
+    storing its training tensors);
+  - rollout bus: the rest of RolloutWorker.process (LoRA check, publish + mark done + ack);
   - scoring: the real reward server app (uvicorn in a thread, serve_in_thread) in stream mode: the
     iteration's rollout groups are appended to the stream its consumer reads, timed until their scored
     groups are on the scored stream (Redis reads, blob fetch, decode, batched scoring, publish);
-  - learner collect / update / publish: Learner.step()'s own split (reading the scored groups and their
-    training payloads, rc_grpo_step, WeightStore.publish of the LoRA);
-  - worker load: RolloutWorker.sync_weights() of the new version (WeightStore.load + sha256 + load into
+  - learner collect / update / publish: Learner.step()'s own split (reading the scored groups;
+    fetching their training tensors and rc_grpo_step; LoraStore.publish of the LoRA);
+  - worker load: RolloutWorker.sync_lora() of the new version (LoraStore.load + sha256 + load into
     the LoRA).
 Torch threads: the workers and the learner set cfg.rollout/learner.torch_threads process-wide (1 in
 the default config); the in-thread reward server then runs with the same setting.
@@ -108,12 +109,12 @@ def components(config: Path, iterations: int, runs_dir: Path) -> tuple[list[dict
             RewardClient(url, token=token).wait_ready(timeout_s=120)
             feeder = TaskFeeder(bus, cfg.data.num_samples, cfg.data.seed)
             groups = cfg.learner.groups_per_step
-            learner.publish_weights()
+            learner.publish_lora()
             rows = []
             for i in range(iterations + 1):
                 row = {}
                 started = time.perf_counter()
-                worker.sync_weights()
+                worker.sync_lora()
                 row["worker load"] = time.perf_counter() - started
                 feeder.feed_until((i + 1) * groups)
                 rolled = len(worker.rollout_group.seconds)
@@ -145,7 +146,7 @@ def components(config: Path, iterations: int, runs_dir: Path) -> tuple[list[dict
                 )
             facts = {
                 "threads": torch.get_num_threads(),
-                "lora_bytes": bus.weights.latest().size,
+                "lora_bytes": bus.lora.latest().blob.size,
                 "groups_per_step": groups,
                 "images_per_step": groups * cfg.method.group_size,
             }

@@ -70,7 +70,7 @@ async def load(
     server.
     """
     host, port = url.removeprefix("http://").split(":")
-    body = json.dumps({"items": [{**item, "sample_index": i} for i in range(items_per_request)]}).encode()
+    body = json.dumps({"items": [{**item, "candidate_index": i} for i in range(items_per_request)]}).encode()
     request = (
         f"POST /v1/score HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {TOKEN}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"

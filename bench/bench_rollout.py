@@ -35,8 +35,9 @@ from rcgrpo.attention import (  # noqa: E402
     capture_text_attention,
 )
 from rcgrpo.config import MethodConfig  # noqa: E402
+from rcgrpo.data.sample import EditSample  # noqa: E402
 from rcgrpo.editor import load_editor  # noqa: E402
-from rcgrpo.noise import group_noise, latent_mask  # noqa: E402
+from rcgrpo.group import start_group  # noqa: E402
 from rcgrpo.sampler import rollout  # noqa: E402
 from rcgrpo.tiny_editor import build_tiny_editor  # noqa: E402
 
@@ -167,15 +168,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as directory:
         editor = load_editor(build_tiny_editor(os.path.join(directory, "tiny")))
-    source = torch.rand(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    source = torch.rand(3, args.size, args.size, generator=torch.Generator().manual_seed(0))
     mask = torch.zeros(args.size, args.size)
     mask[args.size // 4 : args.size * 3 // 4, args.size // 4 : args.size * 3 // 4] = 1
-    cond = editor.encode_condition(source, ["turn the blue circle red"], 2.5)
-    h, w = editor.latent_size(args.size, args.size)
+    sample = EditSample("bench", source, mask, "turn the blue circle red", caption="a red circle")
     cfg = MethodConfig(group_size=args.group_size, num_steps=args.steps)
-    z = group_noise(
-        cfg, latent_mask(mask, (h, w)), (editor.latent_channels, h, w), torch.Generator().manual_seed(0)
-    )
+    # the group's condition and RDP initial noise, as the rollout worker starts a group
+    start = start_group(editor, cfg, sample, noise_seed=0)
+    cond, z = start.cond, start.initial_latents
+    h, w = start.mask_latent.shape
 
     seconds = {name: [] for name in VARIANTS}
     for i in range(args.warmup + args.repeats):

@@ -32,12 +32,12 @@ def main():
 
     from rcgrpo.advantages import group_advantages
     from rcgrpo.config import MethodConfig
+    from rcgrpo.data.sample import EditSample
     from rcgrpo.editor import load_editor
+    from rcgrpo.group import sample_group
     from rcgrpo.lora import add_lora
-    from rcgrpo.noise import group_noise, latent_mask, token_weights
-    from rcgrpo.sampler import rollout
     from rcgrpo.tiny_editor import build_tiny_editor
-    from rcgrpo.train_step import TrainGroup, make_optimizer, rc_grpo_step
+    from rcgrpo.train_step import make_optimizer, rc_grpo_step
 
     cfg = MethodConfig(group_size=8, anchors=4, timesteps_per_anchor=4, num_steps=8)
     size = args.size
@@ -46,34 +46,25 @@ def main():
     add_lora(editor.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     optimizer = make_optimizer(editor.transformer, cfg)
     generator = torch.Generator().manual_seed(0)
-    source = torch.rand(1, 3, size, size, generator=generator)
+    source = torch.rand(3, size, size, generator=generator)
     mask = torch.zeros(size, size)
     mask[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
-    cond = editor.encode_condition(source.to(editor.device), ["make the square red"], cfg.guidance_scale)
-    mask_latent = latent_mask(mask, editor.latent_size(size, size))
-    noise = group_noise(cfg, mask_latent, (editor.latent_channels, *mask_latent.shape), generator)
-    result = rollout(editor, cond, noise, cfg.num_steps)
-    rewards = result.images.mean(dim=(1, 2, 3)).cpu()
-    group = TrainGroup(
-        cond,
-        result.sigmas,
-        result.state_indices,
-        result.states,
-        token_weights(mask_latent),
-        group_advantages(rewards),
-    )
+    sample = EditSample("bench", source, mask, "make the square red", caption="a red square")
+    group = sample_group(editor, cfg, sample, noise_seed=0)  # every grid state kept
+    rewards = group.rollout.images.mean(dim=(1, 2, 3)).cpu()
+    train_group = group.train_group(group_advantages(rewards))
 
     times = []
     for i in range(args.warmup + args.repeats):
         if editor.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        stats = rc_grpo_step(editor, optimizer, [group], cfg, generator)
+        stats = rc_grpo_step(editor, optimizer, [train_group], cfg, generator)
         if editor.device.type == "cuda":
             torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
-    tokens = result.states.shape[2]
+    tokens = group.rollout.states.shape[2]
     print(
         f"rc_grpo_step G={cfg.group_size} B={cfg.anchors} K={cfg.timesteps_per_anchor} {size}x{size} "
         f"({tokens} target + {tokens} context tokens) device={editor.device} threads={args.threads} "

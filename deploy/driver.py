@@ -4,11 +4,12 @@ The whole loop, one direction:
 
     tasks --(Ray rollout actors: RDP group noise, ODE rollout, ACD)--> rollouts stream
           --(reward server, stream mode, batched)-->                  scored stream
-          --(learner actor: advantages, RC-GRPO step)-->              weight versions --> rollout actors
+          --(learner actor: advantages, RC-GRPO step)-->              policy versions --> rollout actors
 
-The driver connects to (or starts) Redis and the reward server, starts the actors, feeds tasks ahead
-of the learner, checkpoints, stops cleanly at learner.total_steps or on Ctrl-C, and ends with a
-held-out evaluation of the base editor against the trained LoRA.
+The driver connects to (or starts) Redis and the reward server (checking that it serves the run's
+rewards), starts the actors, feeds tasks ahead of the learner, checkpoints, stops cleanly at
+learner.total_steps or on Ctrl-C, and ends with a held-out evaluation of the base editor against the
+trained LoRA.
 """
 
 from __future__ import annotations
@@ -21,15 +22,20 @@ import signal
 import sys
 import time
 from contextlib import ExitStack
+from pathlib import Path
+from typing import Protocol
 
 import torch
 
+from services.auth import TOKEN_ENV
 from services.bus import RunBus
 from services.config import DEFAULT_RUN_CONFIG, RunConfig, add_run_arguments, load_run_config
-from services.payloads import Task
+from services.record import Task
 from services.redis_server import EmbeddedRedis
+from services.reward_client import RewardClient, RewardServerError
 
 log = logging.getLogger("rcgrpo.driver")
+REWARD_SERVER_READY_S = 120.0  # how long an external reward server may take to answer /readyz
 
 
 class TaskFeeder:
@@ -50,7 +56,7 @@ class TaskFeeder:
             )
         order = self._order
         return Task(
-            task_id=f"task-{i:07d}", sample_index=int(order[position]), noise_seed=self.seed * 1_000_003 + i
+            group_id=f"task-{i:07d}", dataset_index=int(order[position]), noise_seed=self.seed * 1_000_003 + i
         )
 
     def feed_until(self, total: int) -> None:
@@ -60,16 +66,50 @@ class TaskFeeder:
         self.bus.set_task_cursor(self.cursor)
 
 
+class LearnerHandle(Protocol):
+    """What the driver asks of the learner, wherever it runs (learner.learner.Learner satisfies it too)."""
+
+    def resume_point(self) -> tuple[int, int]:
+        """(optimiser step, driver task cursor) the learner continues from."""
+
+    def publish_lora(self) -> int:
+        """Publish the learner's LoRA; the policy version every worker samples with from now on."""
+
+    def step(self) -> dict:
+        """One update; its statistics."""
+
+    def checkpoint(self, task_cursor: int) -> object:
+        """Checkpoint, recording how many tasks the driver has fed."""
+
+    def save_final_lora(self, directory: Path) -> Path:
+        """The trained LoRA in diffusers format, in `directory`."""
+
+
 class RayLearner:
     """The learner as a Ray actor, called synchronously."""
 
     def __init__(self, actor):
         self.actor = actor
 
-    def __getattr__(self, method):
+    def _call(self, method, *args):
         import ray
 
-        return lambda *args: ray.get(getattr(self.actor, method).remote(*args))
+        return ray.get(method.remote(*args))
+
+    def resume_point(self) -> tuple[int, int]:
+        return self._call(self.actor.resume_point)
+
+    def publish_lora(self) -> int:
+        return self._call(self.actor.publish_lora)
+
+    def step(self) -> dict:
+        return self._call(self.actor.step)
+
+    def checkpoint(self, task_cursor: int) -> object:
+        return self._call(self.actor.checkpoint, task_cursor)
+
+    def save_final_lora(self, directory: Path) -> Path:
+        return self._call(self.actor.save_final_lora, directory)
 
 
 class ExternalLearner:
@@ -88,8 +128,8 @@ class ExternalLearner:
         stats = self.bus.learner_stats()
         return (0 if stats is None else stats["step"]), self.bus.task_cursor()
 
-    def publish_weights(self) -> int:
-        return self._wait(self.bus.weights.latest).version
+    def publish_lora(self) -> int:
+        return self._wait(self.bus.lora.latest).policy_version
 
     def step(self) -> dict:
         done = self.resume_point()[0]
@@ -100,12 +140,38 @@ class ExternalLearner:
 
         return self._wait(newer_stats)
 
-    def checkpoint(self, cursor: int) -> None:
+    def checkpoint(self, task_cursor: int) -> None:
         """The external learner checkpoints on its own schedule."""
 
-    def save_final_lora(self, directory):
+    def save_final_lora(self, directory: Path) -> Path:
         return self._wait(
             lambda: directory if (directory / "pytorch_lora_weights.safetensors").exists() else None
+        )
+
+
+def check_local_cpus(cfg: RunConfig, cpus: float) -> None:
+    """Refuse a run whose rollout actors need more logical CPUs than the local Ray has."""
+    needed = cfg.rollout.num_workers * cfg.rollout.cpus_per_worker
+    if needed > cpus:
+        raise ValueError(
+            f"rollout.num_workers={cfg.rollout.num_workers} x rollout.cpus_per_worker="
+            f"{cfg.rollout.cpus_per_worker} needs {needed:g} CPUs, but the local Ray has {cpus:g}: "
+            "lower either (cpus_per_worker=0 reserves none)"
+        )
+
+
+def check_served_rewards(cfg: RunConfig, client: RewardClient) -> None:
+    """Refuse a run whose rewards the reward server does not serve (its groups could not be scored)."""
+    try:
+        served = [reward.name for reward in client.rewards().rewards]
+    except RewardServerError as error:
+        hint = f"; set {TOKEN_ENV} to its token" if error.status == 401 else ""
+        raise ValueError(f"cannot list the rewards of the reward server: {error}{hint}") from None
+    missing = [name for name in cfg.rewards if name not in served]
+    if missing:
+        raise ValueError(
+            f"the reward server at {client.http.base_url} does not serve {missing}, which the run scores with "
+            f"(reward.rewards and method.acd_weight: {cfg.rewards}); it serves {served}"
         )
 
 
@@ -138,11 +204,21 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         bus = RunBus(cfg, redis_url)
         bus.clear_stop()
 
-        # 2. the reward server, consuming the rollouts stream
-        if (cfg.reward.url or os.environ.get("RCGRPO_REWARD_URL")) is None:
+        # 2. the reward server, consuming the rollouts stream; every group carries the run's rewards and
+        # weights, so any server that serves those rewards scores it as the run asks
+        reward_url = cfg.reward.url or os.environ.get("RCGRPO_REWARD_URL")
+        if reward_url is None:
             reward_server = RewardServerProcess(cfg, redis_url, run_dir / "reward_server.log")
             stack.callback(reward_server.stop)
             reward_server.wait_ready()
+            reward_client = reward_server.client
+        else:
+            reward_client = stack.enter_context(RewardClient(reward_url, token=os.environ.get(TOKEN_ENV)))
+            try:
+                reward_client.wait_ready(timeout_s=REWARD_SERVER_READY_S)
+            except RewardServerError as error:
+                raise ValueError(f"reward.url / RCGRPO_REWARD_URL: {error}") from None
+        check_served_rewards(cfg, reward_client)
 
         # 3. Ray: rollout actors and the learner actor
         if not ray.is_initialized():
@@ -151,6 +227,9 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
                 address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
             )
             stack.callback(ray.shutdown)
+            if address == "local":  # actors that cannot all be placed would wait for CPUs forever
+                check_local_cpus(cfg, ray.cluster_resources().get("CPU", 0))
+        learner: LearnerHandle
         if cfg.learner.external:
             learner = ExternalLearner(bus)
         else:
@@ -158,7 +237,9 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
             learner = RayLearner(
                 learner_cls.remote(cfg, redis_url, resume, metrics_port=cfg.learner.metrics_port)
             )
-        worker_cls = ray.remote(num_cpus=0, num_gpus=cfg.rollout.gpus_per_worker)(RolloutWorker)
+        worker_cls = ray.remote(num_cpus=cfg.rollout.cpus_per_worker, num_gpus=cfg.rollout.gpus_per_worker)(
+            RolloutWorker
+        )
         ports = [
             cfg.rollout.metrics_port + i if cfg.rollout.metrics_port else 0
             for i in range(cfg.rollout.num_workers)
@@ -167,7 +248,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
             worker_cls.remote(cfg, redis_url, f"worker-{i}", ports[i]) for i in range(cfg.rollout.num_workers)
         ]
         start_step, cursor = learner.resume_point()
-        version = learner.publish_weights()  # every worker samples with this or newer
+        version = learner.publish_lora()  # every worker samples with this or newer
         console.print(
             f"[bold]rcgrpo[/] run {cfg.name!r}: {cfg.rollout.num_workers} workers, policy v{version}, step {start_step}"
         )

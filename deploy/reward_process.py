@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from services.auth import new_token
+from services.auth import TOKEN_ENV, new_token
 from services.bus import ROLLOUTS_GROUP
 from services.config import RunConfig
 from services.reward_client import RewardClient
@@ -24,12 +24,12 @@ def _free_port() -> int:
 
 
 def reward_server_settings(cfg: RunConfig, redis_url: str, port: int) -> dict:
-    """The reward server's settings for this run: its rewards (ACD weighted by lambda_ACD) and streams."""
+    """The reward server's settings for this run: it serves the run's rewards, on the run's streams."""
     return {
         "host": "127.0.0.1",
         "port": port,
         "torch_threads": cfg.rollout.torch_threads,
-        "rewards": {**cfg.reward.rewards, "acd": cfg.method.acd_weight},
+        "rewards": cfg.rewards,
         "stream": {
             "enabled": True,
             "redis_url": redis_url,
@@ -51,7 +51,7 @@ class RewardServerProcess:
         settings_path.write_text(
             yaml.safe_dump(reward_server_settings(cfg, redis_url, self.port), sort_keys=False)
         )
-        env = {**os.environ, "RCGRPO_REWARD_TOKEN": self.token, "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, TOKEN_ENV: self.token, "HF_HUB_OFFLINE": "1"}
         self._log = open(log_path, "ab")
         self.process = subprocess.Popen(
             [

@@ -1,4 +1,4 @@
-"""Learner checkpoints: LoRA, optimiser, step, RNG state, data cursor, weight version and the groups
+"""Learner checkpoints: LoRA, optimiser, step, RNG state, data cursor, policy version and the groups
 already trained on. Tensors as safetensors, the rest as JSON (no pickle); written to a temporary
 directory and renamed, so a crash mid-write leaves the previous checkpoint intact."""
 
@@ -18,9 +18,9 @@ CHECKPOINT_PREFIX = "step_"
 @dataclass
 class LearnerState:
     step: int  # optimiser steps taken
-    weight_version: int  # newest policy version this learner published
+    policy_version: int  # newest policy version this learner published
     task_cursor: int  # tasks the driver had issued when this checkpoint was taken
-    consumed: list[str] = field(default_factory=list)  # "group_id:policy_version" keys trained on or dropped
+    consumed: list[str] = field(default_factory=list)  # GroupKey ids of the groups trained on or dropped
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

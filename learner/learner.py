@@ -1,5 +1,5 @@
 """The learner: consumes scored groups, assembles batches of whole groups, computes group-normalised
-advantages, takes one RC-GRPO step, and publishes new weight versions. Runs as a Ray actor under the
+advantages, takes one RC-GRPO step, and publishes new policy versions. Runs as a Ray actor under the
 driver or standalone (`rcgrpo learner`).
 
 Scored entries are acknowledged only once a checkpoint holds their update; after a crash the
@@ -19,13 +19,13 @@ import torch
 from learner.checkpoint import LearnerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from rcgrpo.advantages import group_advantages, reward_term_diagnostics, zero_variance_groups
 from rcgrpo.lora import load_lora_state_dict, lora_state_dict, save_lora
-from rcgrpo.train_step import TrainGroup, make_optimizer, rc_grpo_step
+from rcgrpo.train_step import make_optimizer, rc_grpo_step
 from services import metrics
+from services.blobstore import BlobRef
 from services.bus import RunBus
 from services.config import RunConfig
-from services.payloads import decode_train_payload
 from services.policy import start_component
-from services.schemas import decode_scored_group
+from services.record import RolloutGroup, decode_rollout_group, load_train_group
 from services.streams import StreamEntry
 
 log = logging.getLogger("rcgrpo.learner")
@@ -49,16 +49,16 @@ class Learner:
         self.optimizer = make_optimizer(self.editor.transformer, cfg.method)
         self.generator = torch.Generator().manual_seed(cfg.learner.seed)
         self.checkpoint_dir = cfg.run_dir / "checkpoints"
-        self.state = LearnerState(step=0, weight_version=-1, task_cursor=0)
-        self._consumed = set()
+        self.state = LearnerState(step=0, policy_version=-1, task_cursor=0)
+        self._consumed = set()  # group key ids trained on or dropped
         self._unacked: list[str] = []  # scored entries whose effect is not in a checkpoint yet
-        # payloads of those entries: freed with the ack, as a resumed learner re-reads the entries
-        self._unfreed: list[tuple[str, int]] = []
+        # training tensors of those entries: freed with the ack, as a resumed learner re-reads the entries
+        self._unfreed: list[BlobRef] = []
         self._backlog: list[StreamEntry] | None = None  # own pending entries, read once at start
         if resume:
             self._resume()
 
-    # -- weights and checkpoints -----------------------------------------------------------------
+    # -- LoRA versions and checkpoints ---------------------------------------------------------
     def _resume(self) -> None:
         path = latest_checkpoint(self.checkpoint_dir)
         if path is None:
@@ -77,13 +77,13 @@ class Learner:
         """(optimiser step, driver task cursor) this learner continues from."""
         return self.state.step, self.state.task_cursor
 
-    def publish_weights(self) -> int:
-        """Publish the current LoRA as the next version (after any a crashed predecessor published)."""
-        latest = self.bus.weights.latest()
-        version = max(self.state.weight_version, -1 if latest is None else latest.version) + 1
-        self.bus.weights.publish(lora_state_dict(self.editor.transformer), version=version)
-        self.state.weight_version = version
-        metrics.LEARNER_WEIGHT_VERSION.set(version)
+    def publish_lora(self) -> int:
+        """Publish the current LoRA as the next policy version (after any a crashed predecessor published)."""
+        latest = self.bus.lora.latest()
+        version = max(self.state.policy_version, -1 if latest is None else latest.policy_version) + 1
+        self.bus.lora.publish(lora_state_dict(self.editor.transformer), policy_version=version)
+        self.state.policy_version = version
+        metrics.LEARNER_POLICY_VERSION.set(version)
         return version
 
     def checkpoint(self, task_cursor: int) -> Path:
@@ -99,8 +99,8 @@ class Learner:
         )
         self.bus.scored.ack(*self._unacked)
         self._unacked.clear()
-        for group_id, policy_version in self._unfreed:
-            self.bus.payloads.delete(group_id, policy_version)
+        for train in self._unfreed:
+            self.bus.train_blobs.delete(train)
         self._unfreed.clear()
         return path
 
@@ -116,8 +116,8 @@ class Learner:
             return taken
         return self.bus.scored.read(self.consumer, count=count, block_ms=500)
 
-    def collect_groups(self, timeout_s: float | None = None) -> list[tuple]:
-        """groups_per_step fresh scored groups with their payloads; stale or seen ones are skipped."""
+    def collect_groups(self, timeout_s: float | None = None) -> list[tuple[RolloutGroup, int]]:
+        """groups_per_step fresh scored groups, with their staleness; stale or seen ones are skipped."""
         cfg = self.cfg.learner
         batch = []
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -127,23 +127,22 @@ class Learner:
                     f"learner waited {timeout_s}s for {cfg.groups_per_step} scored groups, got {len(batch)}"
                 )
             for entry in self._read_scored(cfg.groups_per_step - len(batch)):
-                scored = decode_scored_group(entry.fields)
-                key = f"{scored.group_id}:{scored.policy_version}"
+                group = decode_rollout_group(entry.fields)
+                key = group.meta.key
+                if group.meta.scores is None:
+                    raise ValueError(f"scored stream entry {entry.id} holds group {key.id!r} without scores")
                 self._unacked.append(entry.id)
-                if key in self._consumed:  # re-delivered after a crash: already trained on
+                if key.id in self._consumed:  # re-delivered after a crash: already trained on
                     metrics.LEARNER_GROUPS.labels("duplicate").inc()
                     continue
-                self._consumed.add(key)
-                staleness = max(self.state.weight_version, 0) - scored.policy_version
+                self._consumed.add(key.id)
+                staleness = max(self.state.policy_version, 0) - key.policy_version
                 metrics.LEARNER_STALENESS.observe(staleness)
                 if staleness > cfg.max_staleness:
                     metrics.LEARNER_GROUPS.labels("stale").inc()
-                    self._unfreed.append((scored.group_id, scored.policy_version))
+                    self._unfreed.append(group.train)
                     continue
-                payload = decode_train_payload(
-                    self.bus.payloads.get(scored.group_id, scored.policy_version), self.editor.device
-                )
-                batch.append((scored, payload, staleness))
+                batch.append((group, staleness))
         return batch
 
     def step(self, timeout_s: float | None = None) -> dict:
@@ -152,21 +151,13 @@ class Learner:
         waited = time.perf_counter()
         batch = self.collect_groups(timeout_s)
         started = time.perf_counter()
-        rewards = torch.tensor([scored.totals for scored, _, _ in batch])  # r_i: (groups, G)
+        rewards = torch.tensor([group.meta.scores.totals for group, _ in batch])  # r_i: (groups, G)
         flat = zero_variance_groups(rewards, method.zero_std_eps)
         # A_i = sqrt(G) (r_i - mean) / ||r - mean||_p, clipped; zero for flat groups
         advantages = group_advantages(rewards, method.adv_p, method.adv_clip, method.zero_std_eps)
         groups = [
-            TrainGroup(
-                cond=payload["cond"],
-                sigmas=payload["sigmas"],
-                state_indices=payload["state_indices"],
-                states=payload["states"],
-                token_weights=payload["token_weights"],
-                background_weights=payload["background_weights"],
-                advantages=advantages[i],
-            )
-            for i, (_, payload, _) in enumerate(batch)
+            load_train_group(group, self.bus.train_blobs, advantages[i], self.editor.device)
+            for i, (group, _) in enumerate(batch)
             if not flat[i]
         ]
         stats = rc_grpo_step(
@@ -175,16 +166,17 @@ class Learner:
         self.state.step += 1
         updated = time.perf_counter()
         if self.state.step % cfg.publish_every == 0:
-            self.publish_weights()
-        self._unfreed += [(scored.group_id, scored.policy_version) for scored, _, _ in batch]
+            self.publish_lora()
+        self._unfreed += [group.train for group, _ in batch]
+        weights = batch[0][0].meta.rewards  # the run's rewards, which every group carries
         terms = {
-            name: torch.tensor([[c[name] for c in s.scores] for s, _, _ in batch])
-            for name in batch[0][0].weights
+            name: torch.tensor([[c[name] for c in group.meta.scores.scores] for group, _ in batch])
+            for name in weights
         }
         instruction = sum(terms[name] for name in self.cfg.reward.instruction_terms)  # unweighted
         signal = reward_term_diagnostics(
             terms,
-            batch[0][0].weights,
+            weights,
             self.cfg.reward.instruction_terms,
             method.adv_p,
             method.adv_clip,
@@ -192,7 +184,7 @@ class Learner:
         )
         result = {
             "step": self.state.step,
-            "weight_version": self.state.weight_version,
+            "policy_version": self.state.policy_version,
             **{name: value for name, value in asdict(stats).items() if name != "distance_scale"},
             # JSON keys are strings: the grid index j of each measured distance scale
             "distance_scale": {str(j): c for j, c in stats.distance_scale.items()},
@@ -202,7 +194,7 @@ class Learner:
             "acd_mean": terms["acd"].mean().item() if "acd" in terms else math.nan,
             **signal,
             "zero_variance_ratio": flat.float().mean().item(),
-            "staleness_mean": sum(s for _, _, s in batch) / len(batch),
+            "staleness_mean": sum(s for _, s in batch) / len(batch),
             "wait_seconds": started - waited,  # the learner idle, waiting for scored groups
             "update_seconds": updated - started,
             "publish_seconds": time.perf_counter() - updated,
@@ -215,13 +207,13 @@ class Learner:
 
     def run_standalone(self) -> None:
         """The learner's own loop (outside Ray): publish, then step and checkpoint until total_steps."""
-        self.publish_weights()
+        self.publish_lora()
         cfg = self.cfg.learner
         while self.state.step < cfg.total_steps and not self.bus.stop_requested():
             stats = self.step()
             if stats["step"] % cfg.checkpoint_every == 0 or stats["step"] == cfg.total_steps:
                 self.checkpoint(self.bus.task_cursor())
-            log.info("step %(step)d reward %(reward_mean).4f loss %(loss).4f v%(weight_version)d", stats)
+            log.info("step %(step)d reward %(reward_mean).4f loss %(loss).4f v%(policy_version)d", stats)
         self.save_final_lora(self.cfg.run_dir / "lora")
 
 

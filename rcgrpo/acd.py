@@ -1,4 +1,4 @@
-"""The attention concentration reward R_ACD (METHOD section 4).
+"""The attention concentration reward R_ACD (docs/METHOD.md section 4).
 
 With A(p) the captured text -> target-image attention map (rcgrpo.attention) and M the editing mask at
 token resolution (rcgrpo.noise.token_weights):

@@ -1,4 +1,4 @@
-"""Group-relative advantages (METHOD section 2): the Lp quasi-norm standardisation of Neighbor GRPO.
+"""Group-relative advantages (docs/METHOD.md section 2): the Lp quasi-norm standardisation of Neighbor GRPO.
 
 A_i = sqrt(G) (r_i - mean(r)) / ||r - mean(r)||_p, clipped to +-clip. p = 2 is the usual z-score
 (population std); p < 1 (default 0.8) is a quasi-norm that weighs many small deviations more than a

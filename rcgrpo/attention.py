@@ -1,4 +1,4 @@
-"""Text -> target-image attention capture in FluxTransformer2DModel, for the ACD reward (METHOD section 4).
+"""Text -> target-image attention capture in FluxTransformer2DModel, for the ACD reward (docs/METHOD.md section 4).
 
 The MMDiT joint attention runs over the sequence [text | target image | context image]. For every
 instruction text token (padding dropped) we take its attention probabilities over ALL keys, keep the

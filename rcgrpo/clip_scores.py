@@ -1,4 +1,4 @@
-"""Local CLIP scores of an edit (CompBench's LC-T and LC-I, METHOD section 7).
+"""Local CLIP scores of an edit (CompBench's LC-T and LC-I, docs/METHOD.md section 7).
 
 Both look only at the bounding box of the editing mask: LC-T is torchmetrics' CLIPScore,
 100 * max(cos(E_crop, E_caption), 0), of the edit's crop against the caption; LC-I is the plain cosine of

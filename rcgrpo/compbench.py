@@ -1,4 +1,4 @@
-"""CompBench's metrics, computed as its official evaluator does (METHOD section 7; Jia et al., arXiv 2505.12200).
+"""CompBench's metrics, computed as its official evaluator does (docs/METHOD.md section 7; Jia et al., arXiv 2505.12200).
 
 Per sample: source, edit and ground truth are resized to 512x512 (8-bit, bicubic), the mask with nearest
 neighbour and divided by 255. Background: source and edit are multiplied by (1 - mask), then PSNR (data

@@ -1,4 +1,4 @@
-"""The method's settings. Every [ours] choice of METHOD.md is a field here, with its default, so an
+"""The method's settings. Every [ours] choice of docs/METHOD.md is a field here, with its default, so an
 ablation is a config change (RDP on/off, ACD weight, mask-aware distance, s_in/s_out, p, G, B, K).
 """
 
@@ -40,7 +40,7 @@ class MethodConfig:
     mask_aware: bool = True  # False: d_i is the plain mean over all tokens
     # beta_bg: weight of the background anchor, mean_{u outside the mask} ||v_theta(u) - v_ref(u)||^2 with
     # v_ref the base editor (LoRA off). RDP and the mask-aware distance give the background no gradient
-    # at all, so nothing else stops a shared LoRA update from drifting it. 0 = off (METHOD: no KL term).
+    # at all, so nothing else stops a shared LoRA update from drifting it. 0 = off (docs/METHOD.md: no KL term).
     background_anchor: float = 0.0
     # -- advantages --
     adv_p: float = 0.8  # Lp quasi-norm; 2 gives the z-score

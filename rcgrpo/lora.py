@@ -1,4 +1,4 @@
-"""LoRA on the editor transformer's attention projections (METHOD section 5), through peft.
+"""LoRA on the editor transformer's attention projections (docs/METHOD.md section 5.4), through peft.
 
 Adapters are added with `transformer.add_adapter` and saved in the diffusers LoRA format, the way
 diffusers' Flux(-Kontext) LoRA training scripts do, so a stock `FluxKontextPipeline.load_lora_weights`
@@ -95,17 +95,3 @@ def save_lora(editor, directory: str | Path) -> Path:
         transformer_lora_adapter_metadata=transformer.peft_config[ADAPTER_NAME].to_dict(),
     )
     return directory
-
-
-def load_lora(transformer, directory: str | Path) -> None:
-    """Load a `save_lora` directory into a transformer that already has a matching adapter (resume)."""
-    from diffusers import FluxKontextPipeline
-    from diffusers.utils import convert_unet_state_dict_to_peft
-
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"LoRA directory {str(directory)!r} does not exist")
-    state = FluxKontextPipeline.lora_state_dict(directory)
-    prefix = FluxKontextPipeline.transformer_name + "."
-    state = {name[len(prefix) :]: t for name, t in state.items() if name.startswith(prefix)}
-    load_lora_state_dict(transformer, convert_unet_state_dict_to_peft(state))

@@ -1,4 +1,4 @@
-"""Initial noise for a rollout group: region-decoupled perturbation (RDP, METHOD section 3).
+"""Initial noise for a rollout group: region-decoupled perturbation (RDP, docs/METHOD.md section 3).
 
 A group shares one base noise z* and perturbs it per candidate with strength s(u) per latent location:
 

@@ -3,7 +3,7 @@
 All functions take a batch: images (B, 3, H, W) float in [0, 1], masks (B, H, W) in [0, 1] with
 1 = edit region, and return a float32 Tensor[B].
 
-The background metrics follow CompBench (METHOD.md section 7): both images are multiplied by
+The background metrics follow CompBench (docs/METHOD.md section 7): both images are multiplied by
 (1 - mask), so the edit region contributes zero error, then PSNR / SSIM are taken over the whole
 image with data range 1.
 """

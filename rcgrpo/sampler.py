@@ -1,4 +1,4 @@
-"""Deterministic ODE rollouts of a group of candidates (METHOD section 2).
+"""Deterministic ODE rollouts of a group of candidates (docs/METHOD.md section 2).
 
 The flow ODE dx/dsigma = v_theta(x, sigma, c) is integrated with first-order Euler steps on the
 editor's Kontext sigma grid, exactly as `FluxKontextPipeline.__call__` does, so that for theta_old
@@ -24,10 +24,6 @@ class Rollout:
     states: torch.Tensor  # (len(state_indices), G, N, D) packed latents x_j on the grid
     final_latents: torch.Tensor  # (G, N, D) x_T
     images: torch.Tensor  # (G, 3, H, W) in [0, 1]
-
-    def state(self, j: int) -> torch.Tensor:
-        """x_j for all candidates: (G, N, D)."""
-        return self.states[self.state_indices.index(j)]
 
 
 def surrogate_state_indices(num_steps: int, timesteps: Sequence[int] | None) -> list[int]:

@@ -1,4 +1,4 @@
-"""The softmax-distance surrogate policy of Neighbor GRPO, made mask-aware (METHOD sections 2 and 5).
+"""The softmax-distance surrogate policy of Neighbor GRPO, made mask-aware (docs/METHOD.md section 5.2).
 
 Under deterministic ODE sampling a candidate has no likelihood, so Neighbor GRPO scores candidates by
 how close they lie to the policy's one-step prediction from an anchor's stored state:

@@ -1,4 +1,4 @@
-"""One RC-GRPO policy update (METHOD sections 2 and 5), cleanrl style: for each of `update_epochs`
+"""One RC-GRPO policy update (docs/METHOD.md sections 2 and 5), cleanrl style: for each of `update_epochs`
 passes over a batch of scored groups, sample anchors and steps, compute the mask-aware surrogate's
 clipped loss (plus the background anchor), backward in micro-batches of rows, clip the gradient,
 take one optimiser step. The step also measures the learning signal (pi_old's entropy, |r - 1|,

@@ -236,7 +236,7 @@ def create_app(
         results = [
             ItemScore(
                 group_id=w.group_id,
-                sample_index=w.sample_index,
+                candidate_index=w.candidate_index,
                 policy_version=w.policy_version,
                 scores=s.scores,
                 total=s.total,

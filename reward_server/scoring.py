@@ -1,7 +1,7 @@
 """The scoring core that REST and stream mode share: wire items to checked tensors, the choice of
 rewards and weights, and scores through the micro-batcher.
 
-Per candidate the total is r_i = sum_j w_j r_j (METHOD section 5), the passed-through ACD being one
+Per candidate the total is r_i = sum_j w_j r_j (docs/METHOD.md section 5.1), the passed-through ACD being one
 of the r_j with w = lambda_ACD.
 """
 
@@ -24,7 +24,8 @@ from reward_server.metrics import RewardServerMetrics
 from reward_server.registry import MODEL_LOADERS, OPTIONAL_INPUTS, REWARDS, Reward, RewardBatch
 from reward_server.settings import RewardServerSettings
 from services.codec import CodecError, decode_image, decode_mask
-from services.schemas import RewardInfo, RewardsResponse, RolloutGroup, ScoreItem, b64_to_bytes
+from services.record import RolloutGroup
+from services.schemas import RewardInfo, RewardsResponse, ScoreItem, b64_to_bytes
 
 MIN_IMAGE_SIDE = 16  # smaller images cannot be scored (SSIM's 11x11 window, CLIP crops)
 
@@ -109,19 +110,20 @@ def decode_score_item(wire: ScoreItem, index: int, max_pixels: int) -> Item:
 
 
 def items_from_group(group: RolloutGroup) -> list[Item]:
-    meta = group.meta
+    """One item per candidate of a record that has its images."""
+    meta, images = group.meta, group.images
     items = []
-    for i, edit in enumerate(group.edits):
+    for i, edit in enumerate(images.edits):
         item = Item(
             edit=edit,
-            source=group.source,
-            mask=group.mask,
+            source=images.source,
+            mask=images.mask,
             instruction=meta.instruction,
             caption=meta.caption,
-            target=group.target,
-            acd=meta.acd[i] if meta.acd is not None else None,
+            target=images.target,
+            acd=meta.acd[i],
         )
-        items.append(check_item(item, f"group {meta.group_id!r} candidate {i}"))
+        items.append(check_item(item, f"group {meta.key.id!r} candidate {i}"))
     return items
 
 

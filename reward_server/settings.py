@@ -29,13 +29,12 @@ class BatchingSettings(_Section):
 class StreamSettings(_Section):
     enabled: bool = False
     redis_url: str | None = None  # None: REDIS_URL, else an embedded redis-server
-    rollouts: str = "rcgrpo:rollouts"  # stream of rollout groups (services.schemas.RolloutGroup)
-    scored: str = "rcgrpo:scored"  # stream of ScoredGroup results
+    rollouts: str = "rcgrpo:rollouts"  # stream of rollout-group records (services.record.RolloutGroup)
+    scored: str = "rcgrpo:scored"  # the same records, scored
     group: str = "reward-server"  # consumer group
     consumer: str = "reward-server-0"
     namespace: str = "rcgrpo:reward"  # prefix of the idempotency (done) keys
-    blob_prefix: str = "rcgrpo:blob:"  # RedisBlobStore prefix for parts too large to inline
-    blob_dir: Path | None = None  # a shared DirectoryBlobStore instead of Redis blobs
+    blob_prefix: str = "rcgrpo:blob:"  # BlobStore prefix of image parts too large to inline
     read_count: int = Field(8, ge=1)  # groups taken per read (scored concurrently, batched together)
     block_ms: int = Field(200, ge=1)
     reclaim_idle_ms: int = Field(60_000, ge=1)  # a pending group idle this long is taken over
@@ -51,7 +50,8 @@ class RewardServerSettings(BaseSettings):
     token: SecretStr | None = None
     token_file: Path | None = None
     insecure_no_auth: bool = False  # local development only
-    # The rewards this server serves and their default weights (names from reward_server.registry).
+    # The rewards this server serves and their default weights for REST requests that give none
+    # (names from reward_server.registry). Stream groups carry their run's weights.
     rewards: dict[str, float] = Field(
         default_factory=lambda: {"background_psnr": 0.02, "background_ssim": 1.0, "acd": 0.5}
     )

@@ -1,12 +1,14 @@
 """Stream mode: score rollout groups from a Redis stream through the server's own batcher.
 
-A consumer thread reads rollout groups (services.schemas.RolloutGroup) from the rollouts stream in a
-consumer group, scores the groups of one read together on the server's event loop (so the batcher
-batches across them and across HTTP callers), then per group publishes a ScoredGroup to the scored
-stream, marks the group's done key and acks, atomically (WorkStream.complete). A group whose done key
-(group id, policy version) is already set is acked without a second result, so a re-delivery yields
-one result. A group that cannot be decoded or scored stays pending; once idle it is reclaimed, and
-after max_deliveries it goes to the dead-letter stream.
+A consumer thread reads rollout-group records (services.record.RolloutGroup) from the rollouts stream
+in a consumer group, scores the groups of one read together on the server's event loop (so the batcher
+batches across them and across HTTP callers), each with the rewards and weights its record carries
+(the run's, whatever this server's own defaults are), then per group publishes the record with its
+scores to the scored stream, marks the group's done key and acks, atomically (WorkStream.complete). A
+group whose done key (its group key) is already set is acked without a second result, so a re-delivery
+yields one result. A group that cannot be decoded or scored (e.g. it asks for a reward this server
+does not serve) stays pending; once idle it is reclaimed, and after max_deliveries it goes to the
+dead-letter stream.
 """
 
 from __future__ import annotations
@@ -21,11 +23,10 @@ from reward_server.batcher import QueueFullError
 from reward_server.metrics import RewardServerMetrics
 from reward_server.scoring import Scorer, items_from_group
 from reward_server.settings import StreamSettings
-from services.blobstore import BlobError, DirectoryBlobStore, RedisBlobStore
-from services.codec import decode_json
+from services.blobstore import BlobError, BlobStore
+from services.record import GroupScores, RolloutGroup, decode_rollout_group, encode_rollout_group
 from services.redis_server import redis_url_or_embedded
-from services.schemas import RolloutGroupMeta, ScoredGroup, decode_rollout_group, encode_scored_group
-from services.streams import StreamEntry, WorkStream, done_key
+from services.streams import StreamEntry, WorkStream
 
 log = logging.getLogger("rcgrpo.reward_server.stream")
 
@@ -49,10 +50,7 @@ class StreamConsumer:
             log.info("stream mode on %s", self.redis_url)
         self.client = redis.Redis.from_url(self.redis_url)
         self.work = WorkStream(self.client, settings.rollouts, settings.group)
-        if settings.blob_dir is not None:
-            self.blobs = DirectoryBlobStore(settings.blob_dir)
-        else:
-            self.blobs = RedisBlobStore(self.client, prefix=settings.blob_prefix)
+        self.blobs = BlobStore(self.client, prefix=settings.blob_prefix)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="reward-stream", daemon=True)
 
@@ -85,65 +83,62 @@ class StreamConsumer:
                 log.warning("redis error in stream mode (retrying): %s", error)
                 self._stopping.wait(1.0)
 
+    def done_key(self, group: RolloutGroup) -> str:
+        return f"{self.settings.namespace}:done:{group.meta.key.id}"
+
     def process(self, entries: list[StreamEntry]) -> None:
         """Score the groups of one read together, then complete each."""
         todo = []
         for entry in entries:
             try:
-                meta = RolloutGroupMeta.model_validate(decode_json(entry.fields[b"meta"]))
-            except (KeyError, ValueError) as error:
-                self._leave_pending(entry, f"unreadable meta: {error}")
-                continue
-            key = done_key(self.settings.namespace, meta.group_id, meta.policy_version)
-            if self.client.exists(key):  # scored before (a re-delivery): one result only
-                self.work.ack(entry.id)
-                self.metrics.stream_groups.labels(outcome="duplicate").inc()
-                continue
-            try:
-                items = items_from_group(decode_rollout_group(entry.fields, self.blobs))
-            except (ValueError, BlobError) as error:
+                group = decode_rollout_group(entry.fields, self.blobs)
+                if group.images is None:
+                    raise ValueError(f"group {group.meta.key.id!r} has no images to score")
+                if self.client.exists(self.done_key(group)):  # scored before (a re-delivery): one result only
+                    self.work.ack(entry.id)
+                    self.metrics.stream_groups.labels(outcome="duplicate").inc()
+                    continue
+                # the run's rewards and weights, as the group carries them
+                chosen = self.scorer.choose(list(group.meta.rewards), group.meta.rewards)
+                items = items_from_group(group)
+            except (ValueError, BlobError) as error:  # BadInputError (unserved reward, bad sizes) too
                 self._leave_pending(entry, str(error))
                 continue
-            todo.append((entry.id, meta, key, items))
+            todo.append((entry.id, group, chosen, items))
         if not todo:
             return
         # One coroutine submits every group before the batcher looks again, so they share batches.
-        outcomes = asyncio.run_coroutine_threadsafe(self._score_all([t[3] for t in todo]), self.loop).result()
-        for (entry_id, meta, key, _), outcome in zip(todo, outcomes, strict=True):
+        outcomes = asyncio.run_coroutine_threadsafe(
+            self._score_all([(chosen, items) for _, _, chosen, items in todo]), self.loop
+        ).result()
+        for (entry_id, group, _, _), outcome in zip(todo, outcomes, strict=True):
             if isinstance(
                 outcome, Exception
             ):  # stays pending: reclaimed later, dead-lettered at max_deliveries
                 self.metrics.errors.labels(kind="stream_failed").inc()
                 self.metrics.stream_groups.labels(outcome="failed").inc()
-                log.warning(
-                    "rollout group %s v%d was not scored: %s", meta.group_id, meta.policy_version, outcome
-                )
+                log.warning("rollout group %s was not scored: %s", group.meta.key.id, outcome)
                 continue
-            chosen, scored = outcome
-            result = ScoredGroup(
-                group_id=meta.group_id,
-                policy_version=meta.policy_version,
-                scores=[s.scores for s in scored],
-                totals=[s.total for s in scored],
-                weights=chosen,
-            )
+            scores = GroupScores(scores=[s.scores for s in outcome], totals=[s.total for s in outcome])
+            scored = RolloutGroup(group.meta.model_copy(update={"scores": scores}), group.train)
             published = self.work.complete(
                 entry_id,
-                key,
+                self.done_key(group),
                 self.settings.scored,
-                encode_scored_group(result),
+                encode_rollout_group(scored),
                 result_maxlen=self.settings.scored_maxlen,
             )
             self.metrics.stream_groups.labels(outcome="scored" if published else "duplicate").inc()
 
-    async def _score_all(self, groups: list[list]) -> list:
-        return await asyncio.gather(*[self._score(items) for items in groups], return_exceptions=True)
+    async def _score_all(self, groups: list[tuple]) -> list:
+        return await asyncio.gather(
+            *[self._score(chosen, items) for chosen, items in groups], return_exceptions=True
+        )
 
-    async def _score(self, items):
-        chosen = self.scorer.choose()
+    async def _score(self, chosen, items):
         while True:
             try:
-                return chosen, await self.scorer.score(items, chosen, source="stream")
+                return await self.scorer.score(items, chosen, source="stream")
             except QueueFullError as error:  # HTTP callers filled the queue: wait our turn
                 if self._stopping.is_set():
                     raise

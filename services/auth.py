@@ -12,6 +12,9 @@ import secrets
 from pathlib import Path
 
 MIN_TOKEN_CHARS = 16
+# The reward server's bearer token, for the server and for the driver that checks it (RCGRPO_REWARD_* is
+# the server's settings prefix, so this is its `token` setting).
+TOKEN_ENV = "RCGRPO_REWARD_TOKEN"
 
 
 def new_token() -> str:

@@ -1,5 +1,5 @@
 """Everything one training run shares through Redis, built from its RunConfig: the three work
-streams (tasks -> rollouts -> scored), the weight store, the training payloads and the stop flag."""
+streams (tasks -> rollouts -> scored), the LoRA store, the blob stores and the stop flag."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ import json
 import redis
 
 from services import metrics
-from services.blobstore import RedisBlobStore
+from services.blobstore import BlobStore
 from services.config import RunConfig
-from services.payloads import TrainPayloads
-from services.streams import WorkStream
-from services.weights import WeightStore
+from services.lora_store import LoraStore
+from services.streams import DEFAULT_DONE_TTL_S, WorkStream
 
 # consumer groups of the three streams
 TASKS_GROUP = "rollout-workers"
@@ -30,19 +29,12 @@ class RunBus:
         self.scored = WorkStream(self.client, cfg.key("scored"), SCORED_GROUP)
         for stream in (self.tasks, self.rollouts, self.scored):
             stream.ensure_group()
-        # weights never expire while kept; payloads live as long as a group may wait to be trained on
-        self.weights = WeightStore(
-            self.client,
-            RedisBlobStore(self.client, prefix=cfg.key("weights:blob:"), ttl_s=None),
-            namespace=cfg.key("weights"),
-        )
-        # rollout-group parts too large to inline (full-size images); the reward server reads them
-        self.blobs = RedisBlobStore(self.client, prefix=cfg.key("blob:"))
-        self.payloads = TrainPayloads(
-            self.client,
-            RedisBlobStore(self.client, prefix=cfg.key("payload:blob:")),
-            namespace=cfg.key("payload"),
-        )
+        self.lora = LoraStore(self.client, namespace=cfg.key("lora"))
+        # rollout-group images too large to inline (full-size edits): read once, by the reward server
+        self.blobs = BlobStore(self.client, prefix=cfg.key("blob:"))
+        # groups' training tensors, under their group key: deleted once a checkpoint holds their update,
+        # and kept meanwhile as long as the reward server's done keys
+        self.train_blobs = BlobStore(self.client, prefix=cfg.key("train:"), ttl_s=DEFAULT_DONE_TTL_S)
         self._stop_key = cfg.key("stop")
 
     # what a driver and a learner in separate processes tell each other (learner.external)
@@ -59,8 +51,10 @@ class RunBus:
         raw = self.client.get(self.cfg.key("learner:last"))
         return None if raw is None else json.loads(raw)
 
-    def task_done_key(self, task_id: str) -> str:
-        return self.cfg.key(f"tasks:done:{task_id}")
+    def task_done_key(self, group_id: str) -> str:
+        """A task's completion mark: per group id, not per policy version, so a task reclaimed by a
+        worker holding a newer policy is still published once."""
+        return self.cfg.key(f"tasks:done:{group_id}")
 
     def request_stop(self) -> None:
         self.client.set(self._stop_key, b"1")

@@ -1,15 +1,16 @@
-"""Message payload codec: JSON meta plus named tensor / image / mask parts. No pickle.
+"""Message payload codec: JSON meta plus named image / mask / ref parts. No pickle.
 
 Tensors travel as safetensors bytes, images (float (3,H,W) in [0,1]) as 8-bit RGB PNG, masks (float
 (H,W) in [0,1]) as 8-bit grayscale PNG. A message encodes to flat `field -> bytes` pairs that fit a
 Redis stream entry:
 
     meta          JSON of the message's meta dict
-    parts         JSON {name: {"kind": "tensor"|"image"|"mask"}} or, for a part moved to a blob store,
-                  {name: {"kind": ..., "blob": {"key", "sha256", "size"}}}
+    parts         JSON {name: {"kind": "image"|"mask"}} for an inline part, or, for a part in the blob
+                  store, {name: {"kind": "image"|"mask"|"ref", "blob": {"key", "sha256", "size"}}}
     part:<name>   the encoded bytes of each inline part
 
-Parts larger than `inline_limit` bytes go to a blob store; decoding fetches them and verifies sha256.
+Image and mask parts larger than `inline_limit` bytes go to the blob store; decoding fetches them and
+verifies sha256. Ref parts are blobs the sender stored itself; decoding hands back their BlobRef.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from services.blobstore import BlobRef, BlobStore
 DEFAULT_INLINE_LIMIT = 256 * 1024
 # Fast zlib level: payloads cross a LAN or loopback, where CPU time costs more than bytes.
 PNG_COMPRESS_LEVEL = 1
-PART_KINDS = ("tensor", "image", "mask")
+PART_KINDS = ("image", "mask", "ref")
 
 
 class CodecError(ValueError):
@@ -125,31 +126,20 @@ def decode_json(data: bytes | str):
 
 @dataclass
 class Message:
+    """JSON meta plus named parts: images and masks (PNG, inline or moved to the blob store when large)
+    and refs (blobs the sender stored itself, e.g. a group's training tensors), carried as references and
+    never fetched by decoding."""
+
     meta: dict = field(default_factory=dict)
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     images: dict[str, torch.Tensor] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    refs: dict[str, BlobRef] = field(default_factory=dict)
 
 
 def _encode_part(kind: str, name: str, value: torch.Tensor) -> bytes:
     if not isinstance(value, torch.Tensor):
         raise CodecError(f"{kind} part {name!r} is a {type(value).__name__}, not a torch.Tensor")
-    if kind == "tensor":
-        return encode_tensors({name: value})
-    if kind == "image":
-        return encode_image(value)
-    return encode_mask(value)
-
-
-def _decode_part(kind: str, name: str, data: bytes) -> torch.Tensor:
-    if kind == "tensor":
-        tensors = decode_tensors(data)
-        if name not in tensors:
-            raise CodecError(f"tensor part {name!r} holds {sorted(tensors)}, not {name!r}")
-        return tensors[name]
-    if kind == "image":
-        return decode_image(data)
-    return decode_mask(data)
+    return encode_image(value) if kind == "image" else encode_mask(value)
 
 
 def encode_message(
@@ -159,53 +149,62 @@ def encode_message(
         raise CodecError(f"message meta must be a dict, got {type(message.meta).__name__}")
     fields = {"meta": encode_json(message.meta)}
     parts = {}
-    for kind, named in (("tensor", message.tensors), ("image", message.images), ("mask", message.masks)):
+
+    def add(name: str, spec: dict) -> None:
+        if name in parts:
+            raise CodecError(f"part name {name!r} is used twice in one message")
+        parts[name] = spec
+
+    for kind, named in (("image", message.images), ("mask", message.masks)):
         for name, value in named.items():
-            if name in parts:
-                raise CodecError(f"part name {name!r} is used twice in one message")
             data = _encode_part(kind, name, value)
             if len(data) <= inline_limit:
-                parts[name] = {"kind": kind}
+                add(name, {"kind": kind})
                 fields[f"part:{name}"] = data
             elif blobs is None:
                 raise CodecError(
                     f"{kind} part {name!r} is {len(data)} bytes, over inline_limit={inline_limit}, and no blob store was given"
                 )
             else:
-                parts[name] = {"kind": kind, "blob": blobs.put(data).to_dict()}
+                add(name, {"kind": kind, "blob": blobs.put(data).to_dict()})
+    for name, ref in message.refs.items():
+        add(name, {"kind": "ref", "blob": ref.to_dict()})
     fields["parts"] = encode_json(parts)
     return fields
 
 
-def blob_refs(fields: Mapping) -> list[BlobRef]:
-    """The blob refs an encoded message points to (to delete them once consumed)."""
-    fields = {_as_str(k): v for k, v in fields.items()}
-    return [BlobRef.from_dict(p["blob"]) for p in decode_json(fields["parts"]).values() if "blob" in p]
-
-
-def _as_str(key: bytes | str) -> str:
-    return key.decode() if isinstance(key, bytes) else key
+def as_str(value: bytes | str) -> str:
+    """A stream entry's id or field name as str (redis returns bytes)."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def decode_message(fields: Mapping, blobs: BlobStore | None = None) -> Message:
     """Decode fields from encode_message (str or bytes keys, as redis returns them)."""
-    fields = {_as_str(k): v for k, v in fields.items()}
+    fields = {as_str(k): v for k, v in fields.items()}
     for required in ("meta", "parts"):
         if required not in fields:
             raise CodecError(f"message has no {required!r} field (fields: {sorted(fields)})")
     message = Message(meta=decode_json(fields["meta"]))
-    targets = {"tensor": message.tensors, "image": message.images, "mask": message.masks}
+    if not isinstance(message.meta, dict):
+        raise CodecError(f"message meta must be a JSON object, got {type(message.meta).__name__}")
+    targets = {"image": message.images, "mask": message.masks}
     for name, spec in decode_json(fields["parts"]).items():
         kind = spec.get("kind")
         if kind not in PART_KINDS:
             raise CodecError(f"part {name!r} has unknown kind {kind!r}; expected one of {PART_KINDS}")
-        if "blob" in spec:
+        ref = BlobRef.from_dict(spec["blob"]) if "blob" in spec else None
+        if kind == "ref":
+            if ref is None:
+                raise CodecError(f"part {name!r} is a ref without a blob")
+            message.refs[name] = ref
+            continue
+        if ref is not None:
             if blobs is None:
                 raise CodecError(f"part {name!r} is in a blob store but no blob store was given")
-            data = blobs.get(BlobRef.from_dict(spec["blob"]))
+            data = blobs.get(ref)
         elif f"part:{name}" in fields:
             data = fields[f"part:{name}"]
         else:
             raise CodecError(f"part {name!r} is listed but its field 'part:{name}' is missing")
-        targets[kind][name] = _decode_part(kind, name, data)
+        targets[kind][name] = decode_image(data) if kind == "image" else decode_mask(data)
     return message

@@ -15,11 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rcgrpo.config import MethodConfig
 from rcgrpo.tiny_editor import SHIPPED_EDITOR_DIR
+from services.schemas import ID_PATTERN
 
 # What `rcgrpo train` runs without --config (a source checkout or an editable install has it).
 DEFAULT_RUN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_shapes.yaml"
-# Redis keys and streams of one run live under "rcgrpo:<run name>:".
-STREAM_NAMES = ("tasks", "rollouts", "scored")
 
 
 class _Section(BaseModel):
@@ -30,14 +29,13 @@ class DataConfig(_Section):
     source: str = "shapes"  # shapes | compbench:PATH | jsonl:PATH
     split: str = "train"
     num_samples: int = Field(512, ge=1)  # ShapesEdit samples generated for training
-    image_size: int = Field(64, ge=16)
     seed: int = 0
 
 
 class RolloutConfig(_Section):
     num_workers: int = Field(2, ge=1)
     gpus_per_worker: float = Field(0.0, ge=0)  # 0 on CPU; 1 per worker for FLUX scale
-    cpus_per_worker: float = Field(1.0, ge=0)
+    cpus_per_worker: float = Field(1.0, ge=0)  # Ray logical CPUs each rollout actor reserves
     torch_threads: int = Field(1, ge=1)
     keep_timesteps: list[int] | None = None  # grid indices j the surrogate may train on (None: all)
     reclaim_idle_ms: int = Field(30_000, ge=1)  # a task pending this long (its worker died) is taken over
@@ -47,8 +45,11 @@ class RolloutConfig(_Section):
 
 class RewardConfig(_Section):
     url: str | None = None  # None: the driver starts a reward server on a loopback port
-    token_env: str = "RCGRPO_REWARD_TOKEN"  # environment variable holding the bearer token
-    # r_i = sum_j w_j r_ext,j + lambda_ACD R_ACD; the ACD weight comes from method.acd_weight
+    # The run's external rewards and their weights w_j, sent with every group to whichever server scores
+    # it (r_i = sum_j w_j r_ext,j + lambda_ACD R_ACD; lambda_ACD is method.acd_weight). The defaults are
+    # the tiny run's: with RDP the group's backgrounds differ only where in-mask changes spill through
+    # the VAE decoder, and 0.25 per dB of background PSNR makes that spill count in the advantages
+    # (0.02 per dB let PSNR slip by 0.2-0.3 dB).
     rewards: dict[str, float] = Field(
         default_factory=lambda: {"region_adherence": 1.0, "background_psnr": 0.25, "background_ssim": 1.0}
     )
@@ -56,14 +57,23 @@ class RewardConfig(_Section):
     # learner's diagnostics compare the advantages with
     instruction_terms: list[str] = Field(default_factory=lambda: ["region_adherence"], min_length=1)
 
+    @field_validator("rewards")
+    @classmethod
+    def _no_acd(cls, rewards: dict[str, float]) -> dict[str, float]:
+        if "acd" in rewards:
+            raise ValueError(
+                "the ACD reward's weight is lambda_ACD: set method.acd_weight, not reward.rewards.acd"
+            )
+        return rewards
+
 
 class LearnerConfig(_Section):
     total_steps: int = Field(30, ge=1)
     groups_per_step: int = Field(2, ge=1)  # whole groups per optimiser step
-    publish_every: int = Field(1, ge=1)  # publish a weight version every N updates
+    publish_every: int = Field(1, ge=1)  # publish a policy version every N updates
     max_staleness: int = Field(1, ge=0)  # policy versions a group may lag the learner
     # drop: stale groups are discarded (counted); wait: tasks are only fed for the next update, so
-    # every group is sampled with the newest weights (synchronous); stale ones are dropped in both
+    # every group is sampled with the newest policy (synchronous); stale ones are dropped in both
     staleness_policy: Literal["drop", "wait"] = "drop"
     checkpoint_every: int = Field(10, ge=1)
     external: bool = False  # True: the learner runs as its own process (`rcgrpo learner`), not a Ray actor
@@ -85,7 +95,7 @@ class EvalConfig(_Section):
 
 
 class RunConfig(_Section):
-    name: str = "tiny-shapes"
+    name: str = Field("tiny-shapes", max_length=64, pattern=ID_PATTERN)  # in every Redis key of the run
     editor: Path = SHIPPED_EDITOR_DIR
     dtype: str | None = None  # default: bfloat16 on CUDA, float32 on CPU
     runs_dir: Path = Path("runs")
@@ -107,11 +117,16 @@ class RunConfig(_Section):
         return value
 
     @property
+    def rewards(self) -> dict[str, float]:
+        """Every reward of the run with its weight: reward.rewards, and R_ACD weighted by method.acd_weight."""
+        return {**self.reward.rewards, "acd": self.method.acd_weight}
+
+    @property
     def run_dir(self) -> Path:
         return self.runs_dir / self.name
 
     def key(self, suffix: str) -> str:
-        """A Redis key or stream name of this run."""
+        """A Redis key or stream name of this run: every one lives under "rcgrpo:<run name>:"."""
         return f"rcgrpo:{self.name}:{suffix}"
 
     def resolved_redis_url(self) -> str | None:

@@ -18,8 +18,8 @@ ROLLOUT_GROUP_SECONDS = Histogram(
     ["worker"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
-ROLLOUT_WEIGHT_VERSION = Gauge(
-    "rcgrpo_rollout_weight_version", "Policy version the worker samples with", ["worker"]
+ROLLOUT_POLICY_VERSION = Gauge(
+    "rcgrpo_rollout_policy_version", "Policy version the worker samples with", ["worker"]
 )
 ROLLOUT_ACD = Gauge("rcgrpo_rollout_acd_mean", "Mean ACD reward of the worker's last group", ["worker"])
 
@@ -69,7 +69,7 @@ LEARNER_BACKGROUND_ANCHOR = Gauge(
 LEARNER_ZERO_VARIANCE_RATIO = Gauge(
     "rcgrpo_learner_zero_variance_ratio", "Share of groups dropped for zero reward std"
 )
-LEARNER_WEIGHT_VERSION = Gauge("rcgrpo_learner_weight_version", "Newest published policy version")
+LEARNER_POLICY_VERSION = Gauge("rcgrpo_learner_policy_version", "Newest published policy version")
 LEARNER_GROUPS = Counter("rcgrpo_learner_groups_total", "Scored groups consumed, by outcome", ["outcome"])
 LEARNER_STALENESS = Histogram(
     "rcgrpo_learner_staleness",

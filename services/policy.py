@@ -1,5 +1,5 @@
 """The editor every training-loop component holds: the run's base editor with empty LoRA slots
-(rank, alpha and targets from the method config) that weight versions are loaded into."""
+(rank, alpha and targets from the method config) that published LoRAs are loaded into."""
 
 from __future__ import annotations
 

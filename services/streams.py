@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import redis
 
+from services.codec import as_str
+
 DEFAULT_DONE_TTL_S = 24 * 3600
 
 
@@ -33,21 +35,7 @@ def _check_client(client: redis.Redis):
 
 
 def _entries(raw) -> list[StreamEntry]:
-    return [StreamEntry(id=_str(entry_id), fields=fields) for entry_id, fields in raw]
-
-
-def _str(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def done_key(namespace: str, group_id: str, policy_version: int) -> str:
-    """The idempotency key of one rollout group scored under one policy version."""
-    return f"{namespace}:done:{group_id}:v{policy_version}"
-
-
-def claim_once(client: redis.Redis, key: str, ttl_s: float = DEFAULT_DONE_TTL_S) -> bool:
-    """True for the first caller to claim `key` (within ttl_s), False for every later one."""
-    return bool(client.set(key, b"1", nx=True, px=int(ttl_s * 1000)))
+    return [StreamEntry(id=as_str(entry_id), fields=fields) for entry_id, fields in raw]
 
 
 # KEYS: stream, done key, result stream. ARGV: group, entry id, done ttl ms, result maxlen (0: none),
@@ -120,7 +108,7 @@ class WorkStream:
         if not fields:
             raise ValueError("a stream entry needs at least one field")
         entry_id = self.client.xadd(self.name, dict(fields), maxlen=self.maxlen, approximate=True)
-        return _str(entry_id)
+        return as_str(entry_id)
 
     def read(
         self, consumer: str, count: int | None = 1, block_ms: int | None = None, own_pending: bool = False
@@ -164,7 +152,7 @@ class WorkStream:
         moved = []
         for item in pending:
             if item["times_delivered"] >= max_deliveries:
-                entry_id = _str(item["message_id"])
+                entry_id = as_str(item["message_id"])
                 args = [self.group, entry_id, item["times_delivered"]]
                 if self._move_to_dead_letter(keys=[self.name, self.dead_letter], args=args):
                     moved.append(entry_id)
@@ -186,7 +174,7 @@ class WorkStream:
             response = self.client.xautoclaim(
                 self.name, self.group, consumer, min_idle_ms, start_id=start, count=count - len(claimed)
             )
-            start, entries = _str(response[0]), response[1]
+            start, entries = as_str(response[0]), response[1]
             # Redis 6.2 answers an entry trimmed from the stream while pending with no id and no
             # fields, and keeps it pending: skip it here; max_deliveries dead-letters it later.
             claimed += _entries((entry_id, fields) for entry_id, fields in entries if fields is not None)
@@ -203,6 +191,3 @@ class WorkStream:
 
     def dead_letter_length(self) -> int:
         return self.client.xlen(self.dead_letter)
-
-    def read_dead_letters(self, count: int = 100) -> list[StreamEntry]:
-        return _entries(self.client.xrange(self.dead_letter, count=count))

@@ -6,17 +6,12 @@ import pytest
 import redis
 import torch
 
-from services.blobstore import (
-    BlobIntegrityError,
-    BlobMissingError,
-    DirectoryBlobStore,
-    RedisBlobStore,
-)
+from services.blobstore import BlobIntegrityError, BlobMissingError, BlobRef, BlobStore
 from services.codec import (
     CodecError,
     Message,
-    blob_refs,
     decode_image,
+    decode_json,
     decode_mask,
     decode_message,
     decode_tensors,
@@ -26,7 +21,7 @@ from services.codec import (
     encode_tensors,
 )
 from services.redis_server import EmbeddedRedis, redis_url_or_embedded
-from services.streams import WorkStream, claim_once, done_key
+from services.streams import WorkStream
 
 # -- embedded server --
 
@@ -117,56 +112,57 @@ def test_codec_rejects_bad_input():
 
 
 def test_message_parts_above_threshold_go_to_blob_store(client):
-    blobs = RedisBlobStore(client, ttl_s=60)
+    blobs = BlobStore(client, ttl_s=60)
     g = torch.Generator().manual_seed(2)
+    train = BlobStore(client, prefix="train:", ttl_s=None).put(b"tensors", name="run:g1:v3")
     message = Message(
         meta={"group_id": "g1", "policy_version": 3, "rewards": [0.5, 1.0]},
-        tensors={"small": torch.arange(4.0), "latents": torch.randn(64, 256, generator=g)},  # 64 KiB
-        images={"source": torch.rand(3, 16, 16, generator=g)},
+        images={"small": torch.rand(3, 8, 8, generator=g), "large": torch.rand(3, 128, 128, generator=g)},
         masks={"mask": (torch.rand(16, 16, generator=g) > 0.5).float()},
+        refs={"train": train},
     )
     fields = encode_message(message, blobs, inline_limit=4096)
-    assert "part:small" in fields and "part:source" in fields and "part:latents" not in fields
-    (ref,) = blob_refs(fields)
-    assert ref.size > 64 * 1024 and 0 < client.pttl(ref.key) <= 60_000
+    assert "part:small" in fields and "part:mask" in fields and "part:large" not in fields
+    parts = decode_json(fields["parts"])
+    ref = BlobRef.from_dict(parts["large"]["blob"])
+    assert ref.size > 4096 and 0 < client.pttl(ref.key) <= 60_000
+    assert parts["train"] == {"kind": "ref", "blob": train.to_dict()}  # carried, never re-stored
     # Through a real stream entry, as a consumer sees it (bytes keys).
     client.xadd("messages", fields)
     _, received = client.xrange("messages")[0]
     decoded = decode_message(received, blobs)
-    assert decoded.meta == message.meta
-    assert torch.equal(decoded.tensors["latents"], message.tensors["latents"])
-    assert torch.equal(decoded.tensors["small"], message.tensors["small"])
+    assert decoded.meta == message.meta and decoded.refs == {"train": train}
     assert torch.equal(decoded.masks["mask"], message.masks["mask"])
-    assert (decoded.images["source"] - message.images["source"]).abs().max() <= 0.5 / 255 + 1e-7
+    for name in ("small", "large"):
+        assert (decoded.images[name] - message.images[name]).abs().max() <= 0.5 / 255 + 1e-7
     with pytest.raises(CodecError, match="no blob store"):
         encode_message(message, None, inline_limit=4096)
 
 
-def test_message_blob_tampering_and_loss_fail_loudly(client, tmp_path):
-    for blobs in (RedisBlobStore(client), DirectoryBlobStore(tmp_path / "blobs")):
-        fields = encode_message(Message(tensors={"x": torch.zeros(1024)}), blobs, inline_limit=16)
-        (ref,) = blob_refs(fields)
-        if isinstance(blobs, RedisBlobStore):
-            client.set(ref.key, b"\0" * ref.size)
-        else:
-            (tmp_path / "blobs" / ref.key).write_bytes(b"\0" * ref.size)
-        with pytest.raises(BlobIntegrityError, match="sha256"):
-            decode_message(fields, blobs)
-        blobs.delete(ref)
-        with pytest.raises(BlobMissingError, match="missing"):
-            decode_message(fields, blobs)
+def test_message_blob_tampering_and_loss_fail_loudly(client):
+    blobs = BlobStore(client)
+    fields = encode_message(Message(images={"x": torch.rand(3, 32, 32)}), blobs, inline_limit=16)
+    ref = BlobRef.from_dict(decode_json(fields["parts"])["x"]["blob"])
+    client.set(ref.key, b"\0" * ref.size)
+    with pytest.raises(BlobIntegrityError, match="sha256"):
+        decode_message(fields, blobs)
+    blobs.delete(ref)
+    with pytest.raises(BlobMissingError, match="missing"):
+        decode_message(fields, blobs)
 
 
-def test_blob_stores_round_trip_and_dedupe(client, tmp_path):
-    directory = DirectoryBlobStore(tmp_path)
-    for blobs in (RedisBlobStore(client, ttl_s=None), directory):
-        ref = blobs.put(b"payload")
-        assert blobs.get(ref) == b"payload"
-        assert blobs.put(b"payload") == ref  # content-addressed
-    assert client.ttl(RedisBlobStore(client).put(b"x").key) > 0
-    assert client.ttl(RedisBlobStore(client, ttl_s=None).put(b"y").key) == -1  # no expiry
-    assert not list(tmp_path.glob("**/.tmp-*"))
-    assert directory.remove_older_than(-1) == 1
+def test_blob_store_round_trip_names_and_expiry(client):
+    blobs = BlobStore(client, ttl_s=None)
+    ref = blobs.put(b"payload")
+    assert blobs.get(ref) == b"payload"
+    assert blobs.put(b"payload") == ref  # content-addressed
+    named = blobs.put(b"payload", name="run:g1:v0")
+    assert named.key == blobs.key_for("run:g1:v0") != ref.key and named.sha256 == ref.sha256
+    assert blobs.put(b"PAYLOAD", name="run:g1:v0").sha256 != named.sha256  # a name is overwritten
+    with pytest.raises(BlobIntegrityError, match="sha256"):
+        blobs.get(named)  # the old ref no longer matches what the name holds
+    assert client.ttl(BlobStore(client).put(b"x").key) > 0
+    assert client.ttl(BlobStore(client, ttl_s=None).put(b"y").key) == -1  # no expiry
 
 
 # -- streams --
@@ -216,9 +212,9 @@ def test_dead_letter_after_max_deliveries(client):
     time.sleep(0.03)
     assert stream.reclaim("w4", min_idle_ms=20, max_deliveries=3) == []
     assert stream.pending_count() == 0 and stream.dead_letter_length() == 1
-    (dead,) = stream.read_dead_letters()
-    assert dead.fields[b"dead_letter_of"] == poison.encode()
-    assert dead.fields[b"deliveries"] == b"3" and dead.fields[b"job"] == b"poison"
+    ((_, dead),) = client.xrange(stream.dead_letter)
+    assert dead[b"dead_letter_of"] == poison.encode()
+    assert dead[b"deliveries"] == b"3" and dead[b"job"] == b"poison"
     assert stream.dead_letter_exhausted(max_deliveries=1) == []  # moved once only
 
 
@@ -229,16 +225,15 @@ def test_idempotent_completion_counts_a_group_once(client):
     stream.read("s1")
     time.sleep(0.02)
     (redelivered,) = stream.reclaim("s2", min_idle_ms=10)  # s1 looked dead but was only slow
-    key = done_key("rcgrpo", "g7", 2)
+    key = "rcgrpo:done:run:g7:v2"
     assert stream.complete(entry_id, key, "scored", {"reward": "0.9"}) is True
     assert stream.complete(redelivered.id, key, "scored", {"reward": "0.8"}) is False
     assert [fields for _, fields in client.xrange("scored")] == [{b"reward": b"0.9"}]
     assert stream.pending_count() == 0
     assert 0 < client.ttl(key) <= 24 * 3600
     # A new policy version of the same group is a different result.
-    assert stream.complete(entry_id, done_key("rcgrpo", "g7", 3), "scored", {"reward": "0.7"}) is True
+    assert stream.complete(entry_id, "rcgrpo:done:run:g7:v3", "scored", {"reward": "0.7"}) is True
     assert client.xlen("scored") == 2
-    assert claim_once(client, "once") is True and claim_once(client, "once") is False
 
 
 def test_complete_carries_binary_message_fields(client):
@@ -247,10 +242,9 @@ def test_complete_carries_binary_message_fields(client):
     entry_id = stream.publish(encode_message(Message(meta={"group_id": "g1"}, masks={"m": torch.ones(4, 4)})))
     (entry,) = stream.read("s1")
     received = decode_message(entry.fields)
-    result = Message(meta=received.meta, tensors={"rewards": torch.tensor([0.25, 1.0])})
-    assert stream.complete(entry_id, done_key("rcgrpo", "g1", 0), "scored", encode_message(result))
+    result = Message(meta=received.meta | {"totals": [0.25, 1.0]}, images={"edit": torch.zeros(3, 4, 4)})
+    assert stream.complete(entry_id, "rcgrpo:done:run:g1:v0", "scored", encode_message(result))
     ((_, fields),) = client.xrange("scored")
     decoded = decode_message(fields)
-    assert decoded.meta == {"group_id": "g1"} and torch.equal(
-        decoded.tensors["rewards"], torch.tensor([0.25, 1.0])
-    )
+    assert decoded.meta == {"group_id": "g1", "totals": [0.25, 1.0]}
+    assert torch.equal(decoded.images["edit"], torch.zeros(3, 4, 4))

@@ -66,7 +66,7 @@ def test_rollout_equals_the_stock_pipeline(tiny_editor):
     ).images
     assert (stock - ours.images).abs().max().item() <= 1e-5
     assert ours.states.shape == (9, group, 64, 4 * tiny_editor.latent_channels)
-    assert torch.equal(ours.state(8), ours.final_latents)
+    assert torch.equal(ours.states[8], ours.final_latents)
     assert ours.sigmas[0] == 1.0 and ours.sigmas[-1] == 0.0
 
 
@@ -78,7 +78,7 @@ def test_rollout_keeps_only_requested_states(tiny_editor):
     part = rollout(tiny_editor, cond, _latents(tiny_editor, 2), num_steps=8, keep_states=keep)
     assert part.states.shape[0] == 4
     for j in keep:
-        assert torch.equal(part.state(j), full.state(j))
+        assert torch.equal(part.states[keep.index(j)], full.states[j])
     with pytest.raises(ValueError, match="outside the 8-step grid"):
         surrogate_state_indices(8, [8])
 

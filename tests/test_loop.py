@@ -1,8 +1,9 @@
 """The distributed training loop on real parts: a private redis-server, the real reward server (uvicorn in
 stream mode), rollout workers and learners on the shipped tiny editor, local Ray for the driver.
 
-1. a 3-iteration end-to-end run through deploy.driver.run;
-2. the weight-version handshake: a new LoRA version reaches every worker and changes what it samples;
+1. a 3-iteration end-to-end run through deploy.driver.run, and runs scored by an external reward
+   server started with other weights (the run's weights apply) or not serving the run's rewards (refused);
+2. the policy-version handshake: a new LoRA version reaches every worker and changes what it samples;
 3. a rollout worker process killed with SIGKILL mid-task: its task is reclaimed and completed once;
 4. a learner killed after an unsaved step and resumed: same step, same weights, same data;
 5. the staleness bound: groups sampled by too old a policy are dropped and counted.
@@ -30,14 +31,13 @@ from rcgrpo.lora import lora_state_dict
 from reward_server.app import create_app
 from reward_server.settings import RewardServerSettings
 from rollout_worker.worker import RolloutWorker
-from services.blobstore import BlobIntegrityError
+from services.blobstore import BlobIntegrityError, BlobMissingError
 from services.bus import RunBus
 from services.config import load_run_config
 from services.http import serve_in_thread
-from services.payloads import Task
+from services.record import GroupKey, Task, decode_rollout_group
 from services.redis_server import EmbeddedRedis
 from services.reward_client import RewardClient
-from services.schemas import decode_rollout_group, decode_scored_group
 
 TOKEN = "loop-test-token-0123456789abcdef"
 # small enough for 2 CPU cores; torch threads as conftest sets them (workers and learners set them globally)
@@ -78,10 +78,13 @@ def counter(name, **labels) -> float:
 
 
 @contextmanager
-def reward_server(cfg, redis_url):
-    """The real reward server, with the settings the driver gives it, on a loopback port in this process."""
+def reward_server(cfg, redis_url, rewards=None):
+    """The real reward server, with the settings the driver gives it (served `rewards` instead, if given),
+    on a loopback port in this process."""
     values = reward_server_settings(cfg, redis_url, port=0)
     del values["host"], values["port"]
+    if rewards is not None:
+        values["rewards"] = rewards
     values["stream"]["block_ms"] = 50
     with serve_in_thread(create_app(RewardServerSettings(token=TOKEN, **values))) as url:
         RewardClient(url, token=TOKEN).wait_ready(timeout_s=60)
@@ -89,11 +92,17 @@ def reward_server(cfg, redis_url):
 
 
 def rollout_groups(bus):
-    return [decode_rollout_group(fields) for _, fields in bus.client.xrange(bus.rollouts.name)]
+    return [decode_rollout_group(fields, bus.blobs) for _, fields in bus.client.xrange(bus.rollouts.name)]
 
 
 def scored_groups(bus):
-    return [decode_scored_group(fields) for _, fields in bus.client.xrange(bus.scored.name)]
+    return [decode_rollout_group(fields) for _, fields in bus.client.xrange(bus.scored.name)]
+
+
+def train_blob_exists(bus, group_id: str, policy_version: int) -> bool:
+    """Whether the training tensors of a group are stored (under its group key)."""
+    key = GroupKey(run=bus.cfg.name, group_id=group_id, policy_version=policy_version)
+    return bool(bus.client.exists(bus.train_blobs.key_for(key.id)))
 
 
 def publish_tasks(bus, tasks):
@@ -157,21 +166,21 @@ def test_three_iteration_run_through_the_driver(tmp_path, redis_url, monkeypatch
     assert load_run_config(run_dir / "config.yaml") == cfg
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert [r["weight_version"] for r in rows] == [1, 2, 3]  # publish_every=1: one version per update
+    assert [r["policy_version"] for r in rows] == [1, 2, 3]  # publish_every=1: one version per update
     assert all(
         r["groups"] == 2 and math.isfinite(r["reward_mean"]) and math.isfinite(r["loss"]) for r in rows
     )
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
     state = json.loads((run_dir / "checkpoints" / "step_000003" / "state.json").read_text())
     # the cursor is what the driver had fed: (step + 1 + max_staleness) * groups_per_step after step 2
-    assert (state["step"], state["weight_version"], state["task_cursor"]) == (3, 3, 8)
+    assert (state["step"], state["policy_version"], state["task_cursor"]) == (3, 3, 8)
     assert len(state["consumed"]) == 6  # 3 steps x 2 groups
 
     # the final LoRA is the step-3 checkpoint and the latest published version, and a stock pipeline loads it
     final = load_file(run_dir / "checkpoints" / "step_000003" / "lora.safetensors")
     bus = RunBus(cfg, redis_url)
-    assert bus.weights.latest().version == 3
-    assert_same_tensors(bus.weights.load(3), final)
+    assert bus.lora.latest().policy_version == 3
+    assert_same_tensors(bus.lora.load(3), final)
     assert any(t.abs().max() > 0 for n, t in final.items() if "lora_B" in n)  # trained, not the zero init
     pipe = FluxKontextPipeline.from_pretrained(cfg.editor, local_files_only=True)
     pipe.load_lora_weights(run_dir / "lora")
@@ -200,26 +209,103 @@ def test_three_iteration_run_through_the_driver(tmp_path, redis_url, monkeypatch
     [info] = bus.client.xinfo_groups(bus.scored.name)
     last_delivered = stream_id(info["last-delivered-id"])
     consumed = [
-        decode_scored_group(fields) for entry_id, fields in scored if stream_id(entry_id) <= last_delivered
+        decode_rollout_group(fields).meta.key
+        for entry_id, fields in scored
+        if stream_id(entry_id) <= last_delivered
     ]
     assert len(consumed) == 6 and info["pending"] == 0  # the final checkpoint acknowledged them all
-    staleness = [j // 2 - group.policy_version for j, group in enumerate(consumed)]
+    staleness = [j // 2 - key.policy_version for j, key in enumerate(consumed)]
     assert all(0 <= s <= cfg.learner.max_staleness for s in staleness), staleness
     # workers sampled with the version current when their task was fed: task i >= 4 was fed after step
     # i // 2 - 1, so a worker stuck on the initial policy fails here
     for group in scored_groups(bus):
-        task_index = int(group.group_id.split("-")[1])
-        assert group.policy_version >= max(0, task_index // 2 - 1), (group.group_id, group.policy_version)
-    assert max(group.policy_version for group in consumed) >= 1
+        key = group.meta.key
+        task_index = int(key.group_id.split("-")[1])
+        assert key.policy_version >= max(0, task_index // 2 - 1), key
+    assert max(key.policy_version for key in consumed) >= 1
     # stopped cleanly: every task a worker took was completed, none dead-lettered
     assert bus.tasks.pending_count() == 0 and bus.tasks.dead_letter_length() == 0
 
 
+@pytest.mark.slow
+def test_an_external_reward_server_scores_the_runs_groups_with_the_runs_weights(
+    tmp_path, redis_url, monkeypatch
+):
+    from deploy.driver import run
+
+    for variable in ("RCGRPO_REWARD_URL", "RAY_ADDRESS", "REDIS_URL"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("RCGRPO_REWARD_TOKEN", TOKEN)
+    overrides = [
+        "rollout.num_workers=1",
+        "learner.total_steps=2",
+        "eval.num_samples=0",
+        "method.acd_weight=0.25",
+    ]
+    cfg = run_config(tmp_path, redis_url, "external", *overrides)
+    # a shared reward server on the run's streams, started with its own, other weights
+    server_weights = {"region_adherence": 5.0, "background_psnr": 0.0, "background_ssim": 0.0, "acd": 1.0}
+    with reward_server(cfg, redis_url, server_weights) as url:
+        summary = run(cfg.model_copy(update={"reward": cfg.reward.model_copy(update={"url": url})}))
+    assert summary["steps"] == 2
+    scored = scored_groups(RunBus(cfg, redis_url))
+    assert len(scored) >= 2 * cfg.learner.groups_per_step
+    assert cfg.rewards == {
+        "region_adherence": 1.0,
+        "background_psnr": 0.25,
+        "background_ssim": 1.0,
+        "acd": 0.25,
+    }
+    for group in scored:
+        assert group.meta.rewards == cfg.rewards
+        for scores, total in zip(group.meta.scores.scores, group.meta.scores.totals, strict=True):
+            assert total == pytest.approx(sum(w * scores[name] for name, w in cfg.rewards.items()), rel=1e-9)
+            assert total != pytest.approx(sum(w * scores[name] for name, w in server_weights.items()))
+
+    # a server that does not serve one of the run's rewards: the run refuses to start, naming it
+    with reward_server(cfg, redis_url, {"background_psnr": 0.02, "background_ssim": 1.0, "acd": 0.5}) as url:
+        refused = cfg.model_copy(
+            update={"name": "refused", "reward": cfg.reward.model_copy(update={"url": url})}
+        )
+        with pytest.raises(ValueError, match=r"does not serve \['region_adherence'\]"):
+            run(refused)
+    assert not (tmp_path / "refused" / "metrics.jsonl").exists()  # refused before any step
+
+
+def test_the_ray_and_the_external_learner_offer_what_the_driver_asks():
+    import inspect
+
+    from deploy.driver import ExternalLearner, LearnerHandle, RayLearner
+
+    asked = {
+        name: list(inspect.signature(fn).parameters)
+        for name, fn in vars(LearnerHandle).items()
+        if inspect.isfunction(fn) and not name.startswith("_")
+    }
+    assert set(asked) == {"resume_point", "publish_lora", "step", "checkpoint", "save_final_lora"}
+    for learner in (RayLearner, ExternalLearner, Learner):
+        for name, parameters in asked.items():
+            offered = inspect.signature(getattr(learner, name)).parameters
+            assert list(offered)[: len(parameters)] == parameters, (learner.__name__, name)
+            assert all(p.default is not p.empty for p in list(offered.values())[len(parameters) :])
+
+
+def test_a_run_needing_more_cpus_than_the_local_ray_has_is_refused():
+    from deploy.driver import check_local_cpus
+
+    cfg = load_run_config(None, ["rollout.num_workers=3", "rollout.cpus_per_worker=1"])
+    check_local_cpus(cfg, 3)
+    with pytest.raises(
+        ValueError, match=r"rollout.num_workers=3 x rollout.cpus_per_worker=1.0 needs 3 CPUs.* has 2"
+    ):
+        check_local_cpus(cfg, 2)
+
+
 # ---------------------------------------------------------------------------------------------------
-# 2. the weight-version handshake
+# 2. the policy-version handshake
 
 
-def test_new_weight_version_reaches_every_worker_and_changes_its_samples(tmp_path, redis_url):
+def test_new_policy_version_reaches_every_worker_and_changes_its_samples(tmp_path, redis_url):
     cfg = run_config(tmp_path, redis_url, "handshake")
     bus = RunBus(cfg, redis_url)
     workers = [RolloutWorker(cfg, redis_url, f"handshake-{i}") for i in range(2)]
@@ -231,45 +317,48 @@ def test_new_weight_version_reaches_every_worker_and_changes_its_samples(tmp_pat
         for n, t in template.items()
     }
     v1 = {n: 0.2 * torch.randn(t.shape, generator=g) if "lora_B" in n else t for n, t in v0.items()}
-    bus.weights.publish(v0, version=0)
+    bus.lora.publish(v0, policy_version=0)
 
     def sample(prefix: str) -> list:
         """Every worker rolls out the same task (same sample and noise seed) under its own id."""
         for i, worker in enumerate(workers):
-            publish_tasks(bus, [Task(f"{prefix}-{i}", sample_index=3, noise_seed=11)])
+            publish_tasks(bus, [Task(f"{prefix}-{i}", dataset_index=3, noise_seed=11)])
             assert worker.run(max_tasks=1) == 1
-        return [g for g in rollout_groups(bus) if g.meta.group_id.startswith(prefix)]
+        return [g for g in rollout_groups(bus) if g.meta.key.group_id.startswith(prefix)]
+
+    def edits(group):
+        return torch.stack(group.images.edits)
 
     before = sample("before")
-    assert [g.meta.policy_version for g in before] == [0, 0]
-    assert torch.equal(before[0].edits, before[1].edits)  # rollouts are reproducible across workers
+    assert [g.meta.key.policy_version for g in before] == [0, 0]
+    assert torch.equal(edits(before[0]), edits(before[1]))  # rollouts are reproducible across workers
 
     # the workers already hold v0; a newer version must replace it before their next task
-    bus.weights.publish(v1, version=1)
+    bus.lora.publish(v1, policy_version=1)
     after = sample("after")
-    assert [g.meta.policy_version for g in after] == [1, 1]
+    assert [g.meta.key.policy_version for g in after] == [1, 1]
     for worker in workers:
         assert worker.policy_version == 1
-        assert counter("rcgrpo_rollout_weight_version", worker=worker.worker_id) == 1
+        assert counter("rcgrpo_rollout_policy_version", worker=worker.worker_id) == 1
         assert_same_tensors(lora_state_dict(worker.editor.transformer), v1)
-    assert torch.equal(after[0].edits, after[1].edits)
+    assert torch.equal(edits(after[0]), edits(after[1]))
     # same task, same noise: only the weights changed, and the edits with them (64x the PNG quantum)
-    change = (after[0].edits - before[0].edits).abs()
+    change = (edits(after[0]) - edits(before[0])).abs()
     assert change.max() > 0.25 and change.mean() > 0.05, (
         f"v1 edits ~ v0 edits (max change {change.max():.4f}, mean {change.mean():.4f}): workers ignore new weights"
     )
-    # the learner finds the training payload under the version that sampled it
-    assert bus.payloads.get("after-0", 1)
-    with pytest.raises(KeyError, match="policy version 0"):
-        bus.payloads.get("after-0", 0)
+    # the record's training tensors are stored under its group key: the version that sampled it
+    assert after[0].train.key == bus.train_blobs.key_for(after[0].meta.key.id)
+    assert bus.train_blobs.get(after[0].train)
+    assert train_blob_exists(bus, "after-0", 1) and not train_blob_exists(bus, "after-0", 0)
 
     # a corrupted version is refused (sha256), and the worker keeps sampling the version it verified
-    corrupted = bus.weights.publish({n: t + 1 for n, t in v1.items()}, version=2)
-    data = bytearray(bus.client.get(corrupted.blob_key))
+    corrupted = bus.lora.publish({n: t + 1 for n, t in v1.items()}, policy_version=2)
+    data = bytearray(bus.client.get(corrupted.blob.key))
     data[-1] ^= 0xFF
-    bus.client.set(corrupted.blob_key, bytes(data))
+    bus.client.set(corrupted.blob.key, bytes(data))
     with pytest.raises(BlobIntegrityError, match="sha256"):
-        workers[0].sync_weights()
+        workers[0].sync_lora()
     assert workers[0].policy_version == 1
     assert_same_tensors(lora_state_dict(workers[0].editor.transformer), v1)
 
@@ -284,8 +373,8 @@ def test_task_of_a_killed_worker_process_is_reclaimed_and_completed_once(tmp_pat
     fast = run_config(tmp_path, redis_url, "sigkill", "rollout.reclaim_idle_ms=100")
     bus = RunBus(fast, redis_url)
     rescuer = RolloutWorker(fast, redis_url, "rescuer")
-    bus.weights.publish(lora_state_dict(rescuer.editor.transformer), version=0)
-    task = Task("task-doomed", sample_index=2, noise_seed=5)
+    bus.lora.publish(lora_state_dict(rescuer.editor.transformer), policy_version=0)
+    task = Task("task-doomed", dataset_index=2, noise_seed=5)
     task_entry = bus.tasks.publish(task.to_fields())
 
     config_path = tmp_path / "sigkill.yaml"
@@ -327,9 +416,9 @@ def test_task_of_a_killed_worker_process_is_reclaimed_and_completed_once(tmp_pat
     # a second completion (say the dead worker had finished after all) publishes nothing
     assert rescuer.process(reclaimed[0]) is False
 
-    groups = [g for g in rollout_groups(bus) if g.meta.group_id == task.task_id]
+    groups = [g for g in rollout_groups(bus) if g.meta.key.group_id == task.group_id]
     assert len(groups) == 1 and bus.rollouts.length() == 1
-    assert groups[0].meta.group_size == fast.method.group_size and groups[0].meta.policy_version == 0
+    assert groups[0].meta.group_size == fast.method.group_size and groups[0].meta.key.policy_version == 0
     assert bus.tasks.pending_count() == 0 and bus.tasks.dead_letter_length() == 0
     assert rescuer.next_entries() == []  # nothing left to take
 
@@ -353,11 +442,13 @@ def test_learner_killed_after_an_unsaved_step_resumes_with_identical_weights(tmp
         Learner(cfg, redis_url, resume=True)
 
     learner_a = Learner(cfg, redis_url)
-    assert learner_a.publish_weights() == 0
+    assert learner_a.publish_lora() == 0
     worker = RolloutWorker(cfg, redis_url, "resume-worker")
     with reward_server(cfg, redis_url):
-        produce_scored(bus, worker, [Task(f"task-{i}", sample_index=i, noise_seed=100 + i) for i in range(3)])
-    assert [s.policy_version for s in scored_groups(bus)] == [0, 0, 0]
+        produce_scored(
+            bus, worker, [Task(f"task-{i}", dataset_index=i, noise_seed=100 + i) for i in range(3)]
+        )
+    assert [s.meta.key.policy_version for s in scored_groups(bus)] == [0, 0, 0]
 
     weights, stats = {}, []
     for _ in range(3):
@@ -384,12 +475,14 @@ def test_learner_killed_after_an_unsaved_step_resumes_with_identical_weights(tmp
     redone = learner_b.step(timeout_s=10)  # the pending step-3 group, re-read
     assert redone["step"] == 3 and redone["groups"] == 1 and redone["reward_mean"] == stats[2]["reward_mean"]
     assert_same_tensors(lora_state_dict(learner_b.editor.transformer), weights[3])
-    assert_same_tensors(bus.weights.load(bus.weights.latest()), weights[3])  # broadcast as a newer version
+    assert_same_tensors(bus.lora.load(bus.lora.latest()), weights[3])  # broadcast as a newer version
     learner_b.checkpoint(task_cursor=3)
     assert bus.scored.pending_count() == 0
-    for i in range(3):  # every payload freed once a checkpoint holds its update
-        with pytest.raises(KeyError):
-            bus.payloads.get(f"task-{i}", 0)
+    for group in scored_groups(
+        bus
+    ):  # every group's training tensors freed once a checkpoint holds its update
+        with pytest.raises(BlobMissingError):
+            bus.train_blobs.get(group.train)
     del learner_b
     gc.collect()
     with pytest.raises(ValueError, match="already at learner.total_steps=3"):
@@ -404,16 +497,16 @@ def test_groups_older_than_max_staleness_are_dropped_and_counted(tmp_path, redis
     cfg = run_config(tmp_path, redis_url, "stale", "learner.max_staleness=0", "learner.groups_per_step=1")
     bus = RunBus(cfg, redis_url)
     learner = Learner(cfg, redis_url)
-    learner.publish_weights()
+    learner.publish_lora()
     worker = RolloutWorker(cfg, redis_url, "stale-worker")
     stale_before = counter("rcgrpo_learner_groups_total", outcome="stale")
     trained_before = counter("rcgrpo_learner_groups_total", outcome="trained")
     with reward_server(cfg, redis_url):
-        produce_scored(bus, worker, [Task(f"v0-{i}", sample_index=i, noise_seed=i) for i in range(3)])
+        produce_scored(bus, worker, [Task(f"v0-{i}", dataset_index=i, noise_seed=i) for i in range(3)])
         first = learner.step(timeout_s=60)  # trains v0-0 at version 0 and publishes version 1
-        assert (first["groups"], first["weight_version"], first["staleness_mean"]) == (1, 1, 0)
-        produce_scored(bus, worker, [Task("v1-0", sample_index=3, noise_seed=3)])
-    assert [(s.group_id, s.policy_version) for s in scored_groups(bus)] == [
+        assert (first["groups"], first["policy_version"], first["staleness_mean"]) == (1, 1, 0)
+        produce_scored(bus, worker, [Task("v1-0", dataset_index=3, noise_seed=3)])
+    assert [(s.meta.key.group_id, s.meta.key.policy_version) for s in scored_groups(bus)] == [
         ("v0-0", 0),
         ("v0-1", 0),
         ("v0-2", 0),
@@ -421,13 +514,12 @@ def test_groups_older_than_max_staleness_are_dropped_and_counted(tmp_path, redis
     ]
 
     second = learner.step(timeout_s=10)  # v0-1 and v0-2 lag version 1 by one: dropped; v1-0 is trained
-    assert (second["groups"], second["staleness_mean"], second["weight_version"]) == (1, 0, 2)
+    assert (second["groups"], second["staleness_mean"], second["policy_version"]) == (1, 0, 2)
     assert counter("rcgrpo_learner_groups_total", outcome="stale") - stale_before == 2
     assert counter("rcgrpo_learner_groups_total", outcome="trained") - trained_before == 2
-    # until a checkpoint accounts for them, their payloads stay (a resumed learner re-reads the entries)
-    assert bus.payloads.get("v0-1", 0) and bus.payloads.get("v0-2", 0)
+    # until a checkpoint accounts for them, their training tensors stay (a resumed learner re-reads the entries)
+    assert train_blob_exists(bus, "v0-1", 0) and train_blob_exists(bus, "v0-2", 0)
     learner.checkpoint(task_cursor=4)
     assert bus.scored.pending_count() == 0  # dropped groups are acknowledged too, never re-read
     for group_id, version in (("v0-0", 0), ("v0-1", 0), ("v0-2", 0), ("v1-0", 1)):
-        with pytest.raises(KeyError):
-            bus.payloads.get(group_id, version)
+        assert not train_blob_exists(bus, group_id, version)

@@ -138,7 +138,7 @@ def components(tiny_editor_dir, tmp_path_factory):
             # as the driver builds them (deploy/driver.py), in this process
             learner = Learner(cfg, redis_server.url, metrics_port=cfg.learner.metrics_port)
             worker = RolloutWorker(cfg, redis_server.url, WORKER_ID, cfg.rollout.metrics_port)
-            learner.publish_weights()
+            learner.publish_lora()
             TaskFeeder(learner.bus, cfg.data.num_samples, cfg.data.seed).feed_until(
                 cfg.learner.groups_per_step
             )
@@ -187,9 +187,9 @@ def test_served_values_describe_the_step(components):
     scrapes = component_scrapes(components)
     learner, worker, reward = scrapes["learner"], scrapes["rollout-worker"], scrapes["reward-server"]
     group_size = cfg.method.group_size
-    assert stats["step"] == 1 and stats["weight_version"] == 1
+    assert stats["step"] == 1 and stats["policy_version"] == 1
     assert value(learner, "rcgrpo_learner_step") == 1
-    assert value(learner, "rcgrpo_learner_weight_version") == 1  # v0 sampled, v1 published after the step
+    assert value(learner, "rcgrpo_learner_policy_version") == 1  # v0 sampled, v1 published after the step
     assert value(learner, "rcgrpo_learner_reward_mean") == pytest.approx(stats["reward_mean"])
     assert value(learner, "rcgrpo_learner_loss") == pytest.approx(stats["loss"])
     assert value(learner, "rcgrpo_learner_step_seconds_count") >= 1
@@ -202,7 +202,7 @@ def test_served_values_describe_the_step(components):
     assert value(learner, "rcgrpo_stream_pending", stream="rollouts") == 0
     assert value(worker, "rcgrpo_rollout_groups_total", worker=WORKER_ID) == 1
     assert value(worker, "rcgrpo_rollout_images_total", worker=WORKER_ID) == group_size
-    assert value(worker, "rcgrpo_rollout_weight_version", worker=WORKER_ID) == 0
+    assert value(worker, "rcgrpo_rollout_policy_version", worker=WORKER_ID) == 0
     assert value(worker, "rcgrpo_rollout_group_seconds_count", worker=WORKER_ID) == 1
     assert value(reward, "rcgrpo_reward_stream_groups_total", outcome="scored") == 1
     assert value(reward, "rcgrpo_reward_items_scored_total", source="stream") == group_size

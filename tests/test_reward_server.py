@@ -143,7 +143,7 @@ def test_scores_equal_direct_calls_of_the_reward_functions(server, clip_dir):
     body = response.json()
     assert body["weights"] == ALL_REWARDS
     results = body["results"]
-    assert [(r["group_id"], r["sample_index"], r["policy_version"]) for r in results] == [
+    assert [(r["group_id"], r["candidate_index"], r["policy_version"]) for r in results] == [
         ("grp-1", i, 7) for i in range(5)
     ]
     clip = load_clip(clip_dir)
@@ -253,7 +253,7 @@ BAD_INPUTS = [
     ("missing_acd", lambda it: it.pop("intrinsic"), "reward 'acd' needs 'intrinsic.acd'"),
     ("missing_edit", lambda it: it.pop("edit"), "items.0.edit: Field required"),
     ("extra_field", lambda it: it.update(colour="red"), "items.0.colour: Extra inputs are not permitted"),
-    ("negative_index", lambda it: it.update(sample_index=-1), "items.0.sample_index"),
+    ("negative_index", lambda it: it.update(candidate_index=-1), "items.0.candidate_index"),
     ("acd_out_of_range", lambda it: it.update(intrinsic={"acd": 1.5}), "items.0.intrinsic.acd"),
     ("group_id_with_spaces", lambda it: it.update(group_id="a b"), "items.0.group_id"),
 ]
@@ -626,7 +626,7 @@ def test_random_pngs_get_a_score_or_a_reason(server):
         chosen=st.lists(st.sampled_from(list(ALL_REWARDS) + ["nope"]), min_size=1, max_size=2, unique=True),
     )
     def check(size, seed, with_target, acd, odd, chosen):
-        item = {"group_id": "fuzz", "sample_index": 0, "policy_version": 0, "caption": "a red square"}
+        item = {"group_id": "fuzz", "candidate_index": 0, "policy_version": 0, "caption": "a red square"}
         for name in ("source", "edit", "mask") + (("target",) if with_target else ()):
             item[name] = random_png("L" if name == "mask" else "RGB", *size, seed)
         if odd is not None:

@@ -1,4 +1,5 @@
-"""Stream mode against a real redis-server: rollout groups in, one ScoredGroup out per (group, version)."""
+"""Stream mode against a real redis-server: rollout-group records in, one scored record out per group
+key (run, group id, policy version), scored with the rewards and weights the record carries."""
 
 import time
 
@@ -11,14 +12,28 @@ from rcgrpo.data.shapes import generate_shapes_edit
 from reward_server.app import create_app
 from reward_server.settings import RewardServerSettings
 from services.auth import bearer_header
+from services.blobstore import BlobStore
 from services.http import serve_in_thread
+from services.record import (
+    GroupImages,
+    GroupKey,
+    GroupMeta,
+    RolloutGroup,
+    decode_rollout_group,
+    encode_rollout_group,
+)
 from services.redis_server import EmbeddedRedis
 from services.reward_client import RewardClient
-from services.schemas import decode_scored_group, encode_rollout_group, make_score_item
+from services.schemas import make_score_item
 from services.streams import WorkStream
 
 TOKEN = "stream-token-0123456789abcdef"
-REWARDS = {"region_adherence": 1.0, "background_psnr": 0.02, "lc_t": 0.01, "acd": 0.5}
+REWARDS = {
+    "region_adherence": 1.0,
+    "background_psnr": 0.02,
+    "lc_t": 0.01,
+    "acd": 0.5,
+}  # what the server serves
 ROLLOUTS, SCORED = "test:rollouts", "test:scored"
 
 
@@ -41,19 +56,39 @@ def make_group(seed: int, group_size: int = 4):
     )
 
 
-def publish(work: WorkStream, group_id: str, version: int, group: dict) -> str:
-    fields = encode_rollout_group(
-        group_id, version, "edit it", group["caption"], group["source"], group["mask"], group["edits"],
-        target=group["target"], acd=group["acd"],
-    )  # fmt: skip
-    return work.publish(fields)
+def record(
+    work: WorkStream, group_id: str, version: int, group: dict, rewards=REWARDS, instruction="edit it"
+):
+    """A rollout-group record as a worker publishes it (its training tensors: a stand-in blob)."""
+    train = BlobStore(work.client, prefix="test:train:").put(
+        b"training tensors", name=f"{group_id}:v{version}"
+    )
+    height, width = group["mask"].shape
+    meta = GroupMeta(
+        key=GroupKey(run="test", group_id=group_id, policy_version=version),
+        instruction=instruction,
+        caption=group["caption"],
+        group_size=len(group["edits"]),
+        height=height,
+        width=width,
+        state_indices=[0, 1],
+        acd=group["acd"],
+        rewards=rewards,
+        has_target=group["target"] is not None,
+    )
+    images = GroupImages(group["source"], group["mask"], list(group["edits"]), group["target"])
+    return RolloutGroup(meta, train, images)
+
+
+def publish(work: WorkStream, group_id: str, version: int, group: dict, rewards=REWARDS) -> str:
+    return work.publish(encode_rollout_group(record(work, group_id, version, group, rewards)))
 
 
 def scored_for(redis_client, group_id):
     return [
-        s
-        for s in (decode_scored_group(fields) for _, fields in redis_client.xrange(SCORED))
-        if s.group_id == group_id
+        s.meta
+        for s in (decode_rollout_group(fields) for _, fields in redis_client.xrange(SCORED))
+        if s.meta.key.group_id == group_id
     ]
 
 
@@ -113,8 +148,15 @@ def test_group_is_scored_once_like_http(stream_server, work):
     publish(work, "grp-a", 5, group)
     wait_until(lambda: scored_for(work.client, "grp-a"), what="a scored group")
     [scored] = scored_for(work.client, "grp-a")
-    assert scored.policy_version == 5 and scored.weights == REWARDS
-    assert len(scored.scores) == len(scored.totals) == 4
+    assert scored.key.policy_version == 5 and scored.rewards == REWARDS
+    assert len(scored.scores.scores) == len(scored.scores.totals) == 4
+    # the scored record is the rollout record, scores added: same key, same training tensors, no images
+    [(_, fields)] = [
+        e for e in work.client.xrange(SCORED) if decode_rollout_group(e[1]).meta.key.group_id == "grp-a"
+    ]
+    scored_record = decode_rollout_group(fields)
+    assert scored_record.images is None
+    assert scored_record.train == record(work, "grp-a", 5, group).train
 
     # the same candidates over HTTP give the same numbers
     items = [
@@ -133,10 +175,12 @@ def test_group_is_scored_once_like_http(stream_server, work):
         for i, edit in enumerate(group["edits"])
     ]
     http = httpx.post(f"{stream_server}/v1/score", json={"items": items}, headers=bearer_header(TOKEN)).json()
-    for over_http, scores, total in zip(http["results"], scored.scores, scored.totals, strict=True):
+    for over_http, scores, total in zip(
+        http["results"], scored.scores.scores, scored.scores.totals, strict=True
+    ):
         assert scores == pytest.approx(over_http["scores"], rel=1e-5, abs=1e-5)
         assert total == pytest.approx(over_http["total"], rel=1e-5, abs=1e-5)
-    assert [s["acd"] for s in scored.scores] == pytest.approx(group["acd"], abs=1e-12)
+    assert [s["acd"] for s in scored.scores.scores] == pytest.approx(group["acd"], abs=1e-12)
     # through the server's own batcher
     assert (
         metric(stream_server, "rcgrpo_reward_items_scored_total", 'source="stream"')
@@ -155,13 +199,12 @@ def test_group_is_scored_once_like_http(stream_server, work):
     # a new policy version of the same group is new work
     publish(work, "grp-a", 6, group)
     wait_until(lambda: len(scored_for(work.client, "grp-a")) == 2, what="the version-6 result")
-    assert [s.policy_version for s in scored_for(work.client, "grp-a")] == [5, 6]
+    assert [s.key.policy_version for s in scored_for(work.client, "grp-a")] == [5, 6]
 
 
 def test_group_left_by_a_dead_consumer_is_reclaimed_and_scored_once(stream_server, work):
     group = make_group(seed=12)
-    fields = encode_rollout_group("grp-b", 1, "edit it", group["caption"], group["source"], group["mask"],
-                                  group["edits"], target=group["target"], acd=group["acd"])  # fmt: skip
+    fields = encode_rollout_group(record(work, "grp-b", 1, group))
     # Another consumer takes the entry and dies before acking it. Publish and take in one transaction,
     # so the server's blocked read cannot get the entry first.
     pipe = work.client.pipeline(transaction=True)
@@ -180,14 +223,37 @@ def test_undecodable_group_goes_to_the_dead_letter_stream(stream_server, work):
     dead_before = work.dead_letter_length()
     work.publish({"meta": b'{"group_id": "grp-c"', "parts": b"{}"})  # truncated JSON
     group = make_group(seed=13)
-    fields = encode_rollout_group("grp-d", 1, "", "", group["source"], group["mask"][:32], group["edits"])
-    work.publish(fields)  # decodes, but its mask does not fit its images
+    misfit = record(work, "grp-d", 1, group)
+    misfit.images.mask = misfit.images.mask[:32]
+    work.publish(encode_rollout_group(misfit))  # encodes, but its mask does not fit its images
     wait_until(lambda: work.dead_letter_length() == dead_before + 2, what="two dead letters")
     wait_until(lambda: work.pending_count() == 0, what="no pending entries")
     assert not scored_for(work.client, "grp-d")
-    dead = work.read_dead_letters()[-2:]
-    assert [int(d.fields[b"deliveries"]) for d in dead] == [2, 2]
+    dead = [fields for _, fields in work.client.xrange(work.dead_letter)][-2:]
+    assert [int(fields[b"deliveries"]) for fields in dead] == [2, 2]
     assert metric(stream_server, "rcgrpo_reward_errors_total", 'kind="stream_bad_message"') >= 4
+
+
+def test_group_is_scored_with_the_rewards_and_weights_it_carries(stream_server, work):
+    """The server's own weights (REWARDS) do not apply to a group: its run's do."""
+    group = make_group(seed=14)
+    run_rewards = {"region_adherence": 3.0, "background_psnr": 0.5, "acd": 0.0}  # other weights, no lc_t
+    publish(work, "grp-e", 0, group, rewards=run_rewards)
+    wait_until(lambda: scored_for(work.client, "grp-e"), what="the scored group")
+    [scored] = scored_for(work.client, "grp-e")
+    assert scored.rewards == run_rewards
+    for scores, total in zip(scored.scores.scores, scored.scores.totals, strict=True):
+        assert set(scores) == set(run_rewards)  # only the run's rewards are computed
+        assert total == pytest.approx(sum(w * scores[name] for name, w in run_rewards.items()), rel=1e-9)
+        assert total != pytest.approx(sum(w * scores[name] for name, w in REWARDS.items() if name in scores))
+
+    # a group asking for a reward this server does not serve is never scored with other rewards
+    dead_before = work.dead_letter_length()
+    publish(work, "grp-f", 0, group, rewards={"background_ssim": 1.0, "acd": 0.5})
+    wait_until(
+        lambda: work.dead_letter_length() == dead_before + 1, what="the unservable group's dead letter"
+    )
+    assert not scored_for(work.client, "grp-f")
 
 
 def test_unreachable_redis_shows_in_readyz():

@@ -203,7 +203,7 @@ def test_one_step_moves_the_prediction_toward_positive_candidates(lora_editor):
     cond, result, weights = _group(lora_editor, cfg, seed=1, keep_states=[j, j + 1])
     advantages = torch.tensor([2.0, -2.0, 0.0, 0.0])  # candidate 0 good, candidate 1 bad
     group = TrainGroup(cond, result.sigmas, result.state_indices, result.states, weights, advantages)
-    x_j, x_next = result.state(j), result.state(j + 1)
+    x_j, x_next = result.states[0], result.states[1]  # the kept states j and j + 1
     sigma = result.sigmas[j].expand(cfg.group_size)
     sigma_next = result.sigmas[j + 1].expand(cfg.group_size)
 

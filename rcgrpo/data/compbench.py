@@ -1,4 +1,4 @@
-"""CompBench loaders: the on-disk release layout and the parquet release (METHOD.md section 7).
+"""CompBench loaders: the on-disk release layout and the parquet release (docs/METHOD.md section 7).
 
 On disk (the directory `download_from_hf.py` of the CompBench repository writes):
 

@@ -1,11 +1,10 @@
-"""Publish-and-load time of a FLUX.1 Kontext-size LoRA through the WeightStore.
+"""Publish-and-load time of a FLUX.1 Kontext-size LoRA through the LoraStore.
 
 The LoRA: rank 32 on every attention projection of FLUX.1 Kontext (19 dual-stream blocks: to_q, to_k,
 to_v, to_out.0, add_q_proj, add_k_proj, add_v_proj, to_add_out; 38 single-stream blocks: to_q, to_k,
-to_v; all 3072x3072), synthetic bf16 tensors. Blob stores: Redis (the embedded redis-server with AOF,
-or REDIS_URL) and a directory (temp dir, or --directory).
+to_v; all 3072x3072), synthetic bf16 tensors, on the embedded redis-server with AOF (or REDIS_URL).
 
-    .venv/bin/python bench/bench_weights.py --repeats 5
+    .venv/bin/python bench/bench_lora_store.py --repeats 5
 """
 
 from __future__ import annotations
@@ -13,16 +12,15 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import tempfile
 import time
 
 import redis
 import torch
 
-from services.blobstore import DirectoryBlobStore, RedisBlobStore, sha256_hex
+from services.blobstore import sha256_hex
 from services.codec import decode_tensors, encode_tensors
+from services.lora_store import LoraStore
 from services.redis_server import redis_url_or_embedded
-from services.weights import WeightStore
 
 HIDDEN = 3072
 DUAL_BLOCKS, SINGLE_BLOCKS = 19, 38
@@ -49,19 +47,18 @@ def timed(fn, *args):
     return result, time.perf_counter() - start
 
 
-def bench_store(name: str, store: WeightStore, lora: dict[str, torch.Tensor], repeats: int) -> dict:
+def bench_store(store: LoraStore, lora: dict[str, torch.Tensor], repeats: int) -> dict:
     publish_s, load_s = [], []
     for i in range(repeats):
         # Perturb one element so every version is a distinct blob, as in training.
         lora[next(iter(lora))][0, 0] = float(i)
         record, seconds = timed(store.publish, lora)
         publish_s.append(seconds)
-        loaded, seconds = timed(store.load, record.version)
+        loaded, seconds = timed(store.load, record.policy_version)
         load_s.append(seconds)
         assert all(torch.equal(loaded[k], v) for k, v in lora.items()), "round trip is not bit-exact"
     return {
-        "store": name,
-        "size_mb": record.size / 1e6,
+        "size_mb": record.blob.size / 1e6,
         "publish_ms": 1000 * statistics.median(publish_s),
         "load_ms": 1000 * statistics.median(load_s),
     }
@@ -73,7 +70,6 @@ def main():
     )
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--directory", default=None, help="directory blob store root (default: a temp dir)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -85,21 +81,10 @@ def main():
     _, sha_s = timed(sha256_hex, encoded)
 
     url, server = redis_url_or_embedded()
-    rows = []
     try:
         client = redis.Redis.from_url(url)
-        redis_blobs = RedisBlobStore(client, prefix="bench:weights:blob:", ttl_s=None)
-        rows.append(
-            bench_store("redis", WeightStore(client, redis_blobs, "bench:weights:r"), lora, args.repeats)
-        )
-        with tempfile.TemporaryDirectory(prefix="rcgrpo-bench-", dir=args.directory) as directory:
-            dir_blobs = DirectoryBlobStore(directory)
-            rows.append(
-                bench_store(
-                    "directory", WeightStore(client, dir_blobs, "bench:weights:d"), lora, args.repeats
-                )
-            )
-        for key in client.scan_iter("bench:weights:*"):
+        row = bench_store(LoraStore(client, "bench:lora"), lora, args.repeats)
+        for key in client.scan_iter("bench:lora:*"):
             client.delete(key)
     finally:
         if server is not None:
@@ -112,10 +97,9 @@ def main():
         f"parts: safetensors encode {1000 * encode_s:.0f} ms, decode {1000 * decode_s:.0f} ms, sha256 {1000 * sha_s:.0f} ms"
     )
     print()
-    print("| blob store | size (MB) | publish median (ms) | load median (ms) |")
-    print("|---|---:|---:|---:|")
-    for row in rows:
-        print(f"| {row['store']} | {row['size_mb']:.1f} | {row['publish_ms']:.0f} | {row['load_ms']:.0f} |")
+    print("| size (MB) | publish median (ms) | load median (ms) |")
+    print("|---:|---:|---:|")
+    print(f"| {row['size_mb']:.1f} | {row['publish_ms']:.0f} | {row['load_ms']:.0f} |")
 
 
 if __name__ == "__main__":

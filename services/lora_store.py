@@ -1,0 +1,113 @@
+"""The LoRA store: the learner publishes each policy version's LoRA, rollout workers load the latest.
+
+Each version is a safetensors blob `{namespace}:blob:v{policy_version}` in a blob store that never
+expires, plus a Redis hash `{namespace}:version:{policy_version}` = {policy_version, created_at} and the
+blob's ref (key, sha256, size); `{namespace}:latest` holds the newest policy version. The last
+`keep_last` versions are kept; older records and their blobs are deleted on publish.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import redis
+import torch
+
+from services.blobstore import BlobRef, BlobStore
+from services.codec import decode_tensors, encode_tensors
+
+DEFAULT_KEEP_LAST = 4
+
+
+@dataclass(frozen=True)
+class LoraVersion:
+    policy_version: int
+    blob: BlobRef
+    created_at: float
+
+    def to_hash(self) -> dict[str, str]:
+        return {
+            "policy_version": str(self.policy_version),
+            "created_at": repr(self.created_at),
+            **{k: str(v) for k, v in self.blob.to_dict().items()},
+        }
+
+    @classmethod
+    def from_hash(cls, data: dict[bytes, bytes]) -> LoraVersion:
+        fields = {k.decode(): v.decode() for k, v in data.items()}
+        return cls(
+            policy_version=int(fields["policy_version"]),
+            blob=BlobRef.from_dict(fields),
+            created_at=float(fields["created_at"]),
+        )
+
+
+class LoraStore:
+    def __init__(
+        self, client: redis.Redis, namespace: str = "rcgrpo:lora", keep_last: int = DEFAULT_KEEP_LAST
+    ):
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 (got {keep_last})")
+        self.client = client
+        self.blobs = BlobStore(client, prefix=f"{namespace}:blob:", ttl_s=None)  # kept until pruned
+        self.namespace = namespace
+        self.keep_last = keep_last
+        self._latest_key = f"{namespace}:latest"
+        self._versions_key = f"{namespace}:versions"  # sorted set: member = score = policy version
+
+    def _record_key(self, policy_version: int) -> str:
+        return f"{self.namespace}:version:{policy_version}"
+
+    def publish(self, tensors: dict[str, torch.Tensor], policy_version: int | None = None) -> LoraVersion:
+        """Store `tensors` as `policy_version` (default: latest + 1). Versions must increase."""
+        if not tensors:
+            raise ValueError("refusing to publish an empty LoRA")
+        latest = self.latest()
+        if policy_version is None:
+            policy_version = 0 if latest is None else latest.policy_version + 1
+        if latest is not None and policy_version <= latest.policy_version:
+            raise ValueError(
+                f"policy version {policy_version} is not newer than the latest, {latest.policy_version}"
+            )
+        # The blob is durable before any record points at it.
+        data = encode_tensors(tensors, metadata={"policy_version": str(policy_version)})
+        record = LoraVersion(
+            policy_version, self.blobs.put(data, name=f"v{policy_version}"), created_at=time.time()
+        )
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(self._record_key(policy_version), mapping=record.to_hash())
+            pipe.zadd(self._versions_key, {str(policy_version): policy_version})
+            pipe.set(self._latest_key, policy_version)
+            pipe.execute()
+        self._prune()
+        return record
+
+    def _prune(self):
+        for policy_version in self.versions()[: -self.keep_last]:
+            record = self.get(policy_version)
+            with self.client.pipeline(transaction=True) as pipe:
+                pipe.delete(self._record_key(policy_version))
+                pipe.zrem(self._versions_key, str(policy_version))
+                pipe.execute()
+            if record is not None:
+                self.blobs.delete(record.blob)
+
+    def versions(self) -> list[int]:
+        """The kept policy versions, oldest first."""
+        return [int(v) for v in self.client.zrange(self._versions_key, 0, -1)]
+
+    def get(self, policy_version: int) -> LoraVersion | None:
+        data = self.client.hgetall(self._record_key(policy_version))
+        return LoraVersion.from_hash(data) if data else None
+
+    def latest(self) -> LoraVersion | None:
+        policy_version = self.client.get(self._latest_key)
+        return None if policy_version is None else self.get(int(policy_version))
+
+    def load(self, version: int | LoraVersion) -> dict[str, torch.Tensor]:
+        """The LoRA of a policy version; raises BlobIntegrityError if the blob's sha256 does not match."""
+        record = version if isinstance(version, LoraVersion) else self.get(version)
+        if record is None:
+            raise KeyError(f"policy version {version} is not stored (kept versions: {self.versions()})")
+        return decode_tensors(self.blobs.get(record.blob))
