@@ -239,19 +239,36 @@ def test_gpu_override_reserves_a_gpu_and_builds_the_cuda_image():
 
 def test_dockerfile_installs_like_the_readme():
     dockerfile = (REPO / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.11-slim$", dockerfile, re.M)
+    # The public base image by default; any other (a locally built one offline) as a build argument.
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", dockerfile, re.M)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\} AS base$", dockerfile, re.M)
     import tomllib
 
     dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     torch_pin = next(dep for dep in dependencies if dep.startswith("torch=="))
     assert f"ARG TORCH_VERSION={torch_pin.removeprefix('torch==')}" in dockerfile
     assert "ARG TORCH_INDEX_URL=" in dockerfile
-    assert '${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"' in dockerfile
-    assert "pip install --no-deps -e ." in dockerfile
+    # torch first (from TORCH_INDEX_URL when set), then pyproject's pins, both from the wheelhouse
+    # alone (pip --no-index) when OFFLINE is set; then the project itself, with nothing to download.
+    offline = "${OFFLINE:+--no-index --find-links /wheelhouse}"
+    torch_install = dockerfile.index(
+        f'pip install {offline} \\\n        ${{TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}} "torch==${{TORCH_VERSION}}"'
+    )
+    requirements_install = dockerfile.index(f"pip install {offline} -r /tmp/requirements.txt")
+    project_install = dockerfile.index("pip install --no-deps --no-build-isolation -e .")
+    assert torch_install < requirements_install < project_install
+    assert "['build-system']['requires']" in dockerfile  # setuptools for the project's install
+    assert dockerfile.count("pip install") == 3
+    # The wheels stay in the build stage: the image's source copy is taken without them.
+    assert "COPY wheelhouse/ /wheelhouse/" in dockerfile and "rm -rf /app/wheelhouse" in dockerfile
     assert re.search(r"^USER rcgrpo$", dockerfile, re.M)  # not root
     ignored = (REPO / ".dockerignore").read_text().split()
     for path in (".git", ".venv", ".env", "runs"):
         assert path in ignored
+    assert not any(pattern.startswith("wheelhouse") for pattern in ignored)  # the build reads it
+    # Wheels and locally built base images never enter git.
+    gitignore = (REPO / ".gitignore").read_text().split()
+    assert "/wheelhouse/*" in gitignore and "!/wheelhouse/README.md" in gitignore
 
 
 # -- Prometheus ---------------------------------------------------------------------------------
