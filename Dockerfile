@@ -58,8 +58,8 @@ WORKDIR /app
 COPY --from=source /app /app
 RUN pip install --no-deps --no-build-isolation -e . \
     && useradd --create-home --uid 1000 rcgrpo \
-    && mkdir -p /app/runs /data /models \
-    && chown rcgrpo:rcgrpo /app/runs /data /models
+    && mkdir -p /app/runs /data /models /run/rcgrpo/metrics-targets \
+    && chown rcgrpo:rcgrpo /app/runs /data /models /run/rcgrpo/metrics-targets
 
 USER rcgrpo
 EXPOSE 8265 8600 9100 9101 9102
