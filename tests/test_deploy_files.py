@@ -255,7 +255,18 @@ def test_offline_override_starts_only_local_images():
             assert service["pull_policy"] == "never", name
     assert offline["redis"]["image"] == "rcgrpo-offline/redis:7"
     assert offline["prometheus"]["image"] == "rcgrpo-offline/prometheus:2"
-    assert {offline[name]["image"] for name in ("ray-head", "ray-worker", "learner")} == {"rcgrpo:latest"}
+    # our image, built by compose on the local base image with every package from the wheelhouse
+    for name in ("ray-head", "ray-worker", "reward-server", "learner", "rollout-worker"):
+        assert offline[name]["image"] == "rcgrpo:latest"
+        args = offline[name]["build"]["args"]
+        assert (args["BASE_IMAGE"], args["OFFLINE"]) == ("rcgrpo-offline/debian:bookworm", "1")
+    gpu_offline = load_compose(gpu=True, offline=True, env=REQUIRED_ENV)["services"]["ray-worker"]["build"][
+        "args"
+    ]
+    assert gpu_offline["OFFLINE"] == "1" and gpu_offline["TORCH_INDEX_URL"].endswith("/cu128")
+    # without the override: the public base image and the package index
+    default = compose_variants()["default"]["services"]["ray-head"]["build"]["args"]
+    assert (default["BASE_IMAGE"], default["OFFLINE"]) == ("python:3.11-slim", "")
     # Grafana has no Debian package, so no stand-in: it starts only when asked for (and pullable)
     assert offline["grafana"]["profiles"] == ["grafana"] and offline["grafana"]["image"].startswith(
         "grafana/"
