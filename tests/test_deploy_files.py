@@ -650,8 +650,12 @@ def test_k8s_manifests_describe_the_same_job():
 
     job = k8s_object("RayJob", "rcgrpo-flux-kontext-compbench")
     assert job["apiVersion"] == "ray.io/v1"
-    assert job["spec"]["entrypoint"] == (
-        "python -m deploy.driver --config /etc/rcgrpo/run.yaml --set reward.url=http://rcgrpo-reward-server:8600"
+    assert (
+        job["spec"]["entrypoint"]
+        == (
+            "python -m deploy.driver --config /etc/rcgrpo/run.yaml --set reward.url=http://rcgrpo-reward-server:8600"
+            " --set metrics_host=0.0.0.0"  # the run config serves metrics on 9100/9101; the PodMonitor scrapes them
+        )
     )
     cluster = job["spec"]["rayClusterSpec"]
     head = cluster["headGroupSpec"]["template"]["spec"]
