@@ -192,7 +192,7 @@ compose --profile standalone down -v --remove-orphans >/dev/null 2>&1 || true
 
 say "the cluster: Redis, Ray head and worker, reward server, Prometheus (up --build --wait)"
 # `up --build` as docs/DEPLOY.md says, timed in its two halves: the rcgrpo image, then the cluster
-timed "rcgrpo image (compose build, OFFLINE=1)" nice -n 10 compose build --quiet
+timed "rcgrpo image (compose build, OFFLINE=1)" compose build --quiet
 timed "compose up --wait" compose up -d --build --wait --wait-timeout 300
 compose ps --format '{{.Service}}: {{.Status}}'
 published_ports_answer

@@ -24,6 +24,8 @@ rm -f "$dest/.complete"
 platform_flags=(--only-binary=:all: --implementation cp --python-version 3.11 --abi cp311 --abi abi3 --abi none
   --platform manylinux2014_x86_64)
 for minor in $(seq 17 36); do platform_flags+=(--platform "manylinux_2_${minor}_x86_64"); done
+# pip download for the image's platform, without pip's notes about absent local index directories
+download() { "$pip" -m pip download -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 requirements=$(mktemp)
 trap 'rm -f "$requirements"' EXIT
 # The project's dependencies and its build requirements (the image installs the project with them).
@@ -32,9 +34,9 @@ trap 'rm -f "$requirements"' EXIT
 started=$SECONDS
 echo "wheelhouse: downloading $torch${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL} and the project's dependencies"
 # torch first, from its index; then the rest, with that torch in the wheelhouse satisfying it.
-"$pip" -m pip download -q --dest "$dest" "${platform_flags[@]}" \
+download --dest "$dest" "${platform_flags[@]}" \
   ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$torch"
-"$pip" -m pip download -q --dest "$dest" "${platform_flags[@]}" --find-links "$dest" \
+download --dest "$dest" "${platform_flags[@]}" --find-links "$dest" \
   -r "$requirements" "$torch"
 # pip evaluates markers against this host's Python, not the image's: Debian 12's python3 is 3.11.2, so
 # requirements such as `async-timeout; python_full_version < "3.11.3"` (redis) are added here.
@@ -72,7 +74,7 @@ PY
   [ -z "$missing" ] && break
   echo "wheelhouse: adding what the image's Python 3.11 also needs: $(echo $missing)"
   # shellcheck disable=SC2086
-  "$pip" -m pip download -q --dest "$dest" "${platform_flags[@]}" --find-links "$dest" $missing
+  download --dest "$dest" "${platform_flags[@]}" --find-links "$dest" $missing
 done
 echo "$stamp" >"$dest/.complete"
 echo "wheelhouse: $(find "$dest" -name '*.whl' | wc -l) wheels, $(du -sh "$dest" | cut -f1), in $((SECONDS - started)) s"
