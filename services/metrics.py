@@ -7,7 +7,17 @@ Names here are what the Grafana dashboard and the alert rules in deploy/ query.
 
 from __future__ import annotations
 
+import atexit
+import json
+import os
+import socket
+from pathlib import Path
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+# A directory shared with Prometheus (docker-compose sets it): each process that serves metrics writes
+# its address there as a file_sd target group, because Ray places actors on whichever node it picks.
+TARGETS_DIR_ENV = "RCGRPO_METRICS_TARGETS_DIR"
 
 # -- rollout workers --------------------------------------------------------------------------
 ROLLOUT_GROUPS = Counter("rcgrpo_rollout_groups_total", "Rollout groups published", ["worker"])
@@ -84,5 +94,20 @@ DEAD_LETTERS = Gauge("rcgrpo_dead_letters", "Entries moved to a dead-letter stre
 
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
-    """Expose this process's metrics on http://host:port/metrics (loopback unless told otherwise)."""
+    """Expose this process's metrics on http://host:port/metrics (loopback unless told otherwise), and
+    announce the address for Prometheus when RCGRPO_METRICS_TARGETS_DIR is set."""
     start_http_server(port, addr=host)
+    if directory := os.environ.get(TARGETS_DIR_ENV):
+        announce_scrape_target(Path(directory), port, host)
+
+
+def announce_scrape_target(directory: Path, port: int, host: str) -> Path:
+    """Write `<ip>_<port>.json` (Prometheus file-based discovery) for this process; removed at exit.
+    A server on all interfaces is announced at this host's address."""
+    ip = socket.gethostbyname(socket.gethostname()) if host in ("", "0.0.0.0") else host
+    path = directory / f"{ip}_{port}.json"
+    partial = path.with_suffix(".partial")  # Prometheus reads only *.json: never a half-written file
+    partial.write_text(json.dumps([{"targets": [f"{ip}:{port}"]}]))
+    partial.replace(path)
+    atexit.register(path.unlink, missing_ok=True)
+    return path

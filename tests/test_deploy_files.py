@@ -9,12 +9,15 @@ Tests that start the components and a real Prometheus live elsewhere; these stay
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 import re
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
+import httpx
 import promql
 import pytest
 import yaml
@@ -80,18 +83,19 @@ def merge_override(base: dict, override: dict) -> dict:
     return merged
 
 
-def load_compose(gpu: bool = False, env: dict[str, str] | None = None) -> dict:
+def load_compose(gpu: bool = False, offline: bool = False, env: dict[str, str] | None = None) -> dict:
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
-    if gpu:
-        compose = merge_override(compose, yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text()))
+    for wanted, override in ((gpu, "docker-compose.gpu.yml"), (offline, "docker-compose.offline.yml")):
+        if wanted:
+            compose = merge_override(compose, yaml.safe_load((REPO / override).read_text()))
     return compose if env is None else interpolate(compose, env)
 
 
+VARIANTS = {"default": {}, "gpu": {"gpu": True}, "offline": {"offline": True}}
+
+
 def compose_variants() -> dict[str, dict]:
-    return {
-        "default": load_compose(env=REQUIRED_ENV),
-        "gpu": load_compose(gpu=True, env=REQUIRED_ENV),
-    }
+    return {name: load_compose(**flags, env=REQUIRED_ENV) for name, flags in VARIANTS.items()}
 
 
 # -- metric helpers -----------------------------------------------------------------------------
@@ -121,14 +125,14 @@ def check_queries(queries: list[tuple[str, str]], legends: dict[str, str] | None
 # -- docker-compose -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["default", "gpu"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_compose_file_validates_against_the_compose_spec(variant):
     if not COMPOSE_SCHEMA.is_file():
         pytest.skip(f"compose spec schema not found at {COMPOSE_SCHEMA} (expected ../shared/schemas/)")
     import jsonschema
 
     schema = json.loads(COMPOSE_SCHEMA.read_text())
-    raw = load_compose(gpu=variant == "gpu")
+    raw = load_compose(**VARIANTS[variant])
     resolved = interpolate(raw, REQUIRED_ENV)
     for document in (raw, resolved):
         errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(document), key=str)
@@ -187,9 +191,9 @@ def test_compose_has_the_cluster_services():
                 assert (REPO / source).is_dir(), f"{name} mounts missing {source}"
 
 
-@pytest.mark.parametrize("variant", ["default", "gpu"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_published_ports_bind_loopback_unless_configured(variant):
-    raw = load_compose(gpu=variant == "gpu")
+    raw = load_compose(**VARIANTS[variant])
     resolved = compose_variants()[variant]
     exposed = interpolate(raw, {**REQUIRED_ENV, "BIND_ADDR": "0.0.0.0"})
     published = 0
@@ -201,11 +205,18 @@ def test_published_ports_bind_loopback_unless_configured(variant):
             assert published_port and target
             assert raw["services"][name]["ports"][index].startswith("${BIND_ADDR:-127.0.0.1}:")
             assert exposed["services"][name]["ports"][index].startswith("0.0.0.0:")
+            # the container's port by default; a variable moves it where the host's is taken
+            assert published_port == target
+            raw_port = raw["services"][name]["ports"][index]
+            variable = re.fullmatch(r"\$\{BIND_ADDR:-127\.0\.0\.1\}:\$\{(\w+_PORT):-(\d+)\}:(\d+)", raw_port)
+            assert variable and variable.group(2) == variable.group(3) == target, raw_port
+            moved = interpolate(raw, {**REQUIRED_ENV, variable.group(1): "23456"})
+            assert moved["services"][name]["ports"][index] == f"127.0.0.1:23456:{target}"
             published += 1
     assert published == 5  # redis, ray dashboard, reward server, prometheus, grafana
 
 
-@pytest.mark.parametrize("variant", ["default", "gpu"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_every_service_has_a_healthcheck(variant):
     for name, service in compose_variants()[variant]["services"].items():
         healthcheck = service.get("healthcheck")
@@ -234,24 +245,117 @@ def test_gpu_override_reserves_a_gpu_and_builds_the_cuda_image():
     )
 
 
+def test_offline_override_starts_only_local_images():
+    offline = compose_variants()["offline"]["services"]
+    # what `up` starts without a profile: our image and the stand-ins, never pulled
+    started = {name: service for name, service in offline.items() if "profiles" not in service}
+    assert set(started) == {"redis", "ray-head", "ray-worker", "reward-server", "prometheus"}
+    for name, service in offline.items():
+        if name != "grafana":
+            assert service["pull_policy"] == "never", name
+    assert offline["redis"]["image"] == "rcgrpo-offline/redis:7"
+    assert offline["prometheus"]["image"] == "rcgrpo-offline/prometheus:2"
+    # our image, built by compose on the local base image with every package from the wheelhouse
+    for name in ("ray-head", "ray-worker", "reward-server", "learner", "rollout-worker"):
+        assert offline[name]["image"] == "rcgrpo:latest"
+        args = offline[name]["build"]["args"]
+        assert (args["BASE_IMAGE"], args["OFFLINE"]) == ("rcgrpo-offline/debian:bookworm", "1")
+    gpu_offline = load_compose(gpu=True, offline=True, env=REQUIRED_ENV)["services"]["ray-worker"]["build"][
+        "args"
+    ]
+    assert gpu_offline["OFFLINE"] == "1" and gpu_offline["TORCH_INDEX_URL"].endswith("/cu128")
+    # without the override: the public base image and the package index
+    default = compose_variants()["default"]["services"]["ray-head"]["build"]["args"]
+    assert (default["BASE_IMAGE"], default["OFFLINE"]) == ("python:3.11-slim", "")
+    # Grafana has no Debian package, so no stand-in: it starts only when asked for (and pullable)
+    assert offline["grafana"]["profiles"] == ["grafana"] and offline["grafana"]["image"].startswith(
+        "grafana/"
+    )
+    # the stand-ins are what scripts/offline-images.sh builds, from deploy/offline/, on its base image
+    script = (REPO / "scripts" / "offline-images.sh").read_text()
+    for name, tag in (("redis", "7"), ("prometheus", "2")):
+        assert f"rcgrpo-offline/{name}:{tag}" in script
+        dockerfile = (REPO / "deploy" / "offline" / f"{name}.Dockerfile").read_text()
+        assert "ARG BASE_IMAGE=rcgrpo-offline/debian:bookworm" in dockerfile
+        assert f"apt-get install -y --no-install-recommends {name}" in dockerfile
+    assert "base=rcgrpo-offline/debian:$suite" in script and "suite=${DEBIAN_SUITE:-bookworm}" in script
+    # the stand-ins run the compose commands as the official images do
+    prometheus = (REPO / "deploy" / "offline" / "prometheus.Dockerfile").read_text()
+    assert 'ENTRYPOINT ["/usr/bin/prometheus"]' in prometheus and " wget" in prometheus  # the healthcheck's
+    assert offline["prometheus"]["healthcheck"]["test"][1] == "wget"
+
+
+def test_compose_details_the_real_cluster_needs():
+    services = compose_variants()["default"]["services"]
+    # Redis answers other containers (the official image's entrypoint adds this; a stand-in does not)
+    command = services["redis"]["command"]
+    assert command[command.index("--protected-mode") + 1] == "no"
+    # the standalone learner and worker end with the run; restarting them would start it over
+    for name in ("learner", "rollout-worker"):
+        assert services[name]["restart"] == "on-failure"
+    # scrape addresses live in memory, gone with the cluster
+    volume = load_compose()["volumes"]["metrics-targets"]
+    assert volume["driver_opts"]["type"] == "tmpfs" and "uid=1000" in volume["driver_opts"]["o"]
+
+
+def shell_command(text: str, start: str) -> list[str]:
+    """The words of the first command in `text` that begins with `start`, over its `\\` line breaks."""
+    lines = text[text.index(start) :].splitlines()
+    joined = ""
+    for line in lines:
+        joined += " " + line.strip().lstrip("#").strip().removesuffix("\\")
+        if not line.rstrip().endswith("\\"):
+            break
+    return joined.split()
+
+
+def test_the_smoke_submits_the_job_the_docs_tell_users_to():
+    submit = "docker compose exec ray-head ray job submit"
+    documented = shell_command((REPO / "docs" / "DEPLOY.md").read_text(), submit)
+    assert documented == shell_command((REPO / "docker-compose.yml").read_text(), submit)
+    assert "--set metrics_host=0.0.0.0" in " ".join(documented)
+    smoke = shell_command(
+        (REPO / "scripts" / "compose-smoke.sh").read_text(), "compose exec -T ray-head ray job"
+    )
+    # the smoke's `compose` wraps `docker compose` with its project and files; -T: no terminal in CI
+    assert ["docker", *[word for word in smoke if word != "-T"]] == [*documented, '"$@"', '>"$log"', "2>&1"]
+
+
 # -- Dockerfile ---------------------------------------------------------------------------------
 
 
 def test_dockerfile_installs_like_the_readme():
     dockerfile = (REPO / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.11-slim$", dockerfile, re.M)
+    # The public base image by default; any other (a locally built one offline) as a build argument.
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", dockerfile, re.M)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\} AS base$", dockerfile, re.M)
     import tomllib
 
     dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     torch_pin = next(dep for dep in dependencies if dep.startswith("torch=="))
     assert f"ARG TORCH_VERSION={torch_pin.removeprefix('torch==')}" in dockerfile
     assert "ARG TORCH_INDEX_URL=" in dockerfile
-    assert '${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"' in dockerfile
-    assert "pip install --no-deps -e ." in dockerfile
+    # torch first (from TORCH_INDEX_URL when set), then pyproject's pins, both from the wheelhouse
+    # alone (pip --no-index) when OFFLINE is set; then the project itself, with nothing to download.
+    offline = "${OFFLINE:+--no-index --find-links /wheelhouse}"
+    torch_install = dockerfile.index(
+        f'pip install {offline} \\\n        ${{TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}} "torch==${{TORCH_VERSION}}"'
+    )
+    requirements_install = dockerfile.index(f"pip install {offline} -r /tmp/requirements.txt")
+    project_install = dockerfile.index("pip install --no-deps --no-build-isolation -e .")
+    assert torch_install < requirements_install < project_install
+    assert "['build-system']['requires']" in dockerfile  # setuptools for the project's install
+    assert dockerfile.count("pip install") == 3
+    # The wheels stay in the build stage: the image's source copy is taken without them.
+    assert "COPY wheelhouse/ /wheelhouse/" in dockerfile and "rm -rf /app/wheelhouse" in dockerfile
     assert re.search(r"^USER rcgrpo$", dockerfile, re.M)  # not root
     ignored = (REPO / ".dockerignore").read_text().split()
     for path in (".git", ".venv", ".env", "runs"):
         assert path in ignored
+    assert not any(pattern.startswith("wheelhouse") for pattern in ignored)  # the build reads it
+    # Wheels and locally built base images never enter git.
+    gitignore = (REPO / ".gitignore").read_text().split()
+    assert "/wheelhouse/*" in gitignore and "!/wheelhouse/README.md" in gitignore
 
 
 # -- Prometheus ---------------------------------------------------------------------------------
@@ -263,14 +367,54 @@ def test_prometheus_scrapes_every_component_and_loads_the_rules():
     assert len(jobs) == len(config["scrape_configs"]), "duplicate job_name"
     assert {"reward-server", "rollout-worker", "learner"} <= set(jobs)
     assert jobs["reward-server"]["static_configs"][0]["targets"] == ["reward-server:8600"]
-    compose_services = set(compose_variants()["default"]["services"])
+    compose = compose_variants()["default"]["services"]
     for job in jobs.values():
         for discovery in job.get("dns_sd_configs", []):
-            assert set(discovery["names"]) <= compose_services, f"{job['job_name']} resolves unknown hosts"
-    assert {d["port"] for d in jobs["rollout-worker"]["dns_sd_configs"]} == {9101}
-    assert {d["port"] for d in jobs["learner"]["dns_sd_configs"]} == {9100}
+            assert set(discovery["names"]) <= set(compose), f"{job['job_name']} resolves unknown hosts"
     for rule_file in config["rule_files"]:
         assert (PROMETHEUS_DIR / rule_file).is_file()
+    # The learner and rollout workers are scraped where they announce themselves (wherever Ray put
+    # them): files in the volume every rcgrpo container writes and Prometheus reads.
+    targets_dir = compose["ray-head"]["environment"]["RCGRPO_METRICS_TARGETS_DIR"]
+    for name in ("ray-head", "ray-worker", "learner", "rollout-worker"):
+        assert compose[name]["environment"]["RCGRPO_METRICS_TARGETS_DIR"] == targets_dir
+        assert f"metrics-targets:{targets_dir}" in compose[name]["volumes"]
+    assert f"metrics-targets:{targets_dir}:ro" in compose["prometheus"]["volumes"]
+
+    def announced_in(job: str, port: int) -> bool:
+        (discovery,) = jobs[job]["file_sd_configs"]
+        return any(
+            fnmatch.fnmatch(f"{targets_dir}/172.18.0.3_{port}.json", pattern)
+            for pattern in discovery["files"]
+        )
+
+    assert announced_in("learner", 9100) and not announced_in("rollout-worker", 9100)
+    for port in (9101, 9102, 9109, 9110, 9199):  # worker i on rollout.metrics_port + i
+        assert announced_in("rollout-worker", port) and not announced_in("learner", port)
+    assert not announced_in("rollout-worker", 9200) and not announced_in("learner", 8080)
+
+
+def test_a_process_serving_metrics_announces_its_address(tmp_path, monkeypatch):
+    from services.metrics import TARGETS_DIR_ENV, announce_scrape_target, serve_metrics
+
+    path = announce_scrape_target(tmp_path, 9101, "10.1.2.3")
+    assert path == tmp_path / "10.1.2.3_9101.json"
+    assert json.loads(path.read_text()) == [{"targets": ["10.1.2.3:9101"]}]  # a file_sd target group
+    # on all interfaces: this host's address, as other containers reach it
+    everywhere = announce_scrape_target(tmp_path, 9100, "0.0.0.0")
+    ip = socket.gethostbyname(socket.gethostname())
+    assert json.loads(everywhere.read_text()) == [{"targets": [f"{ip}:9100"]}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, everywhere.name])
+    # serve_metrics announces only where the deployment asks for it
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv(TARGETS_DIR_ENV, str(tmp_path / "announced"))
+    (tmp_path / "announced").mkdir()
+    serve_metrics(port)
+    (announced,) = (tmp_path / "announced").iterdir()
+    assert json.loads(announced.read_text()) == [{"targets": [f"127.0.0.1:{port}"]}]
+    assert "rcgrpo_learner_step" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
 
 
 def test_alert_rules_cover_the_failure_modes_and_query_real_metrics():
@@ -508,8 +652,12 @@ def test_k8s_manifests_describe_the_same_job():
 
     job = k8s_object("RayJob", "rcgrpo-flux-kontext-compbench")
     assert job["apiVersion"] == "ray.io/v1"
-    assert job["spec"]["entrypoint"] == (
-        "python -m deploy.driver --config /etc/rcgrpo/run.yaml --set reward.url=http://rcgrpo-reward-server:8600"
+    assert (
+        job["spec"]["entrypoint"]
+        == (
+            "python -m deploy.driver --config /etc/rcgrpo/run.yaml --set reward.url=http://rcgrpo-reward-server:8600"
+            " --set metrics_host=0.0.0.0"  # the run config serves metrics on 9100/9101; the PodMonitor scrapes them
+        )
     )
     cluster = job["spec"]["rayClusterSpec"]
     head = cluster["headGroupSpec"]["template"]["spec"]
