@@ -44,7 +44,7 @@ def live(args: argparse.Namespace) -> None:
     expected |= {"rollout-worker": args.rollout_workers, "ray": args.ray_nodes}
     metrics = {
         "learner steps": 'max(rcgrpo_learner_step{job="learner"})',
-        "learner weight version": 'max(rcgrpo_learner_weight_version{job="learner"})',
+        "learner policy version": 'max(rcgrpo_learner_policy_version{job="learner"})',
         "learner stream lengths": 'count(rcgrpo_stream_length{job="learner"})',
         "rollout groups": 'sum(rcgrpo_rollout_groups_total{job="rollout-worker"})',
         "reward-server stream groups scored": (
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> None:
     from safetensors.torch import load_file
 
     from services.config import load_run_config
-    from services.schemas import decode_scored_group
+    from services.record import decode_rollout_group
 
     run_dir = Path(args.run_dir)
     cfg = load_run_config(run_dir / "config.yaml")  # the job's own config, as the driver wrote it
@@ -122,24 +122,26 @@ def run(args: argparse.Namespace) -> None:
     print(f"  summary.json: {summary['steps']} steps, eval {json.dumps(summary.get('eval'))}")
 
     # the reward server's answers: every scored group of this run, with the run's reward weights
-    weights = {**cfg.reward.rewards, "acd": cfg.method.acd_weight}  # r_i = sum_j w_j r_j + lambda_ACD R_ACD
+    weights = cfg.rewards  # reward.rewards and lambda_ACD: what every record carries to the scorer
     client = redis.Redis.from_url(cfg.resolved_redis_url())
     entries = client.xrange(cfg.key("scored"))
-    groups = [decode_scored_group(fields) for _, fields in entries]
+    groups = [decode_rollout_group(fields).meta for _, fields in entries]
     cursor = int(client.get(cfg.key("tasks:cursor")) or 0)
     issued = {f"task-{i:07d}" for i in range(cursor)}
     needed = cfg.learner.total_steps * cfg.learner.groups_per_step
     if len(groups) < needed:
         fail(f"{len(groups)} scored groups on {cfg.key('scored')}, the run trained on at least {needed}")
     for group in groups:
-        if group.group_id not in issued:
-            fail(f"scored group {group.group_id} is not one of the {cursor} tasks the job issued")
-        if group.weights != weights:
-            fail(f"group {group.group_id} was scored with weights {group.weights}, the run's are {weights}")
-        for scores, total in zip(group.scores, group.totals, strict=True):
+        group_id = group.key.group_id
+        if group_id not in issued:
+            fail(f"scored group {group_id} is not one of the {cursor} tasks the job issued")
+        if group.rewards != weights:
+            fail(f"group {group_id} carried weights {group.rewards}, the run's are {weights}")
+        for scores, total in zip(group.scores.scores, group.scores.totals, strict=True):
+            # the server's total must be the run's weighted sum, whatever its own default weights are
             expected_total = sum(weights[name] * scores[name] for name in weights)
             if not math.isclose(total, expected_total, rel_tol=1e-5, abs_tol=1e-6):
-                fail(f"group {group.group_id}: total {total} != sum of weighted scores {expected_total}")
+                fail(f"group {group_id}: total {total} != the run's weighted sum {expected_total}")
     print(f"  {len(groups)} scored groups (of {cursor} tasks issued), all with the run's weights {weights}")
     print(
         f"OK: run {cfg.name!r} left its LoRA and report in the runs volume; the reward server used its weights"
