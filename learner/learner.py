@@ -192,7 +192,12 @@ class Learner:
             "reward_std": rewards.std(dim=1, unbiased=False).mean().item(),
             "instruction_reward_mean": instruction.mean().item(),
             "acd_mean": terms["acd"].mean().item() if "acd" in terms else math.nan,
-            **signal,
+            **{name: value for name, value in signal.items() if name != "per_group"},
+            # per group, with its task: what a study aggregates per task kind
+            "group_signal": [
+                {"group_id": group.meta.key.group_id, "task": group.meta.task, **row}
+                for (group, _), row in zip(batch, signal["per_group"], strict=True)
+            ],
             "zero_variance_ratio": flat.float().mean().item(),
             "staleness_mean": sum(s for _, s in batch) / len(batch),
             "wait_seconds": started - waited,  # the learner idle, waiting for scored groups

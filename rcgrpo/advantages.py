@@ -78,7 +78,8 @@ def reward_term_diagnostics(
       instruction_share            Cov_i(r, r_instruction) / Var_i(r): the instruction term's part of the
                                    total's variance (the terms' parts sum to 1; negative when the other
                                    terms pull the advantages against the instruction);
-      acd_instruction_corr         corr_i(R_ACD, instruction reward), when ACD is scored.
+      acd_instruction_corr         corr_i(R_ACD, instruction reward), when ACD is scored;
+    and per_group: the same numbers for each group (NaN where a group's term is constant).
     """
     missing = [name for name in instruction_terms if name not in scores]
     if missing:
@@ -95,12 +96,25 @@ def reward_term_diagnostics(
         else torch.ones_like(instruction_spread)
     ).float()
     corr = _row_corr(group_advantages(total, p, clip, eps), group_advantages(instruction, p, clip, eps))
+    share = _variance_share(total, instruction)
+    acd_corr = _row_corr(scores["acd"].float(), instruction) if "acd" in scores else None
+    per_group = [
+        {
+            "term_spread": {name: value[g].item() for name, value in spread.items()},
+            "instruction_dominant": bool(dominant[g]),
+            "advantage_instruction_corr": corr[g].item(),
+            "instruction_share": share[g].item(),
+            **({"acd_instruction_corr": acd_corr[g].item()} if acd_corr is not None else {}),
+        }
+        for g in range(total.shape[0])
+    ]
     result = {
         "term_spread": {name: value.mean().item() for name, value in spread.items()},
         "instruction_dominant": dominant.mean().item(),
         "advantage_instruction_corr": corr.nanmean().item(),
-        "instruction_share": _variance_share(total, instruction).nanmean().item(),
+        "instruction_share": share.nanmean().item(),
+        "per_group": per_group,
     }
-    if "acd" in scores:
-        result["acd_instruction_corr"] = _row_corr(scores["acd"].float(), instruction).nanmean().item()
+    if acd_corr is not None:
+        result["acd_instruction_corr"] = acd_corr.nanmean().item()
     return result

@@ -126,11 +126,6 @@ def sample_seed(seed: int, sample_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()[:8], "little")
 
 
-def sample_task(sample: EditSample) -> str:
-    """The task a sample is averaged under: CompBench's task name, else the edit kind."""
-    return sample.meta.get("task") or sample.kind or "all"
-
-
 def quantize(image: torch.Tensor) -> torch.Tensor:
     """(3, H, W) in [0, 1] -> the same picture with 8-bit values (what a PNG save keeps)."""
     # contiguous: reductions over a differently strided copy of the same values may round differently
@@ -250,7 +245,7 @@ def score_edits(
         batch = dict(edits=edit[None], sources=sample.source[None], masks=sample.mask[None])
         row = {
             "id": sample.id,
-            "task": sample_task(sample),
+            "task": sample.task,
             "instruction": sample.instruction,
             "caption": sample.caption,
             "region_adherence": math.nan
@@ -317,7 +312,7 @@ def results_path(results_dir: str | Path, model: str, sample: EditSample) -> Pat
     """Where CompBench's evaluator looks for the edit of `sample`:
     <results>/<model>/<model>_local/<task>/<image_path>, or <results>/<model>/<model>_implicit/<image_name>.
     Samples from other datasets go under <model>_local/<kind>/<id>.png."""
-    task = sample_task(sample)
+    task = sample.task
     image = sample.meta.get("image_path") or sample.meta.get("image_name") or f"{sample.id}.png"
     root = Path(results_dir) / model
     if task == IMPLICIT_TASK:

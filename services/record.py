@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from rcgrpo.data.sample import EditSample
 from rcgrpo.editor import EditCondition
 from rcgrpo.train_step import TrainGroup
 from services.blobstore import BlobRef, BlobStore
@@ -83,6 +84,8 @@ class GroupScores(_Strict):
 
 class GroupMeta(_Strict):
     key: GroupKey
+    # the sample's task (ShapesEdit edit kind or CompBench task): diagnostics are reported per task
+    task: str = Field("", max_length=128)
     instruction: str = Field("", max_length=MAX_TEXT_CHARS)
     caption: str = Field("", max_length=MAX_TEXT_CHARS)
     group_size: int = Field(ge=1, le=MAX_ITEMS_PER_REQUEST)
@@ -131,25 +134,21 @@ class RolloutGroup:
 
 
 def group_meta(
-    key: GroupKey,
-    group: SampledGroup,
-    instruction: str,
-    caption: str,
-    rewards: Mapping[str, float],
-    has_target: bool,
+    key: GroupKey, group: SampledGroup, sample: EditSample, rewards: Mapping[str, float]
 ) -> GroupMeta:
-    """The meta of a freshly sampled group (no scores yet)."""
+    """The meta of a freshly sampled group of `sample` (no scores yet)."""
     return GroupMeta(
         key=key,
-        instruction=instruction,
-        caption=caption,
+        task=sample.task,
+        instruction=sample.instruction,
+        caption=sample.caption,
         group_size=len(group.acd),
         height=group.cond.height,
         width=group.cond.width,
         state_indices=group.rollout.state_indices,
         acd=group.acd.tolist(),
         rewards=dict(rewards),
-        has_target=has_target,
+        has_target=sample.target is not None,
     )
 
 

@@ -75,7 +75,7 @@ def test_the_record_carries_what_the_learner_trains_on(tiny_editor, sample, clie
     train_blobs = BlobStore(client, prefix="train:")
     rewards = {"region_adherence": 1.0, "acd": 0.25}
     record = RolloutGroup(
-        group_meta(key, group, sample.instruction, sample.caption, rewards, has_target=True),
+        group_meta(key, group, sample, rewards),
         train=train_blobs.put(encode_train_tensors(group), name=key.id),
         images=GroupImages(sample.source, sample.mask, list(group.rollout.images), sample.target),
     )

@@ -101,6 +101,10 @@ def test_reward_term_diagnostics_tell_instruction_signal_from_background_noise()
     assert result["acd_instruction_corr"] == pytest.approx(
         1.0, abs=1e-4
     )  # group 0; group 1's ACD is constant
+    first, second = result["per_group"]
+    assert first["instruction_dominant"] and not second["instruction_dominant"]
+    assert first["instruction_share"] == pytest.approx(share[0].item(), abs=1e-5)
+    assert math.isnan(second["acd_instruction_corr"])  # constant ACD: no correlation to report
     with pytest.raises(ValueError, match="not among the scored rewards"):
         reward_term_diagnostics(scores, weights, ["lc_t"])
 

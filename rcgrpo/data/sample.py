@@ -30,6 +30,11 @@ class EditSample:
     kind: str = ""
     meta: dict = field(default_factory=dict)
 
+    @property
+    def task(self) -> str:
+        """The task the sample is averaged under: CompBench's task name, else the edit kind."""
+        return self.meta.get("task") or self.kind or "all"
+
     def __post_init__(self):
         if self.source.ndim != 3 or self.source.shape[0] != 3:
             raise ValueError(f"sample {self.id!r}: source must be (3, H, W), got {tuple(self.source.shape)}")
