@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     if summary["steps"] != cfg.learner.total_steps:
         fail(f"summary.json: {summary['steps']} steps, the run asked for {cfg.learner.total_steps}")
-    if cfg.eval.num_samples and set(summary["eval"]) != {"base", "trained"}:
+    if cfg.eval.num_samples and not {"base", "trained", "change"} <= set(summary["eval"]):
         fail(f"summary.json has no base-vs-trained evaluation: {summary}")
     for name in ("reward_curves.png", "before_after.png"):
         with Image.open(run_dir / name) as image:
