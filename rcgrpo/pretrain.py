@@ -267,6 +267,11 @@ def write_model_card(
         f"| {name} | " + " | ".join(f"{s[m]:.4f}" for m in metrics) + " |" for name, s in scores.items()
     )
     params = sum(p.numel() for p in build_tiny_pipeline(cfg.spec).transformer.parameters())
+    vae = (
+        f"VAE: reused from `{facts['vae_from']}`"
+        if facts.get("vae_from")
+        else f"VAE steps: {cfg.vae_steps} (final loss {facts['vae_final_loss']:.4f})"
+    )
     card = f"""# tiny-kontext-shapes
 
 A tiny FluxKontextPipeline (same architecture family as FLUX.1-Kontext-dev, {params:,} transformer
@@ -274,9 +279,9 @@ parameters) pretrained by rcgrpo on ShapesEdit with supervised flow matching. It
 every default rcgrpo command. It is only partly competent on purpose: RL has headroom.
 
 - command: `{command}`
-- seed: {cfg.seed}; training samples: {cfg.train_samples}; VAE steps: {cfg.vae_steps}; transformer steps: {cfg.flow_steps}
+- seed: {cfg.seed}; training samples: {cfg.train_samples}; {vae}; transformer steps: {cfg.flow_steps}
 - training time: {facts["seconds"]} s on {facts["device"]}
-- final losses: VAE {facts["vae_final_loss"]:.4f}, flow {facts["flow_final_loss"]:.4f}
+- final flow loss: {facts["flow_final_loss"]:.4f}
 
 ## ShapesEdit held-out scores ({num_samples} test-split samples, {MethodConfig().num_steps} Euler steps)
 
