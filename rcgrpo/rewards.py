@@ -107,3 +107,63 @@ def background_ssim(edits: torch.Tensor, sources: torch.Tensor, masks: torch.Ten
     c1, c2 = SSIM_K1**2, SSIM_K2**2  # (K data_range)^2 with data_range 1
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return ssim_map.mean(dim=(1, 2, 3))
+
+
+# ---------------------------------------------------------------------------------------------------
+# composing sub-scores into r_i, and detectors of the two cheapest reward hacks
+
+NO_EDIT_TOLERANCE = 0.02  # in-mask RMS colour change below this: the edit left the region as it was
+REPAINT_TOLERANCE = 0.15  # background RMS colour change above this: the edit repainted the image
+
+
+def composed_total(
+    weighted: dict[str, float],
+    instruction_terms: list[str] | None = None,
+    ungated_terms: list[str] = (),
+    floor: float = 0.1,
+    slope: float = 1.0,
+) -> float:
+    """r_i from the weighted sub-scores w_j r_j of one candidate.
+
+    instruction_terms None: the weighted sum, r_i = sum_j w_j r_j.
+    Otherwise the gated form r_i = E (a + b P) + U with E the instruction terms' sum, P the
+    preservation terms' sum (every term neither instruction nor ungated), U the ungated terms' sum,
+    a = floor and b = slope: preserving the background is worth nothing without following the
+    instruction, so an unedited copy of the source cannot win on background metrics.
+    """
+    if instruction_terms is None:
+        return sum(weighted.values())
+    missing = sorted(set(instruction_terms) - set(weighted))
+    if missing:
+        raise ValueError(f"the gated composition needs instruction terms {missing}, which were not scored")
+    execution = sum(weighted[name] for name in instruction_terms)  # E
+    ungated = sum(weighted[name] for name in ungated_terms if name in weighted)  # U
+    preservation = sum(  # P
+        value
+        for name, value in weighted.items()
+        if name not in instruction_terms and name not in ungated_terms
+    )
+    return execution * (floor + slope * preservation) + ungated
+
+
+def _rms_change(edits: torch.Tensor, sources: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    squared = (edits.float() - sources.float()).pow(2) * weights.unsqueeze(1)
+    area = weights.sum(dim=(1, 2))
+    return (squared.sum(dim=(1, 2, 3)) / (3 * area).clamp_min(1e-12)).sqrt()
+
+
+def unedited(
+    edits: torch.Tensor, sources: torch.Tensor, masks: torch.Tensor, tolerance: float = NO_EDIT_TOLERANCE
+) -> torch.Tensor:
+    """1.0 where the edit region is (nearly) unchanged from the source, else 0.0 ("no edit")."""
+    _check_batch({"edits": edits, "sources": sources}, masks)
+    return (_rms_change(edits, sources, masks.float()) < tolerance).float()
+
+
+def repainted(
+    edits: torch.Tensor, sources: torch.Tensor, masks: torch.Tensor, tolerance: float = REPAINT_TOLERANCE
+) -> torch.Tensor:
+    """1.0 where the background (outside the mask) changed by more than `tolerance` RMS, else 0.0
+    ("repaint everything"). An empty background counts as unchanged."""
+    _check_batch({"edits": edits, "sources": sources}, masks)
+    return (_rms_change(edits, sources, 1 - masks.float()) > tolerance).float()
