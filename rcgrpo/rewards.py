@@ -110,40 +110,32 @@ def background_ssim(edits: torch.Tensor, sources: torch.Tensor, masks: torch.Ten
 
 
 # ---------------------------------------------------------------------------------------------------
-# composing sub-scores into r_i, and detectors of the two cheapest reward hacks
+# the gated composition of sub-scores into r_i, and detectors of the two cheapest reward hacks
 
 NO_EDIT_TOLERANCE = 0.02  # in-mask RMS colour change below this: the edit left the region as it was
-REPAINT_TOLERANCE = 0.15  # background RMS colour change above this: the edit repainted the image
+REPAINT_TOLERANCE = 0.1  # background RMS colour change above this: the edit repainted the image
 
 
-def composed_total(
-    weighted: dict[str, float],
-    instruction_terms: list[str] | None = None,
-    ungated_terms: list[str] = (),
-    floor: float = 0.1,
-    slope: float = 1.0,
-) -> float:
-    """r_i from the weighted sub-scores w_j r_j of one candidate.
-
-    instruction_terms None: the weighted sum, r_i = sum_j w_j r_j.
-    Otherwise the gated form r_i = E (a + b P) + U with E the instruction terms' sum, P the
-    preservation terms' sum (every term neither instruction nor ungated), U the ungated terms' sum,
-    a = floor and b = slope: preserving the background is worth nothing without following the
-    instruction, so an unedited copy of the source cannot win on background metrics.
-    """
-    if instruction_terms is None:
-        return sum(weighted.values())
-    missing = sorted(set(instruction_terms) - set(weighted))
-    if missing:
-        raise ValueError(f"the gated composition needs instruction terms {missing}, which were not scored")
-    execution = sum(weighted[name] for name in instruction_terms)  # E
-    ungated = sum(weighted[name] for name in ungated_terms if name in weighted)  # U
-    preservation = sum(  # P
-        value
-        for name, value in weighted.items()
-        if name not in instruction_terms and name not in ungated_terms
+def unit_mean(terms: dict[str, tuple[float, float, tuple[float, float]]]) -> float:
+    """The weighted mean of scores mapped onto [0, 1]: terms maps a name to (w_j, r_j, (low_j, high_j))
+    and each r_j becomes clamp((r_j - low_j) / (high_j - low_j), 0, 1). 0 when no weight is positive."""
+    total_weight = sum(weight for weight, _, _ in terms.values())
+    if total_weight <= 0:
+        return 0.0
+    mapped = sum(
+        weight * min(max((value - low) / (high - low), 0.0), 1.0)
+        for weight, value, (low, high) in terms.values()
     )
-    return execution * (floor + slope * preservation) + ungated
+    return mapped / total_weight
+
+
+def gated_total(execution: float, consistency: float, ungated: float, floor: float, slope: float) -> float:
+    """r_i = E (a + b C) + U: instruction following E and consistency C in [0, 1] (unit_mean of the
+    instruction and of the preservation terms), a = floor, b = slope, U the ungated terms' weighted sum.
+    Preserving the background is worth at most (a + b) E, so an edit that ignores the instruction
+    (E near 0) cannot win on background metrics, and one that repaints everything (C near 0) keeps
+    only a / (a + b) of its instruction score."""
+    return execution * (floor + slope * consistency) + ungated
 
 
 def _rms_change(edits: torch.Tensor, sources: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

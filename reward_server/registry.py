@@ -76,6 +76,9 @@ class Reward:
     weight: float
     description: str
     batched: bool = True  # model-based rewards only: through the micro-batcher, else per request
+    # (low, high): the scores that map to 0 and 1 in the gated composition (clamped); None: unbounded,
+    # so the reward can only be an ungated term there
+    unit_range: tuple[float, float] | None = None
 
     @property
     def model_based(self) -> bool:
@@ -96,6 +99,7 @@ def register_reward(
     weight: float,
     description: str,
     batched: bool = True,
+    unit_range: tuple[float, float] | None = None,
 ):
     unknown = sorted(set(inputs) - set(INPUTS))
     if unknown:
@@ -104,7 +108,9 @@ def register_reward(
         raise ValueError(f"reward {name!r} is already registered")
 
     def decorator(fn: RewardFn) -> RewardFn:
-        REWARDS[name] = Reward(name, fn, tuple(inputs), model, float(weight), description, batched)
+        REWARDS[name] = Reward(
+            name, fn, tuple(inputs), model, float(weight), description, batched, unit_range
+        )
         return fn
 
     return decorator
@@ -155,6 +161,7 @@ register_model("reward_model", _load_reward_model, settings_section="reward_mode
     model=None,
     weight=1.0,
     description="ShapesEdit verifiable score: agreement of the edit with the ground truth inside the mask, in [0,1]",
+    unit_range=(0.0, 1.0),
 )
 def region_adherence(batch: RewardBatch, models: dict) -> torch.Tensor:
     return rewards.region_adherence(batch.edits, batch.targets, batch.masks)
@@ -166,6 +173,7 @@ def region_adherence(batch: RewardBatch, models: dict) -> torch.Tensor:
     model=None,
     weight=0.02,
     description="PSNR (dB, data range 1) between edit and source outside the mask",
+    unit_range=(10.0, 40.0),  # 10 dB: unrelated images; 40 dB: no visible difference
 )
 def background_psnr(batch: RewardBatch, models: dict) -> torch.Tensor:
     return rewards.background_psnr(batch.edits, batch.sources, batch.masks)
@@ -177,6 +185,7 @@ def background_psnr(batch: RewardBatch, models: dict) -> torch.Tensor:
     model=None,
     weight=1.0,
     description="SSIM between edit and source outside the mask, in [-1,1]",
+    unit_range=(0.0, 1.0),
 )
 def background_ssim(batch: RewardBatch, models: dict) -> torch.Tensor:
     return rewards.background_ssim(batch.edits, batch.sources, batch.masks)
@@ -188,6 +197,7 @@ def background_ssim(batch: RewardBatch, models: dict) -> torch.Tensor:
     model="clip",
     weight=0.01,
     description="local CLIP text score (LC-T): 100 * max(cos, 0) of the mask's box in the edit vs the caption",
+    unit_range=(0.0, 100.0),
 )
 def lc_t(batch: RewardBatch, models: dict) -> torch.Tensor:
     return models["clip"].lc_t(batch.edits, batch.masks, batch.captions)
@@ -199,6 +209,7 @@ def lc_t(batch: RewardBatch, models: dict) -> torch.Tensor:
     model="clip",
     weight=1.0,
     description="local CLIP image score (LC-I): cosine of CLIP embeddings of the mask's box in edit and ground truth",
+    unit_range=(0.0, 1.0),
 )
 def lc_i(batch: RewardBatch, models: dict) -> torch.Tensor:
     return models["clip"].lc_i(batch.edits, batch.targets, batch.masks)
@@ -210,6 +221,7 @@ def lc_i(batch: RewardBatch, models: dict) -> torch.Tensor:
     model=None,
     weight=0.5,
     description="attention concentration R_ACD in [0,1], computed by the rollout and passed through (lambda_ACD)",
+    unit_range=(0.0, 1.0),
 )
 def acd(batch: RewardBatch, models: dict) -> torch.Tensor:
     return batch.acd
@@ -223,6 +235,7 @@ def acd(batch: RewardBatch, models: dict) -> torch.Tensor:
     description="a vision-language judge over an OpenAI-compatible /v1/chat/completions endpoint (settings "
     "`judge:`): its parsed score mapped onto [0,1]",
     batched=False,
+    unit_range=(0.0, 1.0),
 )
 def vlm_judge(batch: RewardBatch, models: dict) -> torch.Tensor:
     return models["judge"].score(batch)
@@ -246,6 +259,7 @@ def reward_model(batch: RewardBatch, models: dict) -> torch.Tensor:
     weight=0.0,
     description="hacking detector: 1 if the edit region is unchanged from the source (in-mask RMS change "
     f"< {rewards.NO_EDIT_TOLERANCE}), else 0",
+    unit_range=(0.0, 1.0),
 )
 def no_edit(batch: RewardBatch, models: dict) -> torch.Tensor:
     return rewards.unedited(batch.edits, batch.sources, batch.masks)
@@ -258,6 +272,7 @@ def no_edit(batch: RewardBatch, models: dict) -> torch.Tensor:
     weight=0.0,
     description="hacking detector: 1 if the background changed (RMS change outside the mask "
     f"> {rewards.REPAINT_TOLERANCE}), else 0",
+    unit_range=(0.0, 1.0),
 )
 def repainted(batch: RewardBatch, models: dict) -> torch.Tensor:
     return rewards.repainted(batch.edits, batch.sources, batch.masks)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from rcgrpo.rewards import composed_total
+from rcgrpo.rewards import gated_total, unit_mean
 from reward_server.batcher import MicroBatcher
 from reward_server.metrics import RewardServerMetrics
 from reward_server.registry import (
@@ -301,6 +301,7 @@ class Scorer:
         return {name: (weights or {}).get(name, self.weights[name]) for name in names}
 
     def check_composition(self, composition: Composition, chosen: Mapping[str, float]) -> None:
+        """BadInputError unless the gated composition can be applied to the chosen rewards."""
         if composition.kind != "gated":
             return
         missing = [name for name in composition.instruction_terms if name not in chosen]
@@ -309,22 +310,38 @@ class Scorer:
                 f"the gated composition's instruction terms {missing} are not among the chosen rewards "
                 f"{list(chosen)}"
             )
+        for name, weight in chosen.items():
+            if name in composition.ungated_terms:
+                continue
+            if self.registry[name].unit_range is None:
+                raise BadInputError(
+                    f"reward {name!r} has no bounded range, so the gated composition can only take it as "
+                    "an ungated term (composition.ungated_terms)"
+                )
+            if weight < 0:
+                raise BadInputError(f"the gated composition needs weights >= 0; {name!r} has {weight}")
 
     def total(
         self, scores: Mapping[str, float], chosen: Mapping[str, float], composition: Composition
     ) -> float:
         """r_i of one candidate; BadInputError if the weights make it non-finite."""
-        weighted = {name: chosen[name] * scores[name] for name in chosen}
         if composition.kind == "gated":
-            total = composed_total(
-                weighted,
-                composition.instruction_terms,
-                composition.ungated_terms,
-                composition.floor,
-                composition.slope,
+
+            def terms(names) -> dict:
+                return {n: (chosen[n], scores[n], self.registry[n].unit_range) for n in names}
+
+            instruction = composition.instruction_terms
+            ungated = [n for n in chosen if n in composition.ungated_terms]
+            preservation = [n for n in chosen if n not in instruction and n not in ungated]
+            total = gated_total(
+                execution=unit_mean(terms(instruction)),  # E
+                consistency=unit_mean(terms(preservation)),  # C
+                ungated=sum(chosen[n] * scores[n] for n in ungated),  # U
+                floor=composition.floor,
+                slope=composition.slope,
             )
         else:
-            total = composed_total(weighted)
+            total = sum(chosen[name] * scores[name] for name in chosen)  # r_i = sum_j w_j r_j
         if not math.isfinite(total):
             raise BadInputError(f"the weights {dict(chosen)} make a total of {total}; choose smaller weights")
         return total

@@ -58,10 +58,11 @@ class Composition(_Strict):
     """How the sub-scores r_j become one total r_i.
 
     weighted_sum: r_i = sum_j w_j r_j.
-    gated: the preservation terms count only in proportion to the instruction terms, so an edit that
-    ignores the instruction cannot win on background metrics:
-        r_i = E (a + b P) + U,  E = sum_{j in instruction} w_j r_j,  P = sum_{j in preservation} w_j r_j,
-    U = sum_{j in ungated} w_j r_j (intrinsic terms such as ACD), preservation = every other term.
+    gated (a guard against reward hacking): r_i = E (a + b C) + U, with E the weighted mean of the
+    instruction terms and C that of the preservation terms (every term neither instruction nor
+    ungated), each score mapped onto [0, 1] by its reward's range, and U = sum_j w_j r_j over the ungated
+    terms (intrinsic ones such as ACD). Preservation counts only in proportion to instruction
+    following, so an unedited copy of the source cannot win on background metrics.
     """
 
     kind: Literal["weighted_sum", "gated"] = "weighted_sum"
