@@ -149,6 +149,12 @@ def items_from_group(group: RolloutGroup) -> list[Item]:
     return items
 
 
+def _failed(reward: Reward, cause: str, metrics: RewardServerMetrics | None) -> RewardFailedError:
+    if metrics is not None:
+        metrics.reward_failures.labels(reward=reward.name).inc()
+    return RewardFailedError(reward.name, cause)
+
+
 def compute_reward(
     reward: Reward, items: Sequence[Item], models: dict, metrics: RewardServerMetrics | None = None
 ) -> list[float]:
@@ -177,17 +183,15 @@ def compute_reward(
         except ValueError as error:  # reward functions raise ValueError for inputs they cannot score
             raise BadInputError(f"reward {reward.name!r} cannot score this input: {error}") from error
         except Exception as error:  # anything else: the reward is unavailable, not zero
-            if metrics is not None:
-                metrics.reward_failures.labels(reward=reward.name).inc()
-            raise RewardFailedError(reward.name, f"{type(error).__name__}: {error}") from error
+            raise _failed(reward, f"{type(error).__name__}: {error}", metrics) from error
         if metrics is not None:
             metrics.reward_latency.labels(reward=reward.name).observe(time.perf_counter() - start)
         values = values.detach().cpu().double().reshape(-1).tolist()
         if len(values) != len(indices):
-            raise RewardFailedError(reward.name, f"returned {len(values)} scores for {len(indices)} items")
+            raise _failed(reward, f"returned {len(values)} scores for {len(indices)} items", metrics)
         for i, value in zip(indices, values, strict=True):
             if not math.isfinite(value):
-                raise RewardFailedError(reward.name, f"returned a non-finite score {value}")
+                raise _failed(reward, f"returned a non-finite score {value}", metrics)
             scores[i] = value
     return scores
 
