@@ -116,7 +116,7 @@ class ItemScore(BaseModel):
 class ScoreResponse(BaseModel):
     results: list[ItemScore]
     weights: dict[str, float] = Field(description="the weights the totals used")
-    composition: Composition = Field(description="how the totals were composed")
+    composition: Composition = Field(default_factory=Composition, description="how the totals were composed")
 
 
 class RewardInfo(BaseModel):
