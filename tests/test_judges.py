@@ -261,3 +261,87 @@ def test_local_reward_model_in_bfloat16(reward_model_dir):
     assert response.status_code == 200 and model.dtype == torch.bfloat16
     scores = [r["scores"]["reward_model"] for r in response.json()["results"]]
     assert scores == pytest.approx(direct.tolist(), abs=0.05)  # bfloat16 keeps about 3 digits
+
+
+# ---------------------------------------------------------------------------------------------------
+# serving a judge next to the reward server: the compose override and the Kubernetes overlay
+
+
+def judge_settings_from(env: dict[str, str], monkeypatch) -> RewardServerSettings:
+    """The reward server's settings with the shipped config and `env` on top, as the container gets them."""
+    from reward_server.settings import load_settings
+
+    for name, value in env.items():
+        if name.startswith("RCGRPO_REWARD_") and name != "RCGRPO_REWARD_TOKEN":
+            monkeypatch.setenv(name, str(value))
+    return load_settings("configs/reward_server.yaml", insecure_no_auth=True)
+
+
+def test_compose_judge_override_serves_vlm_judge_from_the_judge_service(monkeypatch):
+    import json
+
+    import jsonschema
+    import yaml
+    from test_deploy_files import (
+        COMPOSE_SCHEMA,
+        REPO,
+        REQUIRED_ENV,
+        interpolate,
+        load_compose,
+        merge_override,
+    )
+
+    override = yaml.safe_load((REPO / "docker-compose.judge.yml").read_text())
+    raw = merge_override(load_compose(gpu=True), override)
+    compose = interpolate(raw, REQUIRED_ENV)
+    if COMPOSE_SCHEMA.is_file():
+        schema = json.loads(COMPOSE_SCHEMA.read_text())
+        for document in (raw, compose):
+            errors = list(jsonschema.Draft7Validator(schema).iter_errors(document))
+            assert not errors, [e.message for e in errors[:5]]
+    judge, reward_server = compose["services"]["judge"], compose["services"]["reward-server"]
+    assert judge["ports"] == ["127.0.0.1:8000:8000"] and judge["healthcheck"]["test"]
+    assert reward_server["depends_on"]["judge"] == {"condition": "service_healthy"}
+    assert reward_server["depends_on"]["redis"] == {"condition": "service_healthy"}  # the base's, kept
+    served_name = next(a.split("=", 1)[1] for a in judge["command"] if a.startswith("--served-model-name="))
+    settings = judge_settings_from(reward_server["environment"], monkeypatch)
+    assert settings.judge.base_url == "http://judge:8000/v1" and settings.judge.model == served_name
+    assert settings.rewards["vlm_judge"] == 1.0 and settings.rewards["region_adherence"] == 1.0
+    create_app(settings)  # servable: the judge is configured
+
+
+def test_k8s_judge_overlay_points_the_reward_server_at_the_vllm_service(monkeypatch):
+    import yaml
+    from test_deploy_files import K8S_DIR, k8s_object
+
+    overlay = K8S_DIR / "judge"
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../", "vllm-judge.yaml"]
+    documents = {
+        d["kind"] + "/" + d["metadata"]["name"]: d
+        for d in yaml.safe_load_all((overlay / "vllm-judge.yaml").read_text())
+    }
+    deployment, service = documents["Deployment/rcgrpo-judge"], documents["Service/rcgrpo-judge"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": 8000}
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    served_name = next(a.split("=", 1)[1] for a in container["args"] if a.startswith("--served-model-name="))
+    claims = [
+        v["persistentVolumeClaim"]["claimName"]
+        for v in deployment["spec"]["template"]["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    ]
+    assert claims == ["rcgrpo-models"] and k8s_object("PersistentVolumeClaim", "rcgrpo-models")
+
+    # the patch targets the base's reward server container, and its settings serve the judge
+    [(path,)] = [tuple(p.values()) for p in kustomization["patches"]]
+    patch = yaml.safe_load((overlay / path).read_text())
+    base = k8s_object("Deployment", patch["metadata"]["name"])
+    (patched,) = patch["spec"]["template"]["spec"]["containers"]
+    assert patched["name"] in [c["name"] for c in base["spec"]["template"]["spec"]["containers"]]
+    env = {e["name"]: e["value"] for e in patched["env"]}
+    settings = judge_settings_from(env, monkeypatch)
+    port = service["spec"]["ports"][0]["port"]
+    assert settings.judge.base_url == f"http://{service['metadata']['name']}:{port}/v1"
+    assert settings.judge.model == served_name and "vlm_judge" in settings.rewards
