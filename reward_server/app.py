@@ -173,6 +173,7 @@ def create_app(
                 await asyncio.to_thread(consumer.stop)
             loading.cancel()
             await scorer.batcher.stop()
+            scorer.close()
 
     async def _load_models(app: FastAPI):
         try:

@@ -273,6 +273,13 @@ class Scorer:
                 self.models[name] = self.model_loaders[name](str(source))
         self.metrics.models_ready.set(1)
 
+    def close(self) -> None:
+        """Release what the loaded models hold (the judge's connections and threads)."""
+        for model in self.models.values():
+            close = getattr(model, "close", None)
+            if callable(close):
+                close()
+
     def listing(self) -> RewardsResponse:
         return RewardsResponse(
             rewards=[

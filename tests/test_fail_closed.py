@@ -155,3 +155,19 @@ def test_the_learner_never_trains_on_a_group_lacking_a_term(tmp_path):
         learner.checkpoint(task_cursor=0)
         assert bus.scored.pending_count() == 0  # acknowledged with the checkpoint, never re-read
         bus.client.close()
+
+
+def test_the_learner_reports_the_hacking_detectors_per_group():
+    from learner.learner import _hacks
+
+    with EmbeddedRedis() as redis_server:
+        client = redis_server.client()
+        rewards = {"region_adherence": 1.0, "no_edit": 0.0, "repainted": 0.0, "acd": 0.5}
+        group = record(WorkStream(client, "h:rollouts", "g"), "h", 0, make_group(seed=25), rewards)
+        client.close()
+    flags = [(1.0, 0.0), (0.0, 1.0), (0.0, 1.0), (0.0, 0.0)]
+    scores = [{"region_adherence": 0.5, "no_edit": a, "repainted": b, "acd": 0.5} for a, b in flags]
+    meta = group.meta.model_copy(update={"scores": GroupScores(scores=scores, totals=[0.75] * 4)})
+    assert _hacks(RolloutGroup(meta, group.train)) == {"no_edit": 1, "repainted": 2}
+    without = meta.model_copy(update={"rewards": {"region_adherence": 1.0, "acd": 0.5}})
+    assert _hacks(RolloutGroup(without, group.train)) == {}

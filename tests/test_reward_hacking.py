@@ -1,6 +1,8 @@
 """The gated composition and the hacking detectors on ShapesEdit, through the reward server over HTTP:
 an unedited copy of the source and fully repainted images against correct edits."""
 
+import time
+
 import httpx
 import pytest
 import torch
@@ -155,3 +157,52 @@ def test_gated_composition_is_checked(url, candidates):
     # the answer says how its totals were composed
     plain = httpx.post(f"{url}/v1/score", json={**body, "rewards": ["region_adherence"]}).json()
     assert plain["composition"]["kind"] == "weighted_sum"
+
+
+def test_a_stream_group_is_scored_with_the_composition_it_carries():
+    from test_reward_stream import make_group, record
+
+    from services.record import decode_rollout_group, encode_rollout_group
+    from services.redis_server import EmbeddedRedis
+    from services.schemas import Composition
+    from services.streams import WorkStream
+
+    with EmbeddedRedis() as redis_server:
+        settings = RewardServerSettings(
+            insecure_no_auth=True,
+            rewards={**RUN_WEIGHTS, "acd": 0.5},  # the server's own composition: the weighted sum
+            stream={
+                "enabled": True,
+                "redis_url": redis_server.url,
+                "rollouts": "c:rollouts",
+                "scored": "c:scored",
+                "block_ms": 50,
+            },
+        )
+        client = redis_server.client()
+        work = WorkStream(client, "c:rollouts", "reward-server")
+        with serve_in_thread(create_app(settings)) as base:
+            RewardClient(base).wait_ready(timeout_s=30)
+            group = record(work, "gated", 0, make_group(seed=31), {**RUN_WEIGHTS, "acd": 0.5})
+            gated = Composition(kind="gated", instruction_terms=["region_adherence"], floor=0.2, slope=0.8)
+            group.meta = group.meta.model_copy(update={"composition": gated})
+            work.publish(encode_rollout_group(group))
+            deadline = time.monotonic() + 30
+            while client.xlen("c:scored") == 0:
+                assert time.monotonic() < deadline, "the group was not scored"
+                time.sleep(0.05)
+        [(_, fields)] = client.xrange("c:scored")
+        client.close()
+    meta = decode_rollout_group(fields).meta
+    assert meta.composition == gated
+    ranges = {"region_adherence": (0, 1), "background_psnr": (10, 40), "background_ssim": (0, 1)}
+    for scores, total in zip(meta.scores.scores, meta.scores.totals, strict=True):
+        execution = unit_mean(
+            {"region_adherence": (1.0, scores["region_adherence"], ranges["region_adherence"])}
+        )
+        consistency = unit_mean(
+            {n: (RUN_WEIGHTS[n], scores[n], ranges[n]) for n in ("background_psnr", "background_ssim")}
+        )
+        assert total == pytest.approx(
+            gated_total(execution, consistency, 0.5 * scores["acd"], 0.2, 0.8), rel=1e-9
+        )
