@@ -132,6 +132,12 @@ class Learner:
                 if group.meta.scores is None:
                     raise ValueError(f"scored stream entry {entry.id} holds group {key.id!r} without scores")
                 self._unacked.append(entry.id)
+                missing = _missing_terms(group)
+                if missing:  # fail closed: never train on a total with a term left out
+                    log.error("group %s lacks reward terms %s: not trained on", key.id, missing)
+                    metrics.LEARNER_GROUPS.labels("incomplete").inc()
+                    self._unfreed.append(group.train)
+                    continue
                 if key.id in self._consumed:  # re-delivered after a crash: already trained on
                     metrics.LEARNER_GROUPS.labels("duplicate").inc()
                     continue
@@ -195,7 +201,7 @@ class Learner:
             **{name: value for name, value in signal.items() if name != "per_group"},
             # per group, with its task: what a study aggregates per task kind
             "group_signal": [
-                {"group_id": group.meta.key.group_id, "task": group.meta.task, **row}
+                {"group_id": group.meta.key.group_id, "task": group.meta.task, **row, **_hacks(group)}
                 for (group, _), row in zip(batch, signal["per_group"], strict=True)
             ],
             "zero_variance_ratio": flat.float().mean().item(),
@@ -220,6 +226,21 @@ class Learner:
                 self.checkpoint(self.bus.task_cursor())
             log.info("step %(step)d reward %(reward_mean).4f loss %(loss).4f v%(policy_version)d", stats)
         self.save_final_lora(self.cfg.run_dir / "lora")
+
+
+def _hacks(group: RolloutGroup) -> dict[str, int]:
+    """Per group, how many candidates the reward server's hacking detectors flagged (those it ran)."""
+    return {
+        name: int(sum(scores[name] for scores in group.meta.scores.scores))
+        for name in ("no_edit", "repainted")
+        if name in group.meta.rewards
+    }
+
+
+def _missing_terms(group: RolloutGroup) -> list[str]:
+    """The run's reward terms some candidate of the scored group lacks (none for a complete group)."""
+    wanted = set(group.meta.rewards)
+    return sorted(set().union(*(wanted - set(scores) for scores in group.meta.scores.scores)))
 
 
 def _export(result: dict, trained: int, zero_variance: int) -> None:

@@ -107,3 +107,55 @@ def background_ssim(edits: torch.Tensor, sources: torch.Tensor, masks: torch.Ten
     c1, c2 = SSIM_K1**2, SSIM_K2**2  # (K data_range)^2 with data_range 1
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return ssim_map.mean(dim=(1, 2, 3))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the gated composition of sub-scores into r_i, and detectors of the two cheapest reward hacks
+
+NO_EDIT_TOLERANCE = 0.02  # in-mask RMS colour change below this: the edit left the region as it was
+REPAINT_TOLERANCE = 0.1  # background RMS colour change above this: the edit repainted the image
+
+
+def unit_mean(terms: dict[str, tuple[float, float, tuple[float, float]]]) -> float:
+    """The weighted mean of scores mapped onto [0, 1]: terms maps a name to (w_j, r_j, (low_j, high_j))
+    and each r_j becomes clamp((r_j - low_j) / (high_j - low_j), 0, 1). 0 when no weight is positive."""
+    total_weight = sum(weight for weight, _, _ in terms.values())
+    if total_weight <= 0:
+        return 0.0
+    mapped = sum(
+        weight * min(max((value - low) / (high - low), 0.0), 1.0)
+        for weight, value, (low, high) in terms.values()
+    )
+    return mapped / total_weight
+
+
+def gated_total(execution: float, consistency: float, ungated: float, floor: float, slope: float) -> float:
+    """r_i = E (a + b C) + U: instruction following E and consistency C in [0, 1] (unit_mean of the
+    instruction and of the preservation terms), a = floor, b = slope, U the ungated terms' weighted sum.
+    Preserving the background is worth at most (a + b) E, so an edit that ignores the instruction
+    (E near 0) cannot win on background metrics, and one that repaints everything (C near 0) keeps
+    only a / (a + b) of its instruction score."""
+    return execution * (floor + slope * consistency) + ungated
+
+
+def _rms_change(edits: torch.Tensor, sources: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    squared = (edits.float() - sources.float()).pow(2) * weights.unsqueeze(1)
+    area = weights.sum(dim=(1, 2))
+    return (squared.sum(dim=(1, 2, 3)) / (3 * area).clamp_min(1e-12)).sqrt()
+
+
+def unedited(
+    edits: torch.Tensor, sources: torch.Tensor, masks: torch.Tensor, tolerance: float = NO_EDIT_TOLERANCE
+) -> torch.Tensor:
+    """1.0 where the edit region is (nearly) unchanged from the source, else 0.0 ("no edit")."""
+    _check_batch({"edits": edits, "sources": sources}, masks)
+    return (_rms_change(edits, sources, masks.float()) < tolerance).float()
+
+
+def repainted(
+    edits: torch.Tensor, sources: torch.Tensor, masks: torch.Tensor, tolerance: float = REPAINT_TOLERANCE
+) -> torch.Tensor:
+    """1.0 where the background (outside the mask) changed by more than `tolerance` RMS, else 0.0
+    ("repaint everything"). An empty background counts as unchanged."""
+    _check_batch({"edits": edits, "sources": sources}, masks)
+    return (_rms_change(edits, sources, 1 - masks.float()) > tolerance).float()

@@ -2,7 +2,8 @@
 
 Routes: POST /v1/score, GET /v1/rewards (bearer auth), GET /healthz, /readyz, /metrics, and FastAPI's
 /openapi.json and /docs. Auth and the body-size limit are checked in an ASGI middleware before the
-body is read, so an unauthenticated or oversized request costs no parsing.
+body is read, so an unauthenticated or oversized request costs no parsing. Every error answer is an
+ErrorResponse: {"detail", "kind", "reward"}.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from reward_server.batcher import QueueFullError
 from reward_server.metrics import RewardServerMetrics
 from reward_server.registry import MODEL_LOADERS, REWARDS
-from reward_server.scoring import BadInputError, NotReadyError, Scorer, decode_score_item
+from reward_server.scoring import BadInputError, NotReadyError, RewardFailedError, Scorer, decode_score_item
 from reward_server.settings import RewardServerSettings
 from services.auth import bearer_matches, load_token
 from services.schemas import ErrorResponse, ItemScore, RewardsResponse, ScoreRequest, ScoreResponse
@@ -33,16 +35,33 @@ ROUTES = ("/v1/score", "/v1/rewards", "/healthz", "/readyz", "/metrics", "/opena
 ERROR_RESPONSES = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in (
+        (400, "the body cannot be parsed at all (e.g. nested too deeply)"),
         (401, "missing or wrong bearer token"),
         (413, "body over the size limit, or too many items"),
         (422, "the request cannot be scored; `detail` says why"),
-        (503, "queue full or models loading; retry after `Retry-After` seconds"),
+        (
+            503,
+            "queue full, models loading, or a reward could not be computed (kind reward_failed, `reward` "
+            "names it); retry after `Retry-After` seconds",
+        ),
     )
 }
+HTTP_ERROR_KINDS = {400: "malformed", 404: "not_found", 405: "not_found"}
 
 
-def _error(status: int, kind: str, detail: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail, "kind": kind}, status_code=status, headers=headers)
+def _error(
+    status: int, kind: str, detail: str, headers: dict | None = None, reward: str | None = None
+) -> JSONResponse:
+    body = ErrorResponse(detail=detail, kind=kind, reward=reward).model_dump()
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _served_names_in_schema(schema: dict, served: list[str]) -> None:
+    """Make the OpenAPI schema say what the server accepts: reward names are the served ones."""
+    request = schema["components"]["schemas"]["ScoreRequest"]["properties"]
+    request["rewards"]["anyOf"][0]["items"]["enum"] = served
+    request["rewards"]["anyOf"][0]["uniqueItems"] = True  # ScoreRequest's validator refuses repeats
+    request["weights"]["anyOf"][0]["propertyNames"] = {"enum": served}
 
 
 class GuardMiddleware:
@@ -154,6 +173,7 @@ def create_app(
                 await asyncio.to_thread(consumer.stop)
             loading.cancel()
             await scorer.batcher.stop()
+            scorer.close()
 
     async def _load_models(app: FastAPI):
         try:
@@ -210,6 +230,19 @@ def create_app(
         retry = str(settings.batching.retry_after_s)
         return _error(503, "not_ready", app.state.load_error or str(error), {"Retry-After": retry})
 
+    @app.exception_handler(RewardFailedError)
+    async def on_reward_failed(request: Request, error: RewardFailedError):
+        metrics.errors.labels(kind="reward_failed").inc()
+        log.warning("%s", error)
+        retry = str(settings.batching.retry_after_s)
+        return _error(503, "reward_failed", str(error), {"Retry-After": retry}, reward=error.reward)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, error: StarletteHTTPException):
+        kind = HTTP_ERROR_KINDS.get(error.status_code, "malformed" if error.status_code < 500 else "internal")
+        metrics.errors.labels(kind=kind).inc()
+        return _error(error.status_code, kind, str(error.detail), getattr(error, "headers", None))
+
     @app.exception_handler(Exception)
     async def on_internal_error(request: Request, error: Exception):
         metrics.errors.labels(kind="internal").inc()
@@ -226,13 +259,15 @@ def create_app(
             )
             return _error(413, "too_large", detail)
         chosen = scorer.choose(request.rewards, request.weights)
+        composition = request.composition or scorer.composition
+        scorer.check_composition(composition, chosen)
         with scorer.expecting(chosen):
             items = await asyncio.to_thread(
                 lambda: [
                     decode_score_item(w, i, settings.max_image_pixels) for i, w in enumerate(request.items)
                 ]
             )
-        scored = await scorer.score(items, chosen, source="http")
+        scored = await scorer.score(items, chosen, source="http", composition=composition)
         results = [
             ItemScore(
                 group_id=w.group_id,
@@ -243,11 +278,12 @@ def create_app(
             )
             for w, s in zip(request.items, scored, strict=True)
         ]
-        return ScoreResponse(results=results, weights=chosen)
+        return ScoreResponse(results=results, weights=chosen, composition=composition)
 
     @app.get("/v1/rewards", response_model=RewardsResponse, responses=ERROR_RESPONSES, dependencies=bearer)
     async def rewards() -> RewardsResponse:
-        """The rewards this server serves: names, default weights, the inputs each reads."""
+        """The rewards this server serves: names, default weights, the inputs each reads, whether it runs
+        a model."""
         return scorer.listing()
 
     @app.get("/healthz")
@@ -261,8 +297,25 @@ def create_app(
         detail = app.state.load_error or "loading models"
         return JSONResponse({"ready": False, "detail": detail}, status_code=503)
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "Prometheus text exposition format",
+                "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+            }
+        },
+    )
     async def prometheus_metrics():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            _served_names_in_schema(schema, list(scorer.served))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app

@@ -15,6 +15,9 @@ ERROR_KINDS = (
     "bad_input",  # undecodable image, size mismatch, unknown reward, missing input
     "queue_full",  # backpressure (503)
     "not_ready",  # models still loading (503)
+    "reward_failed",  # a reward could not be computed (503 naming it): judge down, model error
+    "malformed",  # a body that cannot even be parsed (400), e.g. nested too deeply
+    "not_found",  # no such route (404) or method (405)
     "internal",  # a server bug (500)
     "stream_bad_message",  # a rollout group that cannot be decoded (left pending, then dead-lettered)
     "stream_failed",  # a rollout group that decoded but could not be scored
@@ -61,16 +64,38 @@ class RewardServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.reward_failures = Counter(
+            "rcgrpo_reward_reward_failures_total",
+            "batches a reward could not score (answered 503 or left pending, never as a number)",
+            ["reward"],
+            registry=r,
+        )
+        self.judge_calls = Counter(
+            "rcgrpo_reward_judge_calls_total",
+            "calls to a judge endpoint by outcome (ok, timeout, connect_error, server_error, refused,"
+            " bad_response, unparseable)",
+            ["judge", "outcome"],
+            registry=r,
+        )
+        self.judge_latency = Histogram(
+            "rcgrpo_reward_judge_latency_seconds",
+            "time of one call to a judge endpoint, whatever its outcome",
+            ["judge"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.errors = Counter("rcgrpo_reward_errors_total", "errors by kind", ["kind"], registry=r)
         self.models_ready = Gauge(
             "rcgrpo_reward_models_ready", "1 once every served model is loaded", registry=r
         )
         self.stream_groups = Counter(
             "rcgrpo_reward_stream_groups_total",
-            "rollout groups taken from the stream, by outcome (scored, duplicate, failed)",
+            "rollout groups taken from the stream, by outcome (scored, duplicate, failed, dead_lettered)",
             ["outcome"],
             registry=r,
         )
+        for outcome in ("scored", "duplicate", "failed", "dead_lettered"):
+            self.stream_groups.labels(outcome=outcome)
         for kind in ERROR_KINDS:
             self.errors.labels(kind=kind)  # export zeros so dashboards see every kind
 

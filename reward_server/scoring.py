@@ -2,7 +2,11 @@
 rewards and weights, and scores through the micro-batcher.
 
 Per candidate the total is r_i = sum_j w_j r_j (docs/METHOD.md section 5.1), the passed-through ACD being one
-of the r_j with w = lambda_ACD.
+of the r_j with w = lambda_ACD, or its gated form (services.schemas.Composition) that guards against
+reward hacking.
+
+Fail closed: a reward that cannot be computed raises RewardFailedError (HTTP 503 naming the reward and
+the cause; a stream group stays pending); it is never replaced by a number.
 """
 
 from __future__ import annotations
@@ -19,13 +23,21 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from rcgrpo.rewards import gated_total, unit_mean
 from reward_server.batcher import MicroBatcher
 from reward_server.metrics import RewardServerMetrics
-from reward_server.registry import MODEL_LOADERS, OPTIONAL_INPUTS, REWARDS, Reward, RewardBatch
+from reward_server.registry import (
+    MODEL_LOADERS,
+    MODEL_SECTIONS,
+    OPTIONAL_INPUTS,
+    REWARDS,
+    Reward,
+    RewardBatch,
+)
 from reward_server.settings import RewardServerSettings
 from services.codec import CodecError, decode_image, decode_mask
 from services.record import RolloutGroup
-from services.schemas import RewardInfo, RewardsResponse, ScoreItem, b64_to_bytes
+from services.schemas import Composition, RewardInfo, RewardsResponse, ScoreItem, b64_to_bytes
 
 MIN_IMAGE_SIDE = 16  # smaller images cannot be scored (SSIM's 11x11 window, CLIP crops)
 
@@ -36,6 +48,16 @@ class BadInputError(ValueError):
 
 class NotReadyError(RuntimeError):
     """The served models are still loading (answered with 503)."""
+
+
+class RewardFailedError(RuntimeError):
+    """A reward could not be computed (a judge timed out, a model raised, a score was not finite):
+    answered with 503 naming the reward and the cause, never with a made-up score."""
+
+    def __init__(self, reward: str, cause: str):
+        super().__init__(f"reward {reward!r} could not be computed: {cause}")
+        self.reward = reward
+        self.cause = cause
 
 
 @dataclass
@@ -127,6 +149,12 @@ def items_from_group(group: RolloutGroup) -> list[Item]:
     return items
 
 
+def _failed(reward: Reward, cause: str, metrics: RewardServerMetrics | None) -> RewardFailedError:
+    if metrics is not None:
+        metrics.reward_failures.labels(reward=reward.name).inc()
+    return RewardFailedError(reward.name, cause)
+
+
 def compute_reward(
     reward: Reward, items: Sequence[Item], models: dict, metrics: RewardServerMetrics | None = None
 ) -> list[float]:
@@ -154,16 +182,16 @@ def compute_reward(
                 values = reward.fn(batch, models)
         except ValueError as error:  # reward functions raise ValueError for inputs they cannot score
             raise BadInputError(f"reward {reward.name!r} cannot score this input: {error}") from error
+        except Exception as error:  # anything else: the reward is unavailable, not zero
+            raise _failed(reward, f"{type(error).__name__}: {error}", metrics) from error
         if metrics is not None:
             metrics.reward_latency.labels(reward=reward.name).observe(time.perf_counter() - start)
         values = values.detach().cpu().double().reshape(-1).tolist()
         if len(values) != len(indices):
-            raise RuntimeError(
-                f"reward {reward.name!r} returned {len(values)} scores for {len(indices)} items"
-            )
+            raise _failed(reward, f"returned {len(values)} scores for {len(indices)} items", metrics)
         for i, value in zip(indices, values, strict=True):
             if not math.isfinite(value):
-                raise RuntimeError(f"reward {reward.name!r} returned a non-finite score {value}")
+                raise _failed(reward, f"returned a non-finite score {value}", metrics)
             scores[i] = value
     return scores
 
@@ -182,7 +210,8 @@ class Scorer:
         settings: RewardServerSettings,
         metrics: RewardServerMetrics,
         registry: Mapping[str, Reward] = REWARDS,
-        model_loaders: Mapping[str, Callable[[str], object]] = MODEL_LOADERS,
+        model_loaders: Mapping[str, Callable] = MODEL_LOADERS,
+        model_sections: Mapping[str, str] = MODEL_SECTIONS,
     ):
         unknown = sorted(set(settings.rewards) - set(registry))
         if unknown:
@@ -192,12 +221,22 @@ class Scorer:
         self.registry = registry
         self.served = {name: registry[name] for name in settings.rewards}
         self.weights = dict(settings.rewards)
-        self.model_dirs = {}
+        self.composition = settings.composition
+        self.check_composition(self.composition, self.weights)
+        self.model_dirs = {}  # model name -> its directory, or its settings section's settings
         for reward in self.served.values():
             if reward.model is None:
                 continue
             if reward.model not in model_loaders:
                 raise ValueError(f"reward {reward.name!r} needs model {reward.model!r}, which has no loader")
+            if reward.model in model_sections:
+                section = model_sections[reward.model]
+                if getattr(settings, section, None) is None:
+                    raise ValueError(
+                        f"reward {reward.name!r} needs model {reward.model!r}: configure it under `{section}:`"
+                    )
+                self.model_dirs[reward.model] = getattr(settings, section)
+                continue
             if reward.model not in settings.models:
                 raise ValueError(
                     f"reward {reward.name!r} needs model {reward.model!r}: set models.{reward.model} to a local directory"
@@ -208,6 +247,7 @@ class Scorer:
                 )
             self.model_dirs[reward.model] = settings.models[reward.model]
         self.model_loaders = model_loaders
+        self.model_sections = model_sections
         self.models: dict[str, object] = {}
         self.metrics = metrics
         self.max_image_pixels = settings.max_image_pixels
@@ -226,9 +266,19 @@ class Scorer:
         return set(self.models) == set(self.model_dirs)
 
     def load_models(self) -> None:
-        for name, directory in self.model_dirs.items():
-            self.models[name] = self.model_loaders[name](str(directory))
+        for name, source in self.model_dirs.items():
+            if name in self.model_sections:
+                self.models[name] = self.model_loaders[name](source, self.metrics)
+            else:
+                self.models[name] = self.model_loaders[name](str(source))
         self.metrics.models_ready.set(1)
+
+    def close(self) -> None:
+        """Release what the loaded models hold (the judge's connections and threads)."""
+        for model in self.models.values():
+            close = getattr(model, "close", None)
+            if callable(close):
+                close()
 
     def listing(self) -> RewardsResponse:
         return RewardsResponse(
@@ -261,6 +311,52 @@ class Scorer:
             raise BadInputError(f"weights given for {stray}, which are not among the chosen rewards {names}")
         return {name: (weights or {}).get(name, self.weights[name]) for name in names}
 
+    def check_composition(self, composition: Composition, chosen: Mapping[str, float]) -> None:
+        """BadInputError unless the gated composition can be applied to the chosen rewards."""
+        if composition.kind != "gated":
+            return
+        missing = [name for name in composition.instruction_terms if name not in chosen]
+        if missing:
+            raise BadInputError(
+                f"the gated composition's instruction terms {missing} are not among the chosen rewards "
+                f"{list(chosen)}"
+            )
+        for name, weight in chosen.items():
+            if name in composition.ungated_terms:
+                continue
+            if self.registry[name].unit_range is None:
+                raise BadInputError(
+                    f"reward {name!r} has no bounded range, so the gated composition can only take it as "
+                    "an ungated term (composition.ungated_terms)"
+                )
+            if weight < 0:
+                raise BadInputError(f"the gated composition needs weights >= 0; {name!r} has {weight}")
+
+    def total(
+        self, scores: Mapping[str, float], chosen: Mapping[str, float], composition: Composition
+    ) -> float:
+        """r_i of one candidate; BadInputError if the weights make it non-finite."""
+        if composition.kind == "gated":
+
+            def terms(names) -> dict:
+                return {n: (chosen[n], scores[n], self.registry[n].unit_range) for n in names}
+
+            instruction = composition.instruction_terms
+            ungated = [n for n in chosen if n in composition.ungated_terms]
+            preservation = [n for n in chosen if n not in instruction and n not in ungated]
+            total = gated_total(
+                execution=unit_mean(terms(instruction)),  # E
+                consistency=unit_mean(terms(preservation)),  # C
+                ungated=sum(chosen[n] * scores[n] for n in ungated),  # U
+                floor=composition.floor,
+                slope=composition.slope,
+            )
+        else:
+            total = sum(chosen[name] * scores[name] for name in chosen)  # r_i = sum_j w_j r_j
+        if not math.isfinite(total):
+            raise BadInputError(f"the weights {dict(chosen)} make a total of {total}; choose smaller weights")
+        return total
+
     def check_inputs(self, chosen: Mapping[str, float], items: Sequence[Item], where: str = "items") -> None:
         for name in chosen:
             for field in OPTIONAL_INPUTS:
@@ -276,9 +372,13 @@ class Scorer:
 
     def expecting(self, chosen: Mapping[str, float]):
         """Context around a request's decoding: batches of its model-based rewards may wait for it."""
-        if any(self.served[name].model_based for name in chosen):
+        if any(self._batched(name) for name in chosen):
             return self.batcher.expecting()
         return contextlib.nullcontext()
+
+    def _batched(self, name: str) -> bool:
+        reward = self.served[name]
+        return reward.model_based and reward.batched
 
     def _run_batch(self, name: str, items: list[Item]) -> list[float | Exception]:
         try:
@@ -293,27 +393,39 @@ class Scorer:
         return {name: compute_reward(self.served[name], items, self.models, self.metrics) for name in names}
 
     async def score(
-        self, items: Sequence[Item], chosen: Mapping[str, float], source: str
+        self,
+        items: Sequence[Item],
+        chosen: Mapping[str, float],
+        source: str,
+        composition: Composition | None = None,
     ) -> list[ScoredItem]:
-        """Every chosen reward for every item. Raises NotReadyError, BadInputError, QueueFullError.
+        """Every chosen reward for every item and their total (by `composition`, default the weighted
+        sum). Raises NotReadyError, BadInputError, QueueFullError, RewardFailedError.
 
         The batcher submit happens before this coroutine first awaits, so a caller leaving
         `expecting()` just before calling this is already queued when the batcher looks again."""
         if not self.ready:
             raise NotReadyError("the reward models are still loading")
+        composition = composition or Composition()
+        self.check_composition(composition, chosen)
         self.check_inputs(chosen, items)
-        batched = [name for name in chosen if self.served[name].model_based]
-        direct = [name for name in chosen if not self.served[name].model_based]
+        batched = [name for name in chosen if self._batched(name)]
+        direct = [name for name in chosen if not self._batched(name)]
         jobs = [(name, item) for name in batched for item in items]
         pending = self.batcher.submit(jobs) if jobs else None  # admitted (or refused) before any work
-        per_reward = await asyncio.to_thread(self._run_direct, direct, items) if direct else {}
+        try:
+            per_reward = await asyncio.to_thread(self._run_direct, direct, items) if direct else {}
+        except BaseException:
+            if pending is not None:  # free the batcher's slots; nobody waits for these scores now
+                pending.cancel()
+            raise
         if pending is not None:
             flat = await pending
             for k, name in enumerate(batched):
                 per_reward[name] = flat[k * len(items) : (k + 1) * len(items)]
-        self.metrics.items_scored.labels(source=source).inc(len(items))
         results = []
         for i in range(len(items)):
             scores = {name: per_reward[name][i] for name in chosen}
-            results.append(ScoredItem(scores, sum(chosen[name] * scores[name] for name in chosen)))
+            results.append(ScoredItem(scores, self.total(scores, chosen, composition)))
+        self.metrics.items_scored.labels(source=source).inc(len(items))
         return results

@@ -6,12 +6,14 @@ or `token_file`, never from the YAML file.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
 
-from services.schemas import MAX_ITEMS_PER_REQUEST
+from services.schemas import MAX_ITEMS_PER_REQUEST, Composition
 
 
 class _Section(BaseModel):
@@ -42,6 +44,82 @@ class StreamSettings(_Section):
     scored_maxlen: int | None = Field(100_000, ge=1)
 
 
+JUDGE_SYSTEM = (
+    "You grade instruction-guided image edits. You see the source image, then the edited image"
+    " (and the edit region when given). Answer with one line: SCORE: <integer 0-10>."
+)
+JUDGE_PROMPT = (
+    "Instruction: {instruction}\nThe edit region should show: {caption}\n"
+    "How well does the edited image follow the instruction while keeping everything else unchanged?"
+)
+PROMPT_FIELDS = ("instruction", "caption")
+
+
+class JudgeSettings(_Section):
+    """An OpenAI-compatible chat-completions endpoint (vLLM, SGLang) used as the `vlm_judge` reward."""
+
+    base_url: str = Field(min_length=1)  # up to /v1, e.g. http://vllm:8000/v1
+    model: str = Field(min_length=1)  # the served model name
+    api_key_env: str | None = None  # environment variable holding the endpoint's key (never in YAML)
+    system: str | None = JUDGE_SYSTEM
+    prompt: str = JUDGE_PROMPT  # {instruction} and {caption} are filled in per item
+    # the images sent after the prompt, in order: mask = the edit region as a grayscale image,
+    # edit_crop = the edit cropped to the mask's bounding box
+    images: list[Literal["source", "edit", "mask", "edit_crop"]] = Field(
+        default_factory=lambda: ["source", "edit"], min_length=1
+    )
+    score_pattern: str = r"(?i)score\s*[:=]\s*(-?\d+(?:\.\d+)?)"  # one group: the number
+    score_range: tuple[float, float] = (0.0, 10.0)  # mapped linearly onto [0, 1]; outside: unparseable
+    max_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    max_concurrency: int = Field(8, ge=1)  # requests in flight to the endpoint, across all callers
+    timeout_s: float = Field(60.0, gt=0)  # per attempt
+    max_attempts: int = Field(3, ge=1)  # timeouts, connection errors, 429/5xx and unparseable answers
+    backoff_s: float = Field(0.5, ge=0)  # before retry k: backoff_s * 2^(k-1)
+
+    @field_validator("score_pattern")
+    @classmethod
+    def _one_group(cls, pattern: str) -> str:
+        try:
+            groups = re.compile(pattern).groups
+        except re.error as error:
+            raise ValueError(f"score_pattern is not a regular expression: {error}") from error
+        if groups != 1:
+            raise ValueError(f"score_pattern must have exactly one group (the score); it has {groups}")
+        return pattern
+
+    @field_validator("prompt")
+    @classmethod
+    def _known_fields(cls, prompt: str) -> str:
+        try:
+            prompt.format(**{name: "" for name in PROMPT_FIELDS})
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(f"prompt may use only {{instruction}} and {{caption}}: {error!r}") from error
+        return prompt
+
+    @model_validator(mode="after")
+    def _range(self):
+        low, high = self.score_range
+        if not low < high:
+            raise ValueError(f"score_range must be (low, high) with low < high; got {self.score_range}")
+        return self
+
+
+class RewardModelSettings(_Section):
+    """A local transformers image classifier used as the `reward_model` reward."""
+
+    path: Path  # directory with the model (AutoModelForImageClassification) and its image processor
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    label_index: int = Field(0, ge=0)  # which logit is the score
+
+    @field_validator("path")
+    @classmethod
+    def _directory(cls, path: Path) -> Path:
+        if not path.is_dir():
+            raise ValueError(f"{str(path)!r} is not a directory")
+        return path
+
+
 class RewardServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RCGRPO_REWARD_", env_nested_delimiter="__", extra="forbid")
 
@@ -55,7 +133,11 @@ class RewardServerSettings(BaseSettings):
     rewards: dict[str, float] = Field(
         default_factory=lambda: {"background_psnr": 0.02, "background_ssim": 1.0, "acd": 0.5}
     )
+    # how sub-scores become the total for REST requests that give none (stream groups carry their run's)
+    composition: Composition = Field(default_factory=Composition)
     models: dict[str, Path] = Field(default_factory=dict)  # model name -> local directory, e.g. clip
+    judge: JudgeSettings | None = None  # the vlm_judge reward's endpoint
+    reward_model: RewardModelSettings | None = None  # the reward_model reward's model
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_items_per_request: int = Field(256, ge=1, le=MAX_ITEMS_PER_REQUEST)
     max_image_pixels: int = Field(1024 * 1024, ge=1)  # per image, checked before decoding

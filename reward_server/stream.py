@@ -7,8 +7,9 @@ batches across them and across HTTP callers), each with the rewards and weights 
 scores to the scored stream, marks the group's done key and acks, atomically (WorkStream.complete). A
 group whose done key (its group key) is already set is acked without a second result, so a re-delivery
 yields one result. A group that cannot be decoded or scored (e.g. it asks for a reward this server
-does not serve) stays pending; once idle it is reclaimed, and after max_deliveries it goes to the
-dead-letter stream.
+does not serve, or a reward of it could not be computed: a judge that is down) stays pending and is
+never published with a made-up score; once idle it is reclaimed and retried, and after max_deliveries
+it goes to the dead-letter stream (counted as outcome "dead_lettered").
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from reward_server.settings import StreamSettings
 from services.blobstore import BlobError, BlobStore
 from services.record import GroupScores, RolloutGroup, decode_rollout_group, encode_rollout_group
 from services.redis_server import redis_url_or_embedded
+from services.schemas import Composition
 from services.streams import StreamEntry, WorkStream
 
 log = logging.getLogger("rcgrpo.reward_server.stream")
@@ -70,12 +72,11 @@ class StreamConsumer:
         s = self.settings
         while not self._stopping.is_set():
             try:
-                entries = self.work.reclaim(
-                    s.consumer,
-                    min_idle_ms=s.reclaim_idle_ms,
-                    count=s.read_count,
-                    max_deliveries=s.max_deliveries,
-                )
+                dead = self.work.dead_letter_exhausted(s.max_deliveries, min_idle_ms=s.reclaim_idle_ms)
+                if dead:
+                    self.metrics.stream_groups.labels(outcome="dead_lettered").inc(len(dead))
+                    log.error("rollout entries %s failed %d times: dead-lettered", dead, s.max_deliveries)
+                entries = self.work.reclaim(s.consumer, min_idle_ms=s.reclaim_idle_ms, count=s.read_count)
                 entries += self.work.read(s.consumer, count=s.read_count, block_ms=s.block_ms)
                 if entries:
                     self.process(entries)
@@ -104,14 +105,16 @@ class StreamConsumer:
             except (ValueError, BlobError) as error:  # BadInputError (unserved reward, bad sizes) too
                 self._leave_pending(entry, str(error))
                 continue
-            todo.append((entry.id, group, chosen, items))
+            composition = group.meta.composition or Composition()
+            todo.append((entry.id, group, chosen, items, composition))
         if not todo:
             return
         # One coroutine submits every group before the batcher looks again, so they share batches.
         outcomes = asyncio.run_coroutine_threadsafe(
-            self._score_all([(chosen, items) for _, _, chosen, items in todo]), self.loop
+            self._score_all([(chosen, items, composition) for _, _, chosen, items, composition in todo]),
+            self.loop,
         ).result()
-        for (entry_id, group, _, _), outcome in zip(todo, outcomes, strict=True):
+        for (entry_id, group, *_), outcome in zip(todo, outcomes, strict=True):
             if isinstance(
                 outcome, Exception
             ):  # stays pending: reclaimed later, dead-lettered at max_deliveries
@@ -131,14 +134,12 @@ class StreamConsumer:
             self.metrics.stream_groups.labels(outcome="scored" if published else "duplicate").inc()
 
     async def _score_all(self, groups: list[tuple]) -> list:
-        return await asyncio.gather(
-            *[self._score(chosen, items) for chosen, items in groups], return_exceptions=True
-        )
+        return await asyncio.gather(*[self._score(*group) for group in groups], return_exceptions=True)
 
-    async def _score(self, chosen, items):
+    async def _score(self, chosen, items, composition):
         while True:
             try:
-                return await self.scorer.score(items, chosen, source="stream")
+                return await self.scorer.score(items, chosen, source="stream", composition=composition)
             except QueueFullError as error:  # HTTP callers filled the queue: wait our turn
                 if self._stopping.is_set():
                     raise

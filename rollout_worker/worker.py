@@ -64,7 +64,7 @@ class RolloutWorker:
         group = sample_group(self.editor, self.cfg.method, sample, task.noise_seed, self.keep_states)
         key = GroupKey(run=self.cfg.name, group_id=task.group_id, policy_version=self.policy_version)
         record = RolloutGroup(
-            meta=group_meta(key, group, sample, self.cfg.rewards),
+            meta=group_meta(key, group, sample, self.cfg.rewards, self.cfg.composition),
             train=self.bus.train_blobs.put(encode_train_tensors(group), name=key.id),
             images=GroupImages(sample.source, sample.mask, list(group.rollout.images.cpu()), sample.target),
         )

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rcgrpo.config import MethodConfig
 from rcgrpo.tiny_editor import SHIPPED_EDITOR_DIR
-from services.schemas import ID_PATTERN
+from services.schemas import ID_PATTERN, Composition
 
 # What `rcgrpo train` runs without --config (a source checkout or an editable install has it).
 DEFAULT_RUN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_shapes.yaml"
@@ -58,6 +58,12 @@ class RewardConfig(_Section):
     # the rewards that measure following the instruction (the rest preserve or are intrinsic): what the
     # learner's diagnostics compare the advantages with
     instruction_terms: list[str] = Field(default_factory=lambda: ["region_adherence"], min_length=1)
+    # weighted_sum: r_i = sum_j w_j r_j. gated (against reward hacking): r_i = E (gate_floor +
+    # gate_slope P) + w_ACD R_ACD, E the weighted instruction terms, P the other weighted terms, so
+    # background preservation earns nothing for an edit that ignores the instruction
+    composition: Literal["weighted_sum", "gated"] = "weighted_sum"
+    gate_floor: float = Field(0.1, ge=0)  # a
+    gate_slope: float = Field(1.0, ge=0)  # b
 
     @field_validator("rewards")
     @classmethod
@@ -122,6 +128,18 @@ class RunConfig(_Section):
     def rewards(self) -> dict[str, float]:
         """Every reward of the run with its weight: reward.rewards, and R_ACD weighted by method.acd_weight."""
         return {**self.reward.rewards, "acd": self.method.acd_weight}
+
+    @property
+    def composition(self) -> Composition:
+        """How every scorer composes the run's sub-scores into r_i."""
+        r = self.reward
+        return Composition(
+            kind=r.composition,
+            instruction_terms=r.instruction_terms,
+            ungated_terms=["acd"],
+            floor=r.gate_floor,
+            slope=r.gate_slope,
+        )
 
     @property
     def run_dir(self) -> Path:

@@ -32,7 +32,7 @@ from rcgrpo.editor import EditCondition
 from rcgrpo.train_step import TrainGroup
 from services.blobstore import BlobRef, BlobStore
 from services.codec import CodecError, Message, decode_message, decode_tensors, encode_message, encode_tensors
-from services.schemas import ID_PATTERN, MAX_ITEMS_PER_REQUEST, MAX_TEXT_CHARS
+from services.schemas import ID_PATTERN, MAX_ITEMS_PER_REQUEST, MAX_TEXT_CHARS, Composition
 
 if TYPE_CHECKING:
     from rcgrpo.group import SampledGroup
@@ -79,7 +79,7 @@ class GroupScores(_Strict):
     """What the scorer adds to a record."""
 
     scores: list[dict[str, float]] = Field(description="per candidate, every reward's sub-score")
-    totals: list[float] = Field(description="per candidate, r_i = sum_j w_j r_j with the group's rewards")
+    totals: list[float] = Field(description="per candidate, r_i composed from the group's rewards")
 
 
 class GroupMeta(_Strict):
@@ -95,6 +95,7 @@ class GroupMeta(_Strict):
     acd: list[float]  # R_ACD per candidate, in [0, 1]
     # the run's rewards and their weights w_j (lambda_ACD for "acd"): every scorer applies these
     rewards: dict[str, float] = Field(min_length=1)
+    composition: Composition | None = None  # how the run composes r_i; None: the weighted sum
     has_target: bool = False
     scores: GroupScores | None = None  # set by the scorer
 
@@ -134,7 +135,11 @@ class RolloutGroup:
 
 
 def group_meta(
-    key: GroupKey, group: SampledGroup, sample: EditSample, rewards: Mapping[str, float]
+    key: GroupKey,
+    group: SampledGroup,
+    sample: EditSample,
+    rewards: Mapping[str, float],
+    composition: Composition | None = None,
 ) -> GroupMeta:
     """The meta of a freshly sampled group of `sample` (no scores yet)."""
     return GroupMeta(
@@ -148,6 +153,7 @@ def group_meta(
         state_indices=group.rollout.state_indices,
         acd=group.acd.tolist(),
         rewards=dict(rewards),
+        composition=composition,
         has_target=sample.target is not None,
     )
 

@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import base64
 import binascii
+from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from services.codec import CodecError, encode_image, encode_mask
 
 ID_PATTERN = r"^[A-Za-z0-9_.:\-]+$"  # group ids end up in Redis key names
 MAX_TEXT_CHARS = 4096
 MAX_ITEMS_PER_REQUEST = 1024
+MAX_POLICY_VERSION = 2**53 - 1  # the largest integer every JSON reader keeps exactly
+MAX_WEIGHT = 1e6  # |w_j| bound: with scores bounded too, every total stays finite
+REWARD_NAME_PATTERN = r"^[a-z][a-z0-9_]*$"  # names in reward_server.registry
+RewardName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=REWARD_NAME_PATTERN)]
+Weight = Annotated[float, Field(ge=-MAX_WEIGHT, le=MAX_WEIGHT)]
 
 
 class _Strict(BaseModel):
@@ -36,7 +42,9 @@ class Intrinsic(_Strict):
 class ScoreItem(_Strict):
     group_id: str = Field(min_length=1, max_length=128, pattern=ID_PATTERN)
     candidate_index: int = Field(ge=0, le=1_000_000, description="candidate index i within the group")
-    policy_version: int = Field(ge=0, description="version of the policy that produced the edit")
+    policy_version: int = Field(
+        ge=0, le=MAX_POLICY_VERSION, description="version of the policy that produced the edit"
+    )
     instruction: str = Field("", max_length=MAX_TEXT_CHARS)
     caption: str = Field("", max_length=MAX_TEXT_CHARS, description="what the edit region should show")
     source: str = Field(min_length=1, description="base64 8-bit RGB PNG of the source image")
@@ -46,17 +54,55 @@ class ScoreItem(_Strict):
     intrinsic: Intrinsic | None = None
 
 
+class Composition(_Strict):
+    """How the sub-scores r_j become one total r_i.
+
+    weighted_sum: r_i = sum_j w_j r_j.
+    gated (a guard against reward hacking): r_i = E (a + b C) + U, with E the weighted mean of the
+    instruction terms and C that of the preservation terms (every term neither instruction nor
+    ungated), each score mapped onto [0, 1] by its reward's range, and U = sum_j w_j r_j over the ungated
+    terms (intrinsic ones such as ACD). Preservation counts only in proportion to instruction
+    following, so an unedited copy of the source cannot win on background metrics.
+    """
+
+    kind: Literal["weighted_sum", "gated"] = "weighted_sum"
+    instruction_terms: list[RewardName] = Field(
+        default_factory=lambda: ["region_adherence"], min_length=1, max_length=64
+    )
+    ungated_terms: list[RewardName] = Field(default_factory=lambda: ["acd"], max_length=64)
+    floor: float = Field(0.1, ge=0, le=MAX_WEIGHT, description="a: the gate's weight without preservation")
+    slope: float = Field(1.0, ge=0, le=MAX_WEIGHT, description="b: the weight of preservation P")
+
+    @model_validator(mode="after")
+    def _disjoint(self):
+        both = sorted(set(self.instruction_terms) & set(self.ungated_terms))
+        if both:
+            raise ValueError(f"terms {both} are both instruction and ungated terms")
+        return self
+
+
 class ScoreRequest(_Strict):
     items: list[ScoreItem] = Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST)
-    rewards: list[str] | None = Field(
+    rewards: list[RewardName] | None = Field(
         None,
         min_length=1,
         max_length=64,
-        description="names among the server's rewards; default: all it serves",
+        description="distinct names among the server's rewards; default: all it serves",
     )
-    weights: dict[str, float] | None = Field(
+    weights: dict[RewardName, Weight] | None = Field(
         None, description="weight overrides for chosen rewards; default: the server's weights"
     )
+    composition: Composition | None = Field(
+        None, description="how sub-scores make the total; default: the server's composition"
+    )
+
+    @field_validator("rewards")
+    @classmethod
+    def _distinct(cls, rewards: list[str] | None) -> list[str] | None:
+        if rewards is not None and len(set(rewards)) != len(rewards):
+            repeated = sorted({name for name in rewards if rewards.count(name) > 1})
+            raise ValueError(f"rewards must be distinct; {repeated} repeated")
+        return rewards
 
 
 class ItemScore(BaseModel):
@@ -64,12 +110,13 @@ class ItemScore(BaseModel):
     candidate_index: int
     policy_version: int
     scores: dict[str, float] = Field(description="every chosen reward's raw sub-score")
-    total: float = Field(description="sum over rewards of weight * sub-score")
+    total: float = Field(description="the composed total: sum over rewards of weight * sub-score, or gated")
 
 
 class ScoreResponse(BaseModel):
     results: list[ItemScore]
     weights: dict[str, float] = Field(description="the weights the totals used")
+    composition: Composition = Field(default_factory=Composition, description="how the totals were composed")
 
 
 class RewardInfo(BaseModel):
@@ -85,8 +132,11 @@ class RewardsResponse(BaseModel):
 
 
 class ErrorResponse(BaseModel):
+    """Every error answer of the reward server has this shape."""
+
     detail: str
     kind: str
+    reward: str | None = Field(None, description="the reward that failed, for kind reward_failed")
 
 
 # ---------------------------------------------------------------------------------------------------

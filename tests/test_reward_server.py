@@ -644,3 +644,76 @@ def test_random_pngs_get_a_score_or_a_reason(server):
 
     check()
     assert status_seen == {200, 422}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the API's answers agree with its schema
+
+
+def test_weights_that_overflow_the_total_are_refused(server):
+    item = wire(make_items(seed=11, n=1))[0]
+    # within the schema's bound each weight is fine, but no total may come back non-finite
+    huge = server.post("/v1/score", json={"items": [item], "weights": {"background_psnr": 1e308}})
+    assert huge.status_code == 422 and huge.json()["kind"] == "validation"
+    assert "weights.background_psnr: Input should be less than or equal to 1000000" in huge.json()["detail"]
+    bounded = server.post(
+        "/v1/score", json={"items": [item], "weights": {"background_psnr": 1e6, "lc_t": 1e6}}
+    )
+    assert bounded.status_code == 200, bounded.text
+    total = bounded.json()["results"][0]["total"]
+    assert isinstance(total, float) and np.isfinite(total)
+
+
+def test_integers_are_bounded(server):
+    item = wire(make_items(seed=12, n=1))[0]
+    item["policy_version"] = 2**70
+    response = server.post("/v1/score", json={"items": [item]})
+    assert response.status_code == 422 and "items.0.policy_version" in response.json()["detail"]
+    item["policy_version"] = 2**53 - 1  # the largest a JSON reader keeps exactly: echoed back exactly
+    response = server.post("/v1/score", json={"items": [item]})
+    assert response.status_code == 200 and response.json()["results"][0]["policy_version"] == 2**53 - 1
+
+
+@pytest.mark.parametrize(
+    "rewards,reason",
+    [
+        (["acd", "acd"], "rewards must be distinct; ['acd'] repeated"),
+        ([""], "rewards.0: String should have at least 1 character"),
+        (["ACD"], "rewards.0: String should match pattern"),
+    ],
+    ids=["duplicate", "empty", "not_a_name"],
+)
+def test_reward_names_are_checked_by_the_schema(server, rewards, reason):
+    response = server.post("/v1/score", json={"items": wire(make_items(seed=13, n=1)), "rewards": rewards})
+    assert response.status_code == 422 and response.json()["kind"] == "validation"
+    assert reason in response.json()["detail"]
+
+
+def test_schema_describes_what_the_server_accepts_and_serves(server):
+    schema = httpx.get(f"{server.base_url}/openapi.json").json()
+    request = schema["components"]["schemas"]["ScoreRequest"]["properties"]
+    names = request["rewards"]["anyOf"][0]
+    assert names["items"]["enum"] == list(ALL_REWARDS) and names["uniqueItems"] is True
+    assert request["weights"]["anyOf"][0]["propertyNames"] == {"enum": list(ALL_REWARDS)}
+    version = schema["components"]["schemas"]["ScoreItem"]["properties"]["policy_version"]
+    assert version["maximum"] == 2**53 - 1
+    # /metrics is documented as what it serves: Prometheus text, not JSON
+    documented = schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    served = httpx.get(f"{server.base_url}/metrics").headers["content-type"]
+    assert list(documented) == ["text/plain"] and served.startswith("text/plain")
+
+
+@pytest.mark.parametrize(
+    "method,path,body,status,kind",
+    [
+        ("POST", "/v1/score", '{"items": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, "malformed"),
+        ("GET", "/v1/nowhere", None, 404, "not_found"),
+        ("PUT", "/v1/score", "{}", 405, "not_found"),
+        ("POST", "/v1/score", '{"items": [', 422, "validation"),
+    ],
+    ids=["deeply_nested", "unknown_route", "wrong_method", "truncated"],
+)
+def test_every_error_has_the_same_shape(server, method, path, body, status, kind):
+    response = server.request(method, path, content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    assert set(response.json()) == {"detail", "kind", "reward"} and response.json()["kind"] == kind
