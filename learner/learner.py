@@ -81,7 +81,9 @@ class Learner:
         """Publish the current LoRA as the next policy version (after any a crashed predecessor published)."""
         latest = self.bus.lora.latest()
         version = max(self.state.policy_version, -1 if latest is None else latest.policy_version) + 1
-        self.bus.lora.publish(lora_state_dict(self.editor.transformer), policy_version=version)
+        # in the model's dtype: what the workers' bf16 forward uses anyway, at half the fp32 bytes
+        lora = lora_state_dict(self.editor.transformer, dtype=self.editor.dtype)
+        self.bus.lora.publish(lora, policy_version=version)
         self.state.policy_version = version
         metrics.LEARNER_POLICY_VERSION.set(version)
         return version
