@@ -129,7 +129,9 @@ class RunConfig(_Section):
             steps, k = self.method.num_steps, self.method.timesteps_per_anchor
             bad = [j for j in kept if not 0 <= j < steps]
             if bad:
-                raise ValueError(f"rollout.keep_timesteps {bad} are outside the {steps}-step grid (0..{steps - 1})")
+                raise ValueError(
+                    f"rollout.keep_timesteps {bad} are outside the {steps}-step grid (0..{steps - 1})"
+                )
             if len(set(kept)) < k:
                 raise ValueError(
                     f"rollout.keep_timesteps {kept} gives {len(set(kept))} trainable steps, but "
