@@ -88,20 +88,33 @@ class StreamConsumer:
 
     def process(self, entries: list[StreamEntry]) -> None:
         """Score the groups of one read together, then complete each."""
-        todo = []
+        decoded = []
         for entry in entries:
             try:
                 group = decode_rollout_group(entry.fields, self.blobs)
                 if group.images is None:
                     raise ValueError(f"group {group.meta.key.id!r} has no images to score")
-                if self.client.exists(self.done_key(group)):  # scored before (a re-delivery): one result only
-                    self.work.ack(entry.id)
-                    self.metrics.stream_groups.labels(outcome="duplicate").inc()
-                    continue
+            except (ValueError, BlobError) as error:
+                self._leave_pending(entry, str(error))
+                continue
+            decoded.append((entry, group))
+        with self.client.pipeline(transaction=False) as pipe:  # which were scored before: one round trip
+            for _, group in decoded:
+                pipe.exists(self.done_key(group))
+            done = pipe.execute()
+        duplicates = [entry.id for (entry, _), seen in zip(decoded, done, strict=True) if seen]
+        if duplicates:  # a re-delivery: one result only
+            self.work.ack(*duplicates)
+            self.metrics.stream_groups.labels(outcome="duplicate").inc(len(duplicates))
+        todo = []
+        for (entry, group), seen in zip(decoded, done, strict=True):
+            if seen:
+                continue
+            try:
                 # the run's rewards and weights, as the group carries them
                 chosen = self.scorer.choose(list(group.meta.rewards), group.meta.rewards)
                 items = items_from_group(group)
-            except (ValueError, BlobError) as error:  # BadInputError (unserved reward, bad sizes) too
+            except ValueError as error:  # BadInputError (unserved reward, bad sizes) too
                 self._leave_pending(entry, str(error))
                 continue
             todo.append((entry.id, group, chosen, items))
@@ -111,6 +124,7 @@ class StreamConsumer:
         outcomes = asyncio.run_coroutine_threadsafe(
             self._score_all([(chosen, items) for _, _, chosen, items in todo]), self.loop
         ).result()
+        completions = []
         for (entry_id, group, _, _), outcome in zip(todo, outcomes, strict=True):
             if isinstance(
                 outcome, Exception
@@ -121,14 +135,14 @@ class StreamConsumer:
                 continue
             scores = GroupScores(scores=[s.scores for s in outcome], totals=[s.total for s in outcome])
             scored = RolloutGroup(group.meta.model_copy(update={"scores": scores}), group.train)
-            published = self.work.complete(
-                entry_id,
-                self.done_key(group),
-                self.settings.scored,
-                encode_rollout_group(scored),
-                result_maxlen=self.settings.scored_maxlen,
-            )
-            self.metrics.stream_groups.labels(outcome="scored" if published else "duplicate").inc()
+            completions.append((entry_id, self.done_key(group), encode_rollout_group(scored)))
+        if not completions:
+            return
+        published = self.work.complete_many(
+            completions, self.settings.scored, result_maxlen=self.settings.scored_maxlen
+        )
+        for first in published:
+            self.metrics.stream_groups.labels(outcome="scored" if first else "duplicate").inc()
 
     async def _score_all(self, groups: list[tuple]) -> list:
         return await asyncio.gather(

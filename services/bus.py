@@ -70,10 +70,15 @@ class RunBus:
 
     def observe(self) -> dict[str, int]:
         """Update the stream gauges (length, pending, dead letters); returns the lengths."""
+        with self.client.pipeline(transaction=False) as pipe:  # one round trip for the 9 numbers
+            for stream in self.streams().values():
+                pipe.xlen(stream.name).xpending(stream.name, stream.group).xlen(stream.dead_letter)
+            replies = pipe.execute()
         lengths = {}
-        for name, stream in self.streams().items():
-            lengths[name] = stream.length()
-            metrics.STREAM_LENGTH.labels(name).set(lengths[name])
-            metrics.STREAM_PENDING.labels(name).set(stream.pending_count())
-            metrics.DEAD_LETTERS.labels(name).set(stream.dead_letter_length())
+        for i, name in enumerate(self.streams()):
+            length, pending, dead = replies[3 * i : 3 * i + 3]
+            lengths[name] = length
+            metrics.STREAM_LENGTH.labels(name).set(length)
+            metrics.STREAM_PENDING.labels(name).set(int(pending["pending"]))
+            metrics.DEAD_LETTERS.labels(name).set(dead)
         return lengths

@@ -155,6 +155,7 @@ def encode_message(
             raise CodecError(f"part name {name!r} is used twice in one message")
         parts[name] = spec
 
+    large = []  # (kind, name, data) of the parts that go to the blob store, in one round trip
     for kind, named in (("image", message.images), ("mask", message.masks)):
         for name, value in named.items():
             data = _encode_part(kind, name, value)
@@ -166,7 +167,11 @@ def encode_message(
                     f"{kind} part {name!r} is {len(data)} bytes, over inline_limit={inline_limit}, and no blob store was given"
                 )
             else:
-                add(name, {"kind": kind, "blob": blobs.put(data).to_dict()})
+                large.append((kind, name, data))
+    if large:
+        refs = blobs.put_many([(data, None) for _, _, data in large])
+        for (kind, name, _), ref in zip(large, refs, strict=True):
+            add(name, {"kind": kind, "blob": ref.to_dict()})
     for name, ref in message.refs.items():
         add(name, {"kind": "ref", "blob": ref.to_dict()})
     fields["parts"] = encode_json(parts)
@@ -188,7 +193,16 @@ def decode_message(fields: Mapping, blobs: BlobStore | None = None) -> Message:
     if not isinstance(message.meta, dict):
         raise CodecError(f"message meta must be a JSON object, got {type(message.meta).__name__}")
     targets = {"image": message.images, "mask": message.masks}
-    for name, spec in decode_json(fields["parts"]).items():
+    specs = decode_json(fields["parts"])
+    stored = {
+        name: BlobRef.from_dict(s["blob"])
+        for name, s in specs.items()
+        if "blob" in s and s.get("kind") != "ref"
+    }
+    if stored and blobs is None:
+        raise CodecError(f"parts {sorted(stored)} are in a blob store but no blob store was given")
+    fetched = dict(zip(stored, blobs.get_many(list(stored.values())), strict=True)) if stored else {}
+    for name, spec in specs.items():
         kind = spec.get("kind")
         if kind not in PART_KINDS:
             raise CodecError(f"part {name!r} has unknown kind {kind!r}; expected one of {PART_KINDS}")
@@ -199,9 +213,7 @@ def decode_message(fields: Mapping, blobs: BlobStore | None = None) -> Message:
             message.refs[name] = ref
             continue
         if ref is not None:
-            if blobs is None:
-                raise CodecError(f"part {name!r} is in a blob store but no blob store was given")
-            data = blobs.get(ref)
+            data = fetched[name]
         elif f"part:{name}" in fields:
             data = fields[f"part:{name}"]
         else:

@@ -101,9 +101,14 @@ class LoraStore:
         data = self.client.hgetall(self._record_key(policy_version))
         return LoraVersion.from_hash(data) if data else None
 
-    def latest(self) -> LoraVersion | None:
+    def latest_version(self) -> int | None:
+        """The newest policy version's number (one GET): what a worker polls before every group."""
         policy_version = self.client.get(self._latest_key)
-        return None if policy_version is None else self.get(int(policy_version))
+        return None if policy_version is None else int(policy_version)
+
+    def latest(self) -> LoraVersion | None:
+        policy_version = self.latest_version()
+        return None if policy_version is None else self.get(policy_version)
 
     def load(self, version: int | LoraVersion) -> dict[str, torch.Tensor]:
         """The LoRA of a policy version; raises BlobIntegrityError if the blob's sha256 does not match."""

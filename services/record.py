@@ -225,10 +225,11 @@ def encode_train_tensors(group: SampledGroup) -> bytes:
 
 
 def load_train_group(
-    group: RolloutGroup, blobs: BlobStore, advantages: torch.Tensor, device: torch.device | str
+    group: RolloutGroup, advantages: torch.Tensor, device: torch.device | str, data: bytes
 ) -> TrainGroup:
-    """The record's TrainGroup with advantages A_i, its tensors fetched, verified and put on `device`."""
-    tensors = {name: t.to(device) for name, t in decode_tensors(blobs.get(group.train)).items()}
+    """The record's TrainGroup with advantages A_i, from its training blob `data` (fetched and verified
+    with BlobStore.get / get_many), on `device`."""
+    tensors = {name: t.to(device) for name, t in decode_tensors(data).items()}
     cond = EditCondition(
         **{name: tensors.get(f"cond.{name}") for name in _COND_TENSORS},
         height=group.meta.height,
