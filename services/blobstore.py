@@ -9,7 +9,9 @@ blob anywhere. get() re-hashes what it read and raises on a mismatch or a missin
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import redis
 
@@ -106,3 +108,63 @@ class BlobStore:
     def delete(self, *refs: BlobRef) -> None:
         if refs:
             self.client.delete(*(ref.key for ref in refs))
+
+
+class DirectoryBlobStore:
+    """The BlobStore interface on a directory (a volume every worker mounts): each blob a file, written
+    to a temporary name and renamed, so a reader never sees a partial blob. No TTL: blobs stay until
+    deleted. For payloads every worker reads (policy versions), the readers share the filesystem's
+    bandwidth instead of one Redis thread's (docs/SCALE.md, bench/bench_weight_fanout.py)."""
+
+    def __init__(self, root: str | os.PathLike, prefix: str = ""):
+        self.root = Path(root)
+        self.prefix = prefix
+
+    def key_for(self, name: str) -> str:
+        return self.prefix + name
+
+    def _path(self, key: str) -> Path:
+        if "/" in key or key.startswith("."):
+            raise ValueError(f"blob key {key!r} is not a plain file name")
+        return self.root / key
+
+    def put(self, data: bytes, name: str | None = None) -> BlobRef:
+        return self.put_many([(data, name)])[0]
+
+    def put_many(self, items: list[tuple[bytes, str | None]]) -> list[BlobRef]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        refs = []
+        for data, name in items:
+            data = bytes(data)
+            digest = sha256_hex(data)
+            ref = BlobRef(key=self.key_for(name or digest), sha256=digest, size=len(data))
+            path = self._path(ref.key)
+            partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+            partial.write_bytes(data)
+            partial.replace(path)
+            refs.append(ref)
+        return refs
+
+    def get(self, ref: BlobRef) -> bytes:
+        return self.get_many([ref])[0]
+
+    def get_many(self, refs: list[BlobRef]) -> list[bytes]:
+        found = []
+        for ref in refs:
+            try:
+                data = self._path(ref.key).read_bytes()
+            except FileNotFoundError:
+                raise BlobMissingError(
+                    f"blob {ref.key} is missing under {self.root} (deleted or never written)"
+                ) from None
+            if len(data) != ref.size:
+                raise BlobIntegrityError(f"blob {ref.key} has {len(data)} bytes, its ref says {ref.size}")
+            digest = sha256_hex(data)
+            if digest != ref.sha256:
+                raise BlobIntegrityError(f"blob {ref.key} has sha256 {digest}, its ref says {ref.sha256}")
+            found.append(data)
+        return found
+
+    def delete(self, *refs: BlobRef) -> None:
+        for ref in refs:
+            self._path(ref.key).unlink(missing_ok=True)

@@ -8,7 +8,7 @@ import json
 import redis
 
 from services import metrics
-from services.blobstore import BlobStore
+from services.blobstore import BlobStore, DirectoryBlobStore
 from services.config import RunConfig
 from services.lora_store import LoraStore
 from services.streams import DEFAULT_DONE_TTL_S, WorkStream
@@ -29,7 +29,10 @@ class RunBus:
         self.scored = WorkStream(self.client, cfg.key("scored"), SCORED_GROUP)
         for stream in (self.tasks, self.rollouts, self.scored):
             stream.ensure_group()
-        self.lora = LoraStore(self.client, namespace=cfg.key("lora"))
+        weights = None
+        if cfg.learner.weight_store == "directory":
+            weights = DirectoryBlobStore(cfg.learner.weight_dir or cfg.run_dir / "weights", prefix="lora-")
+        self.lora = LoraStore(self.client, namespace=cfg.key("lora"), blobs=weights)
         # rollout-group images too large to inline (full-size edits): read once, by the reward server
         self.blobs = BlobStore(self.client, prefix=cfg.key("blob:"))
         # groups' training tensors, under their group key: deleted once a checkpoint holds their update,

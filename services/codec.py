@@ -6,11 +6,14 @@ Redis stream entry:
 
     meta          JSON of the message's meta dict
     parts         JSON {name: {"kind": "image"|"mask"}} for an inline part, or, for a part in the blob
-                  store, {name: {"kind": "image"|"mask"|"ref", "blob": {"key", "sha256", "size"}}}
+                  store, {name: {"kind": "image"|"mask", "blob": {"key", "sha256", "size"}, "span": [offset,
+                  length]}} or {name: {"kind": "ref", "blob": {...}}}
     part:<name>   the encoded bytes of each inline part
 
-Image and mask parts larger than `inline_limit` bytes go to the blob store; decoding fetches them and
-verifies sha256. Ref parts are blobs the sender stored itself; decoding hands back their BlobRef.
+Image and mask parts larger than `inline_limit` bytes go to the blob store as one bundle (their bytes
+concatenated; each part's span says where it lies): one command to write, one to read, one key to
+delete, however many candidates a group has. Decoding fetches the bundle and verifies its sha256. Ref
+parts are blobs the sender stored itself; decoding hands back their BlobRef.
 """
 
 from __future__ import annotations
@@ -155,7 +158,7 @@ def encode_message(
             raise CodecError(f"part name {name!r} is used twice in one message")
         parts[name] = spec
 
-    large = []  # (kind, name, data) of the parts that go to the blob store, in one round trip
+    large = []  # (kind, name, data) of the parts that go to the blob store, as one bundle
     for kind, named in (("image", message.images), ("mask", message.masks)):
         for name, value in named.items():
             data = _encode_part(kind, name, value)
@@ -169,13 +172,26 @@ def encode_message(
             else:
                 large.append((kind, name, data))
     if large:
-        refs = blobs.put_many([(data, None) for _, _, data in large])
-        for (kind, name, _), ref in zip(large, refs, strict=True):
-            add(name, {"kind": kind, "blob": ref.to_dict()})
+        ref, offset = blobs.put(b"".join(data for _, _, data in large)).to_dict(), 0
+        for kind, name, data in large:
+            add(name, {"kind": kind, "blob": ref, "span": [offset, len(data)]})
+            offset += len(data)
     for name, ref in message.refs.items():
         add(name, {"kind": "ref", "blob": ref.to_dict()})
     fields["parts"] = encode_json(parts)
     return fields
+
+
+def stored_blobs(fields: Mapping) -> list[BlobRef]:
+    """The blobs a message's image and mask parts were moved to (what to delete once it is consumed)."""
+    fields = {as_str(k): v for k, v in fields.items()}
+    specs = decode_json(fields["parts"]) if "parts" in fields else {}
+    refs = {
+        s["blob"]["key"]: BlobRef.from_dict(s["blob"])
+        for s in specs.values()
+        if "blob" in s and s.get("kind") != "ref"
+    }
+    return list(refs.values())
 
 
 def as_str(value: bytes | str) -> str:
@@ -201,7 +217,8 @@ def decode_message(fields: Mapping, blobs: BlobStore | None = None) -> Message:
     }
     if stored and blobs is None:
         raise CodecError(f"parts {sorted(stored)} are in a blob store but no blob store was given")
-    fetched = dict(zip(stored, blobs.get_many(list(stored.values())), strict=True)) if stored else {}
+    bundles = list({ref.key: ref for ref in stored.values()}.values())  # one fetch per distinct blob
+    fetched = dict(zip([ref.key for ref in bundles], blobs.get_many(bundles), strict=True)) if bundles else {}
     for name, spec in specs.items():
         kind = spec.get("kind")
         if kind not in PART_KINDS:
@@ -213,7 +230,12 @@ def decode_message(fields: Mapping, blobs: BlobStore | None = None) -> Message:
             message.refs[name] = ref
             continue
         if ref is not None:
-            data = fetched[name]
+            data = fetched[ref.key]
+            if "span" in spec:
+                offset, length = spec["span"]
+                if offset < 0 or length < 0 or offset + length > len(data):
+                    raise CodecError(f"part {name!r} spans {spec['span']}, outside its {len(data)}-byte blob")
+                data = data[offset : offset + length]
         elif f"part:{name}" in fields:
             data = fields[f"part:{name}"]
         else:

@@ -31,7 +31,15 @@ from rcgrpo.data.sample import EditSample
 from rcgrpo.editor import EditCondition
 from rcgrpo.train_step import TrainGroup
 from services.blobstore import BlobRef, BlobStore
-from services.codec import CodecError, Message, decode_message, decode_tensors, encode_message, encode_tensors
+from services.codec import (
+    CodecError,
+    Message,
+    decode_json,
+    decode_message,
+    decode_tensors,
+    encode_message,
+    encode_tensors,
+)
 from services.schemas import ID_PATTERN, MAX_ITEMS_PER_REQUEST, MAX_TEXT_CHARS
 
 if TYPE_CHECKING:
@@ -167,6 +175,17 @@ def encode_rollout_group(group: RolloutGroup, blobs: BlobStore | None = None) ->
         masks = {"mask": group.images.mask}
     message = Message(meta=group.meta.model_dump(), images=images, masks=masks, refs={"train": group.train})
     return encode_message(message, blobs=blobs)
+
+
+def group_key(fields: Mapping) -> GroupKey:
+    """The group key of a record's stream fields, read from its meta alone (no parts decoded or fetched)."""
+    raw = fields.get(b"meta", fields.get("meta"))
+    if raw is None:
+        raise CodecError(f"rollout group entry has no 'meta' field (fields: {sorted(fields)})")
+    try:
+        return GroupKey.model_validate(decode_json(raw)["key"])
+    except (ValidationError, KeyError, TypeError) as error:
+        raise CodecError(f"rollout group meta has no valid key: {error}") from None
 
 
 def decode_rollout_group(fields: Mapping, blobs: BlobStore | None = None) -> RolloutGroup:
