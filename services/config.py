@@ -88,8 +88,8 @@ class LearnerConfig(_Section):
     micro_batch_rows: int | None = Field(None, ge=1)
     gradient_checkpointing: bool = False  # recompute transformer blocks in backward: less memory, more time
     # where policy versions' bytes go: "redis" (the run's Redis), or "directory" (weight_dir, a volume
-    # every worker mounts; the records stay in Redis). At 16+ workers the directory is ~4x faster to fan
-    # out (bench/bench_weight_fanout.py, docs/SCALE.md)
+    # every worker mounts; the records stay in Redis). Fanning a version out to 16 workers took the
+    # directory half the Redis store's time (bench/bench_weight_fanout.py, BENCHMARKS.md)
     weight_store: Literal["redis", "directory"] = "redis"
     weight_dir: Path | None = None  # None: <run dir>/weights
 
