@@ -25,6 +25,10 @@ SUBCOMMANDS = {
         "the main job: RC-GRPO training with Ray, Redis and the reward server",
     ),
     "pretrain": ("deploy.commands.pretrain", "pretrain the tiny Kontext editor on ShapesEdit"),
+    "plan": (
+        "deploy.commands.plan",
+        "estimate a run's GPU memory, payload bytes and times; check that it fits before launch",
+    ),
     "rollout-worker": ("rollout_worker.main", "a standalone rollout worker (found through Redis)"),
     "learner": ("learner.main", "a standalone learner (found through Redis)"),
 }

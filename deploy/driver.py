@@ -180,6 +180,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from deploy.commands.plan import check_fits
     from deploy.evaluation import evaluate_base_vs_trained
     from deploy.report import save_curves
     from deploy.reward_process import RewardServerProcess
@@ -187,6 +188,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     from rollout_worker.worker import RolloutWorker
 
     console = Console()
+    check_fits(cfg)  # a run that cannot fit its GPUs fails here, before anything starts
     run_dir = cfg.run_dir
     if run_dir.exists() and not resume and any(run_dir.glob("checkpoints/step_*")):
         raise ValueError(

@@ -81,7 +81,9 @@ class Learner:
         """Publish the current LoRA as the next policy version (after any a crashed predecessor published)."""
         latest = self.bus.lora.latest()
         version = max(self.state.policy_version, -1 if latest is None else latest.policy_version) + 1
-        self.bus.lora.publish(lora_state_dict(self.editor.transformer), policy_version=version)
+        # in the model's dtype: what the workers' bf16 forward uses anyway, at half the fp32 bytes
+        lora = lora_state_dict(self.editor.transformer, dtype=self.editor.dtype)
+        self.bus.lora.publish(lora, policy_version=version)
         self.state.policy_version = version
         metrics.LEARNER_POLICY_VERSION.set(version)
         return version
@@ -99,8 +101,7 @@ class Learner:
         )
         self.bus.scored.ack(*self._unacked)
         self._unacked.clear()
-        for train in self._unfreed:
-            self.bus.train_blobs.delete(train)
+        self.bus.train_blobs.delete(*self._unfreed)
         self._unfreed.clear()
         return path
 
@@ -161,10 +162,11 @@ class Learner:
         flat = zero_variance_groups(rewards, method.zero_std_eps)
         # A_i = sqrt(G) (r_i - mean) / ||r - mean||_p, clipped; zero for flat groups
         advantages = group_advantages(rewards, method.adv_p, method.adv_clip, method.zero_std_eps)
+        kept = [(i, group) for i, (group, _) in enumerate(batch) if not flat[i]]
+        tensors = self.bus.train_blobs.get_many([group.train for _, group in kept])  # one round trip
         groups = [
-            load_train_group(group, self.bus.train_blobs, advantages[i], self.editor.device)
-            for i, (group, _) in enumerate(batch)
-            if not flat[i]
+            load_train_group(group, advantages[i], self.editor.device, data)
+            for (i, group), data in zip(kept, tensors, strict=True)
         ]
         stats = rc_grpo_step(
             self.editor, self.optimizer, groups, method, self.generator, cfg.micro_batch_rows

@@ -47,14 +47,20 @@ def lora_parameters(transformer) -> list[torch.nn.Parameter]:
     return params
 
 
-def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
-    """The adapter weights as peft names them (no adapter name), as contiguous CPU tensors."""
+def lora_state_dict(transformer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The adapter weights as peft names them (no adapter name), as contiguous CPU tensors.
+
+    dtype: cast to it (a published policy version travels in the model's dtype: bf16 halves the
+    bytes every worker loads); None keeps the float32 training weights (checkpoints)."""
     from peft.utils import get_peft_model_state_dict
 
     if not getattr(transformer, "peft_config", None):
         raise ValueError("transformer has no LoRA adapter")
     state = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)
-    return {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in state.items()}
+    return {
+        name: tensor.detach().to("cpu", dtype=dtype or tensor.dtype, copy=True).contiguous()
+        for name, tensor in state.items()
+    }
 
 
 def load_lora_state_dict(transformer, state_dict: dict[str, torch.Tensor]) -> None:

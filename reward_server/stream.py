@@ -25,7 +25,15 @@ from reward_server.metrics import RewardServerMetrics
 from reward_server.scoring import Scorer, items_from_group
 from reward_server.settings import StreamSettings
 from services.blobstore import BlobError, BlobStore
-from services.record import GroupScores, RolloutGroup, decode_rollout_group, encode_rollout_group
+from services.codec import stored_blobs
+from services.record import (
+    GroupKey,
+    GroupScores,
+    RolloutGroup,
+    decode_rollout_group,
+    encode_rollout_group,
+    group_key,
+)
 from services.redis_server import redis_url_or_embedded
 from services.schemas import Composition
 from services.streams import StreamEntry, WorkStream
@@ -84,21 +92,33 @@ class StreamConsumer:
                 log.warning("redis error in stream mode (retrying): %s", error)
                 self._stopping.wait(1.0)
 
-    def done_key(self, group: RolloutGroup) -> str:
-        return f"{self.settings.namespace}:done:{group.meta.key.id}"
+    def done_key(self, key: GroupKey) -> str:
+        return f"{self.settings.namespace}:done:{key.id}"
 
     def process(self, entries: list[StreamEntry]) -> None:
         """Score the groups of one read together, then complete each."""
-        todo = []
+        keyed = []
         for entry in entries:
+            try:
+                keyed.append((entry, group_key(entry.fields)))
+            except ValueError as error:
+                self._leave_pending(entry, str(error))
+        with self.client.pipeline(transaction=False) as pipe:  # which were scored before: one round trip
+            for _, key in keyed:
+                pipe.exists(self.done_key(key))
+            done = pipe.execute()
+        duplicates = [entry.id for (entry, _), seen in zip(keyed, done, strict=True) if seen]
+        if duplicates:  # a re-delivery: one result only, and its images are not fetched again
+            self.work.ack(*duplicates)
+            self.metrics.stream_groups.labels(outcome="duplicate").inc(len(duplicates))
+        todo = []
+        for (entry, _), seen in zip(keyed, done, strict=True):
+            if seen:
+                continue
             try:
                 group = decode_rollout_group(entry.fields, self.blobs)
                 if group.images is None:
                     raise ValueError(f"group {group.meta.key.id!r} has no images to score")
-                if self.client.exists(self.done_key(group)):  # scored before (a re-delivery): one result only
-                    self.work.ack(entry.id)
-                    self.metrics.stream_groups.labels(outcome="duplicate").inc()
-                    continue
                 # the run's rewards and weights, as the group carries them
                 chosen = self.scorer.choose(list(group.meta.rewards), group.meta.rewards)
                 items = items_from_group(group)
@@ -106,7 +126,7 @@ class StreamConsumer:
                 self._leave_pending(entry, str(error))
                 continue
             composition = group.meta.composition or Composition()
-            todo.append((entry.id, group, chosen, items, composition))
+            todo.append((entry, group, chosen, items, composition))
         if not todo:
             return
         # One coroutine submits every group before the batcher looks again, so they share batches.
@@ -114,7 +134,8 @@ class StreamConsumer:
             self._score_all([(chosen, items, composition) for _, _, chosen, items, composition in todo]),
             self.loop,
         ).result()
-        for (entry_id, group, *_), outcome in zip(todo, outcomes, strict=True):
+        completions, images = [], []
+        for (entry, group, *_), outcome in zip(todo, outcomes, strict=True):
             if isinstance(
                 outcome, Exception
             ):  # stays pending: reclaimed later, dead-lettered at max_deliveries
@@ -124,14 +145,18 @@ class StreamConsumer:
                 continue
             scores = GroupScores(scores=[s.scores for s in outcome], totals=[s.total for s in outcome])
             scored = RolloutGroup(group.meta.model_copy(update={"scores": scores}), group.train)
-            published = self.work.complete(
-                entry_id,
-                self.done_key(group),
-                self.settings.scored,
-                encode_rollout_group(scored),
-                result_maxlen=self.settings.scored_maxlen,
-            )
-            self.metrics.stream_groups.labels(outcome="scored" if published else "duplicate").inc()
+            completions.append((entry.id, self.done_key(group.meta.key), encode_rollout_group(scored)))
+            images += stored_blobs(entry.fields)
+        if not completions:
+            return
+        published = self.work.complete_many(
+            completions, self.settings.scored, result_maxlen=self.settings.scored_maxlen
+        )
+        # scored and acked: nothing reads the images again (a re-delivery is acked by its done key),
+        # so free them now instead of holding every group's PNGs for the blob TTL
+        self.blobs.delete(*images)
+        for first in published:
+            self.metrics.stream_groups.labels(outcome="scored" if first else "duplicate").inc()
 
     async def _score_all(self, groups: list[tuple]) -> list:
         return await asyncio.gather(*[self._score(*group) for group in groups], return_exceptions=True)

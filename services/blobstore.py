@@ -9,7 +9,9 @@ blob anywhere. get() re-hashes what it read and raises on a mismatch or a missin
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import redis
 
@@ -69,25 +71,100 @@ class BlobStore:
 
     def put(self, data: bytes, name: str | None = None) -> BlobRef:
         """Store `data` under `name` (default: its sha256) and return its ref."""
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError(f"blob data must be bytes, got {type(data).__name__}")
-        data = bytes(data)
-        digest = sha256_hex(data)
-        ref = BlobRef(key=self.key_for(name or digest), sha256=digest, size=len(data))
-        px = None if self.ttl_s is None else int(self.ttl_s * 1000)
-        self.client.set(ref.key, data, px=px)
-        return ref
+        return self.put_many([(data, name)])[0]
+
+    def put_many(self, items: list[tuple[bytes, str | None]]) -> list[BlobRef]:
+        """Store several (data, name) blobs in one round trip (a pipeline); their refs."""
+        refs, px = [], None if self.ttl_s is None else int(self.ttl_s * 1000)
+        with self.client.pipeline(transaction=False) as pipe:
+            for data, name in items:
+                if not isinstance(data, (bytes, bytearray, memoryview)):
+                    raise TypeError(f"blob data must be bytes, got {type(data).__name__}")
+                data = bytes(data)
+                digest = sha256_hex(data)
+                refs.append(BlobRef(key=self.key_for(name or digest), sha256=digest, size=len(data)))
+                pipe.set(refs[-1].key, data, px=px)
+            pipe.execute()
+        return refs
 
     def get(self, ref: BlobRef) -> bytes:
-        data = self.client.get(ref.key)
-        if data is None:
-            raise BlobMissingError(f"blob {ref.key} is missing (expired, deleted or never written)")
-        if len(data) != ref.size:
-            raise BlobIntegrityError(f"blob {ref.key} has {len(data)} bytes, its ref says {ref.size}")
-        digest = sha256_hex(data)
-        if digest != ref.sha256:
-            raise BlobIntegrityError(f"blob {ref.key} has sha256 {digest}, its ref says {ref.sha256}")
-        return data
+        return self.get_many([ref])[0]
 
-    def delete(self, ref: BlobRef) -> None:
-        self.client.delete(ref.key)
+    def get_many(self, refs: list[BlobRef]) -> list[bytes]:
+        """Several blobs in one command (MGET), each verified against its ref."""
+        if not refs:
+            return []
+        found = self.client.mget([ref.key for ref in refs])
+        for ref, data in zip(refs, found, strict=True):
+            if data is None:
+                raise BlobMissingError(f"blob {ref.key} is missing (expired, deleted or never written)")
+            if len(data) != ref.size:
+                raise BlobIntegrityError(f"blob {ref.key} has {len(data)} bytes, its ref says {ref.size}")
+            digest = sha256_hex(data)
+            if digest != ref.sha256:
+                raise BlobIntegrityError(f"blob {ref.key} has sha256 {digest}, its ref says {ref.sha256}")
+        return found
+
+    def delete(self, *refs: BlobRef) -> None:
+        if refs:
+            self.client.delete(*(ref.key for ref in refs))
+
+
+class DirectoryBlobStore:
+    """The BlobStore interface on a directory (a volume every worker mounts): each blob a file, written
+    to a temporary name and renamed, so a reader never sees a partial blob. No TTL: blobs stay until
+    deleted. For payloads every worker reads (policy versions), the readers share the filesystem's
+    bandwidth instead of one Redis thread's (docs/SCALE.md, bench/bench_weight_fanout.py)."""
+
+    def __init__(self, root: str | os.PathLike, prefix: str = ""):
+        self.root = Path(root)
+        self.prefix = prefix
+
+    def key_for(self, name: str) -> str:
+        return self.prefix + name
+
+    def _path(self, key: str) -> Path:
+        if "/" in key or key.startswith("."):
+            raise ValueError(f"blob key {key!r} is not a plain file name")
+        return self.root / key
+
+    def put(self, data: bytes, name: str | None = None) -> BlobRef:
+        return self.put_many([(data, name)])[0]
+
+    def put_many(self, items: list[tuple[bytes, str | None]]) -> list[BlobRef]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        refs = []
+        for data, name in items:
+            data = bytes(data)
+            digest = sha256_hex(data)
+            ref = BlobRef(key=self.key_for(name or digest), sha256=digest, size=len(data))
+            path = self._path(ref.key)
+            partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+            partial.write_bytes(data)
+            partial.replace(path)
+            refs.append(ref)
+        return refs
+
+    def get(self, ref: BlobRef) -> bytes:
+        return self.get_many([ref])[0]
+
+    def get_many(self, refs: list[BlobRef]) -> list[bytes]:
+        found = []
+        for ref in refs:
+            try:
+                data = self._path(ref.key).read_bytes()
+            except FileNotFoundError:
+                raise BlobMissingError(
+                    f"blob {ref.key} is missing under {self.root} (deleted or never written)"
+                ) from None
+            if len(data) != ref.size:
+                raise BlobIntegrityError(f"blob {ref.key} has {len(data)} bytes, its ref says {ref.size}")
+            digest = sha256_hex(data)
+            if digest != ref.sha256:
+                raise BlobIntegrityError(f"blob {ref.key} has sha256 {digest}, its ref says {ref.sha256}")
+            found.append(data)
+        return found
+
+    def delete(self, *refs: BlobRef) -> None:
+        for ref in refs:
+            self._path(ref.key).unlink(missing_ok=True)

@@ -8,7 +8,7 @@ import json
 import redis
 
 from services import metrics
-from services.blobstore import BlobStore
+from services.blobstore import BlobStore, DirectoryBlobStore
 from services.config import RunConfig
 from services.lora_store import LoraStore
 from services.streams import DEFAULT_DONE_TTL_S, WorkStream
@@ -29,7 +29,10 @@ class RunBus:
         self.scored = WorkStream(self.client, cfg.key("scored"), SCORED_GROUP)
         for stream in (self.tasks, self.rollouts, self.scored):
             stream.ensure_group()
-        self.lora = LoraStore(self.client, namespace=cfg.key("lora"))
+        weights = None
+        if cfg.learner.weight_store == "directory":
+            weights = DirectoryBlobStore(cfg.learner.weight_dir or cfg.run_dir / "weights", prefix="lora-")
+        self.lora = LoraStore(self.client, namespace=cfg.key("lora"), blobs=weights)
         # rollout-group images too large to inline (full-size edits): read once, by the reward server
         self.blobs = BlobStore(self.client, prefix=cfg.key("blob:"))
         # groups' training tensors, under their group key: deleted once a checkpoint holds their update,
@@ -70,10 +73,15 @@ class RunBus:
 
     def observe(self) -> dict[str, int]:
         """Update the stream gauges (length, pending, dead letters); returns the lengths."""
+        with self.client.pipeline(transaction=False) as pipe:  # one round trip for the 9 numbers
+            for stream in self.streams().values():
+                pipe.xlen(stream.name).xpending(stream.name, stream.group).xlen(stream.dead_letter)
+            replies = pipe.execute()
         lengths = {}
-        for name, stream in self.streams().items():
-            lengths[name] = stream.length()
-            metrics.STREAM_LENGTH.labels(name).set(lengths[name])
-            metrics.STREAM_PENDING.labels(name).set(stream.pending_count())
-            metrics.DEAD_LETTERS.labels(name).set(stream.dead_letter_length())
+        for i, name in enumerate(self.streams()):
+            length, pending, dead = replies[3 * i : 3 * i + 3]
+            lengths[name] = length
+            metrics.STREAM_LENGTH.labels(name).set(length)
+            metrics.STREAM_PENDING.labels(name).set(int(pending["pending"]))
+            metrics.DEAD_LETTERS.labels(name).set(dead)
         return lengths

@@ -6,11 +6,14 @@ Redis stream entry:
 
     meta          JSON of the message's meta dict
     parts         JSON {name: {"kind": "image"|"mask"}} for an inline part, or, for a part in the blob
-                  store, {name: {"kind": "image"|"mask"|"ref", "blob": {"key", "sha256", "size"}}}
+                  store, {name: {"kind": "image"|"mask", "blob": {"key", "sha256", "size"}, "span": [offset,
+                  length]}} or {name: {"kind": "ref", "blob": {...}}}
     part:<name>   the encoded bytes of each inline part
 
-Image and mask parts larger than `inline_limit` bytes go to the blob store; decoding fetches them and
-verifies sha256. Ref parts are blobs the sender stored itself; decoding hands back their BlobRef.
+Image and mask parts larger than `inline_limit` bytes go to the blob store as one bundle (their bytes
+concatenated; each part's span says where it lies): one command to write, one to read, one key to
+delete, however many candidates a group has. Decoding fetches the bundle and verifies its sha256. Ref
+parts are blobs the sender stored itself; decoding hands back their BlobRef.
 """
 
 from __future__ import annotations
@@ -155,6 +158,7 @@ def encode_message(
             raise CodecError(f"part name {name!r} is used twice in one message")
         parts[name] = spec
 
+    large = []  # (kind, name, data) of the parts that go to the blob store, as one bundle
     for kind, named in (("image", message.images), ("mask", message.masks)):
         for name, value in named.items():
             data = _encode_part(kind, name, value)
@@ -166,11 +170,28 @@ def encode_message(
                     f"{kind} part {name!r} is {len(data)} bytes, over inline_limit={inline_limit}, and no blob store was given"
                 )
             else:
-                add(name, {"kind": kind, "blob": blobs.put(data).to_dict()})
+                large.append((kind, name, data))
+    if large:
+        ref, offset = blobs.put(b"".join(data for _, _, data in large)).to_dict(), 0
+        for kind, name, data in large:
+            add(name, {"kind": kind, "blob": ref, "span": [offset, len(data)]})
+            offset += len(data)
     for name, ref in message.refs.items():
         add(name, {"kind": "ref", "blob": ref.to_dict()})
     fields["parts"] = encode_json(parts)
     return fields
+
+
+def stored_blobs(fields: Mapping) -> list[BlobRef]:
+    """The blobs a message's image and mask parts were moved to (what to delete once it is consumed)."""
+    fields = {as_str(k): v for k, v in fields.items()}
+    specs = decode_json(fields["parts"]) if "parts" in fields else {}
+    refs = {
+        s["blob"]["key"]: BlobRef.from_dict(s["blob"])
+        for s in specs.values()
+        if "blob" in s and s.get("kind") != "ref"
+    }
+    return list(refs.values())
 
 
 def as_str(value: bytes | str) -> str:
@@ -188,7 +209,17 @@ def decode_message(fields: Mapping, blobs: BlobStore | None = None) -> Message:
     if not isinstance(message.meta, dict):
         raise CodecError(f"message meta must be a JSON object, got {type(message.meta).__name__}")
     targets = {"image": message.images, "mask": message.masks}
-    for name, spec in decode_json(fields["parts"]).items():
+    specs = decode_json(fields["parts"])
+    stored = {
+        name: BlobRef.from_dict(s["blob"])
+        for name, s in specs.items()
+        if "blob" in s and s.get("kind") != "ref"
+    }
+    if stored and blobs is None:
+        raise CodecError(f"parts {sorted(stored)} are in a blob store but no blob store was given")
+    bundles = list({ref.key: ref for ref in stored.values()}.values())  # one fetch per distinct blob
+    fetched = dict(zip([ref.key for ref in bundles], blobs.get_many(bundles), strict=True)) if bundles else {}
+    for name, spec in specs.items():
         kind = spec.get("kind")
         if kind not in PART_KINDS:
             raise CodecError(f"part {name!r} has unknown kind {kind!r}; expected one of {PART_KINDS}")
@@ -199,9 +230,12 @@ def decode_message(fields: Mapping, blobs: BlobStore | None = None) -> Message:
             message.refs[name] = ref
             continue
         if ref is not None:
-            if blobs is None:
-                raise CodecError(f"part {name!r} is in a blob store but no blob store was given")
-            data = blobs.get(ref)
+            data = fetched[ref.key]
+            if "span" in spec:
+                offset, length = spec["span"]
+                if offset < 0 or length < 0 or offset + length > len(data):
+                    raise CodecError(f"part {name!r} spans {spec['span']}, outside its {len(data)}-byte blob")
+                data = data[offset : offset + length]
         elif f"part:{name}" in fields:
             data = fields[f"part:{name}"]
         else:

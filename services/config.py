@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rcgrpo.config import MethodConfig
 from rcgrpo.tiny_editor import SHIPPED_EDITOR_DIR
@@ -37,7 +37,9 @@ class RolloutConfig(_Section):
     gpus_per_worker: float = Field(0.0, ge=0)  # 0 on CPU; 1 per worker for FLUX scale
     cpus_per_worker: float = Field(1.0, ge=0)  # Ray logical CPUs each rollout actor reserves
     torch_threads: int = Field(1, ge=1)
-    keep_timesteps: list[int] | None = None  # grid indices j the surrogate may train on (None: all)
+    # grid indices j the surrogate may train on: the worker keeps only x_j and x_{j+1} of these (None: all
+    # T + 1 grid states). At FLUX scale the states are most of a group's bytes (docs/SCALE.md).
+    keep_timesteps: list[int] | None = None
     reclaim_idle_ms: int = Field(30_000, ge=1)  # a task pending this long (its worker died) is taken over
     max_deliveries: int = Field(3, ge=1)  # a task handed out this often goes to the dead-letter stream
     metrics_port: int = Field(0, ge=0)  # first worker's Prometheus port (worker i: +i, e.g. 9101); 0 = off
@@ -93,6 +95,11 @@ class LearnerConfig(_Section):
     # Bounds the learner's activation memory (FLUX scale: a few rows per micro-batch).
     micro_batch_rows: int | None = Field(None, ge=1)
     gradient_checkpointing: bool = False  # recompute transformer blocks in backward: less memory, more time
+    # where policy versions' bytes go: "redis" (the run's Redis), or "directory" (weight_dir, a volume
+    # every worker mounts; the records stay in Redis). Fanning a version out to 16 workers took the
+    # directory half the Redis store's time (bench/bench_weight_fanout.py, BENCHMARKS.md)
+    weight_store: Literal["redis", "directory"] = "redis"
+    weight_dir: Path | None = None  # None: <run dir>/weights
 
 
 class EvalConfig(_Section):
@@ -106,6 +113,9 @@ class RunConfig(_Section):
     name: str = Field("tiny-shapes", max_length=64, pattern=ID_PATTERN)  # in every Redis key of the run
     editor: Path = SHIPPED_EDITOR_DIR
     dtype: str | None = None  # default: bfloat16 on CUDA, float32 on CPU
+    # GiB of each GPU the rollout workers and the learner get (nvidia-smi's total / 1024): the driver
+    # refuses a run whose estimated peak (`rcgrpo plan`) exceeds it; None: no check (CPU runs)
+    gpu_memory_gb: float | None = Field(None, gt=0)
     runs_dir: Path = Path("runs")
     redis_url: str | None = None  # None: REDIS_URL, else a private embedded redis-server
     ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray
@@ -123,6 +133,24 @@ class RunConfig(_Section):
         if isinstance(value, dict):
             MethodConfig.check_fields(value)  # pydantic then validates and converts each field
         return value
+
+    @model_validator(mode="after")
+    def _kept_states_train(self):
+        """keep_timesteps must lie on the grid and give the surrogate K trainable steps per anchor."""
+        kept = self.rollout.keep_timesteps
+        if kept is not None:
+            steps, k = self.method.num_steps, self.method.timesteps_per_anchor
+            bad = [j for j in kept if not 0 <= j < steps]
+            if bad:
+                raise ValueError(
+                    f"rollout.keep_timesteps {bad} are outside the {steps}-step grid (0..{steps - 1})"
+                )
+            if len(set(kept)) < k:
+                raise ValueError(
+                    f"rollout.keep_timesteps {kept} gives {len(set(kept))} trainable steps, but "
+                    f"method.timesteps_per_anchor={k} samples that many per anchor"
+                )
+        return self
 
     @property
     def rewards(self) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """The LoRA store: the learner publishes each policy version's LoRA, rollout workers load the latest.
 
-Each version is a safetensors blob `{namespace}:blob:v{policy_version}` in a blob store that never
-expires, plus a Redis hash `{namespace}:version:{policy_version}` = {policy_version, created_at} and the
+Each version is a safetensors blob `v{policy_version}` in a blob store that never expires (Redis keys
+`{namespace}:blob:v...`, or files in a directory every worker mounts: `services.blobstore.DirectoryBlobStore`), plus a Redis hash `{namespace}:version:{policy_version}` = {policy_version, created_at} and the
 blob's ref (key, sha256, size); `{namespace}:latest` holds the newest policy version. The last
 `keep_last` versions are kept; older records and their blobs are deleted on publish.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import redis
 import torch
 
-from services.blobstore import BlobRef, BlobStore
+from services.blobstore import BlobRef, BlobStore, DirectoryBlobStore
 from services.codec import decode_tensors, encode_tensors
 
 DEFAULT_KEEP_LAST = 4
@@ -45,12 +45,17 @@ class LoraVersion:
 
 class LoraStore:
     def __init__(
-        self, client: redis.Redis, namespace: str = "rcgrpo:lora", keep_last: int = DEFAULT_KEEP_LAST
+        self,
+        client: redis.Redis,
+        namespace: str = "rcgrpo:lora",
+        keep_last: int = DEFAULT_KEEP_LAST,
+        blobs: BlobStore | DirectoryBlobStore | None = None,
     ):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 (got {keep_last})")
         self.client = client
-        self.blobs = BlobStore(client, prefix=f"{namespace}:blob:", ttl_s=None)  # kept until pruned
+        # where the versions' bytes live (None: Redis); the records are in Redis either way
+        self.blobs = blobs or BlobStore(client, prefix=f"{namespace}:blob:", ttl_s=None)  # kept until pruned
         self.namespace = namespace
         self.keep_last = keep_last
         self._latest_key = f"{namespace}:latest"
@@ -101,9 +106,14 @@ class LoraStore:
         data = self.client.hgetall(self._record_key(policy_version))
         return LoraVersion.from_hash(data) if data else None
 
-    def latest(self) -> LoraVersion | None:
+    def latest_version(self) -> int | None:
+        """The newest policy version's number (one GET): what a worker polls before every group."""
         policy_version = self.client.get(self._latest_key)
-        return None if policy_version is None else self.get(int(policy_version))
+        return None if policy_version is None else int(policy_version)
+
+    def latest(self) -> LoraVersion | None:
+        policy_version = self.latest_version()
+        return None if policy_version is None else self.get(policy_version)
 
     def load(self, version: int | LoraVersion) -> dict[str, torch.Tensor]:
         """The LoRA of a policy version; raises BlobIntegrityError if the blob's sha256 does not match."""

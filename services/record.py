@@ -31,7 +31,15 @@ from rcgrpo.data.sample import EditSample
 from rcgrpo.editor import EditCondition
 from rcgrpo.train_step import TrainGroup
 from services.blobstore import BlobRef, BlobStore
-from services.codec import CodecError, Message, decode_message, decode_tensors, encode_message, encode_tensors
+from services.codec import (
+    CodecError,
+    Message,
+    decode_json,
+    decode_message,
+    decode_tensors,
+    encode_message,
+    encode_tensors,
+)
 from services.schemas import ID_PATTERN, MAX_ITEMS_PER_REQUEST, MAX_TEXT_CHARS, Composition
 
 if TYPE_CHECKING:
@@ -175,6 +183,17 @@ def encode_rollout_group(group: RolloutGroup, blobs: BlobStore | None = None) ->
     return encode_message(message, blobs=blobs)
 
 
+def group_key(fields: Mapping) -> GroupKey:
+    """The group key of a record's stream fields, read from its meta alone (no parts decoded or fetched)."""
+    raw = fields.get(b"meta", fields.get("meta"))
+    if raw is None:
+        raise CodecError(f"rollout group entry has no 'meta' field (fields: {sorted(fields)})")
+    try:
+        return GroupKey.model_validate(decode_json(raw)["key"])
+    except (ValidationError, KeyError, TypeError) as error:
+        raise CodecError(f"rollout group meta has no valid key: {error}") from None
+
+
 def decode_rollout_group(fields: Mapping, blobs: BlobStore | None = None) -> RolloutGroup:
     """Inverse of encode_rollout_group; raises CodecError (a ValueError) naming the problem."""
     message = decode_message(fields, blobs=blobs)
@@ -231,10 +250,11 @@ def encode_train_tensors(group: SampledGroup) -> bytes:
 
 
 def load_train_group(
-    group: RolloutGroup, blobs: BlobStore, advantages: torch.Tensor, device: torch.device | str
+    group: RolloutGroup, advantages: torch.Tensor, device: torch.device | str, data: bytes
 ) -> TrainGroup:
-    """The record's TrainGroup with advantages A_i, its tensors fetched, verified and put on `device`."""
-    tensors = {name: t.to(device) for name, t in decode_tensors(blobs.get(group.train)).items()}
+    """The record's TrainGroup with advantages A_i, from its training blob `data` (fetched and verified
+    with BlobStore.get / get_many), on `device`."""
+    tensors = {name: t.to(device) for name, t in decode_tensors(data).items()}
     cond = EditCondition(
         **{name: tensors.get(f"cond.{name}") for name in _COND_TENSORS},
         height=group.meta.height,

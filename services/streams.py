@@ -138,12 +138,28 @@ class WorkStream:
     ) -> bool:
         """Atomically: publish `result_fields` to `result_stream` and mark `key` done unless it already
         is, then ack `entry_id`. True if this call published the result."""
-        if not result_fields:
-            raise ValueError("a result entry needs at least one field")
-        args = [self.group, entry_id, int(done_ttl_s * 1000), result_maxlen or 0]
-        for field_name, value in result_fields.items():
-            args += [field_name, value]
-        return bool(self._complete(keys=[self.name, key, result_stream], args=args))
+        return self.complete_many([(entry_id, key, result_fields)], result_stream, done_ttl_s, result_maxlen)[
+            0
+        ]
+
+    def complete_many(
+        self,
+        items: list[tuple[str, str, Mapping[str, bytes | str | int | float]]],
+        result_stream: str,
+        done_ttl_s: float = DEFAULT_DONE_TTL_S,
+        result_maxlen: int | None = None,
+    ) -> list[bool]:
+        """`complete` for several (entry id, done key, result fields) in one round trip (a pipeline;
+        each completion is still its own atomic script)."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for entry_id, key, result_fields in items:
+                if not result_fields:
+                    raise ValueError("a result entry needs at least one field")
+                args = [self.group, entry_id, int(done_ttl_s * 1000), result_maxlen or 0]
+                for field_name, value in result_fields.items():
+                    args += [field_name, value]
+                self._complete(keys=[self.name, key, result_stream], args=args, client=pipe)
+            return [bool(done) for done in pipe.execute()]
 
     def dead_letter_exhausted(self, max_deliveries: int, min_idle_ms: int = 0, count: int = 100) -> list[str]:
         """Move pending entries delivered >= max_deliveries times (and idle >= min_idle_ms) to the

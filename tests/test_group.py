@@ -86,7 +86,7 @@ def test_the_record_carries_what_the_learner_trains_on(tiny_editor, sample, clie
     assert (torch.stack(decoded.images.edits) - group.rollout.images).abs().max() <= 0.5 / 255 + 1e-6
 
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    rebuilt = load_train_group(decoded, train_blobs, advantages, tiny_editor.device)
+    rebuilt = load_train_group(decoded, advantages, tiny_editor.device, train_blobs.get(decoded.train))
     expected = group.train_group(advantages)
     for name in ("sigmas", "states", "token_weights", "background_weights", "advantages"):
         assert torch.equal(getattr(rebuilt, name), getattr(expected, name)), name

@@ -59,3 +59,25 @@ def test_load_detects_corrupted_weights(store, client):
     client.set(record.blob.key, bytes(corrupt))
     with pytest.raises(BlobIntegrityError, match="sha256"):
         store.load(record.policy_version)
+
+
+def test_directory_store_keeps_the_bytes_in_files_and_the_records_in_redis(client, tmp_path):
+    """learner.weight_store=directory: versions as files (written atomically), records and the latest
+    version in Redis; a reader on another store instance loads it bit-exactly; pruning removes the
+    file; a tampered file fails its sha256."""
+    from services.blobstore import DirectoryBlobStore
+
+    writer = LoraStore(client, keep_last=2, blobs=DirectoryBlobStore(tmp_path, prefix="lora-"))
+    reader = LoraStore(client, keep_last=2, blobs=DirectoryBlobStore(tmp_path, prefix="lora-"))
+    versions = [writer.publish(lora(seed)) for seed in range(3)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora-v1", "lora-v2"]  # v0 pruned, no partials
+    assert not client.exists("rcgrpo:lora:blob:v2")  # the bytes are not in Redis
+    assert reader.latest_version() == 2 and reader.latest() == versions[2]
+    loaded = reader.load(2)
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in lora(2).items())
+    (tmp_path / "lora-v2").write_bytes(b"x" * versions[2].blob.size)
+    with pytest.raises(BlobIntegrityError):
+        reader.load(2)
+    (tmp_path / "lora-v1").unlink()
+    with pytest.raises(BlobMissingError):
+        reader.load(1)

@@ -377,3 +377,35 @@ def test_a_short_default_run_on_the_shipped_editor_moves_the_ratio_and_raises_re
     message = f"adherence {before:.4f} -> {after:.4f}; |r-1| p90 {deviations}; clip {clipped}"
     assert max(deviations) > 0.02 and max(clipped) > 0.0, message
     assert after > before + 0.01, message
+
+
+def test_bf16_base_weights_train_a_float32_lora_in_checkpointed_micro_batches(tiny_editor_dir):
+    """The FLUX-scale setting: bfloat16 base weights, float32 LoRA parameters, gradients and AdamW
+    state, micro-batched rows with the anchor pass and gradient checkpointing; the base stays bf16 and
+    untouched, the LoRA moves, and publishing in the model dtype halves its bytes."""
+    cfg = MethodConfig(group_size=4, num_steps=4, anchors=2, timesteps_per_anchor=2, background_anchor=1.0)
+    torch.manual_seed(0)
+    editor = load_editor(tiny_editor_dir, dtype="bfloat16")
+    add_lora(editor.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    editor.transformer.enable_gradient_checkpointing()
+    base = {n: p.detach().clone() for n, p in editor.transformer.named_parameters() if not p.requires_grad}
+    assert {p.dtype for p in base.values()} == {torch.bfloat16}
+    params = [p for p in editor.transformer.parameters() if p.requires_grad]
+    assert params and {p.dtype for p in params} == {torch.float32}
+    before = lora_state_dict(editor.transformer)
+    groups = _two_scored_groups(editor, cfg)
+    assert groups[0].states.dtype == torch.bfloat16  # kept states in the model's dtype
+    optimizer = make_optimizer(editor.transformer, cfg)
+    stats = rc_grpo_step(editor, optimizer, groups, cfg, torch.Generator().manual_seed(3), micro_batch_rows=3)
+    assert stats.num_groups == 2 and math.isfinite(stats.loss) and stats.grad_norm > 0
+    assert {p.grad.dtype for p in params} == {torch.float32}
+    moments = [s for p in params for s in (optimizer.state[p]["exp_avg"], optimizer.state[p]["exp_avg_sq"])]
+    assert {m.dtype for m in moments} == {torch.float32}
+    after = lora_state_dict(editor.transformer)
+    assert any(not torch.equal(after[n], before[n]) for n in after)
+    for n, p in editor.transformer.named_parameters():
+        if not p.requires_grad:
+            assert p.dtype == torch.bfloat16 and torch.equal(p, base[n])
+    published = lora_state_dict(editor.transformer, dtype=editor.dtype)
+    assert {t.dtype for t in published.values()} == {torch.bfloat16}
+    assert sum(t.nbytes for t in published.values()) * 2 == sum(t.nbytes for t in after.values())

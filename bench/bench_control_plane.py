@@ -1,0 +1,427 @@
+"""The control plane at cluster scale, by simulation: rollout workers, reward consumers and the learner
+without a model, against the real Redis bus (services.bus.RunBus, the embedded redis-server with its AOF).
+
+Every simulated component makes the bus calls its real counterpart makes per group (rollout_worker,
+reward_server.stream, learner), with payloads of the real sizes times --payload-scale (a machine with
+little memory runs the bytes scaled down; the bytes results are scaled back up and say so), and
+compute times drawn around the given ones, divided by --speedup (the bus sees --speedup times the real
+message rate: a conservative test).
+
+    capacity  one client drives groups through the whole path back to back (control-plane messages,
+              1 KiB blobs); Redis's own CPU seconds per group give the group messages per second one
+              Redis core sustains, and INFO commandstats the commands per group.
+              --per-item replays the per-item calls the components made before batching.
+    scale     16 / 64 / 256 worker threads, reward consumers (one per 32 workers), a learner sized to keep
+              up: group messages/s, p50/p99 latency from a worker's publish to the learner's read, bus
+              time per group of a worker and of the learner (bookkeeping), Redis memory; the bus share
+              of a worker's and of the learner's iteration at the real compute times.
+
+    nice -n 10 .venv/bin/python bench/bench_control_plane.py --workers 16 64 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import threading
+import time
+
+import redis
+import torch
+
+from services.bus import RunBus
+from services.codec import Message, encode_message
+from services.config import RunConfig
+from services.record import GroupKey, GroupMeta, GroupScores, RolloutGroup, Task, decode_rollout_group
+from services.redis_server import EmbeddedRedis
+
+MIB = 1024**2
+# FLUX.1 Kontext at 1024^2, G = 12, bf16 (docs/SCALE.md, `rcgrpo plan`): the training blob with the
+# flagship's 5 kept states, the PNG parts (14 x ~2.5 MiB for photographs), a LoRA version
+TRAIN_BLOB_BYTES = int(34.58 * MIB)
+IMAGE_PART_BYTES = int(2.5 * MIB)
+IMAGE_PARTS = 14  # source, 12 edits, mask
+LORA_BYTES = 104_595_456
+GROUP_SIZE = 12
+
+
+def redis_cpu(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return info["used_cpu_user"] + info["used_cpu_sys"]
+
+
+def redis_calls(client: redis.Redis) -> int:
+    return sum(stat["calls"] for stat in client.info("commandstats").values())
+
+
+def meta(cfg: RunConfig, group_id: str, version: int, scored: bool) -> GroupMeta:
+    scores = None
+    if scored:
+        scores = GroupScores(scores=[{"r": 0.5}] * GROUP_SIZE, totals=[0.5] * GROUP_SIZE)
+    return GroupMeta(
+        key=GroupKey(run=cfg.name, group_id=group_id, policy_version=version),
+        instruction="replace the cup with a vase",
+        group_size=GROUP_SIZE,
+        height=1024,
+        width=1024,
+        state_indices=[0, 1, 2, 3, 4],
+        acd=[0.6] * GROUP_SIZE,
+        rewards={"lc_t": 0.01, "background_psnr": 0.02, "background_ssim": 1.0, "acd": 0.5},
+        scores=scores,
+    )
+
+
+class Sim:
+    """The bus calls of each component for one group, with payload sizes and per-item / batched calls."""
+
+    def __init__(self, bus: RunBus, payload_scale: float, per_item: bool):
+        self.bus, self.per_item = bus, per_item
+        self.train_bytes = os.urandom(max(1024, int(TRAIN_BLOB_BYTES * payload_scale)))
+        self.image_bytes = [
+            os.urandom(max(1024, int(IMAGE_PART_BYTES * payload_scale))) for _ in range(IMAGE_PARTS)
+        ]
+        self.lora = torch.zeros(max(1024, int(LORA_BYTES * payload_scale)), dtype=torch.uint8)
+        self.policy_version: int | None = None
+        self.next_reclaim = 0.0
+
+    # rollout worker: find a task, check the policy version, store the group, complete the task
+    def worker_take(self, consumer: str, block_ms: int = 200) -> list:
+        tasks = self.bus.tasks
+        if self.per_item or time.monotonic() >= self.next_reclaim:
+            self.next_reclaim = time.monotonic() + 30_000 / 4000
+            reclaimed = tasks.reclaim(consumer, 30_000, count=1, max_deliveries=3)
+            if reclaimed:
+                return reclaimed
+        return tasks.read(consumer, count=1, block_ms=block_ms)
+
+    def worker_publish(self, entry) -> None:
+        bus = self.bus
+        bus.stop_requested()
+        if self.per_item:
+            version = bus.lora.latest().policy_version  # GET + HGETALL
+        else:
+            version = bus.lora.latest_version()
+        task = Task.from_fields(entry.fields)
+        key = GroupKey(run=bus.cfg.name, group_id=task.group_id, policy_version=version)
+        train = bus.train_blobs.put(self.train_bytes, name=key.id)
+        if self.per_item:  # one blob per PNG part
+            refs = {f"edit/{i}": bus.blobs.put(data) for i, data in enumerate(self.image_bytes)}
+        else:  # the codec's bundle: every large part in one blob
+            refs = {"edit/bundle": bus.blobs.put(b"".join(self.image_bytes))}
+        message = Message(
+            meta=meta(bus.cfg, task.group_id, version, False).model_dump(), refs={"train": train, **refs}
+        )
+        fields = encode_message(message) | {"published_at": repr(time.time())}
+        bus.tasks.complete(entry.id, bus.task_done_key(task.group_id), bus.rollouts.name, fields)
+
+    # reward consumer: read a batch, fetch the images, skip the scored, complete the rest
+    def reward_take(self, consumer: str, count: int = 16, block_ms: int = 200) -> list:
+        stream = self.bus.rollouts
+        entries = stream.reclaim(consumer, 30_000, count=count, max_deliveries=3)
+        return entries + stream.read(consumer, count=count, block_ms=block_ms)
+
+    def reward_fetch(self, entries) -> list:
+        bus, groups = self.bus, []
+        for entry in entries:
+            group = decode_rollout_group(entry.fields)
+            refs = _image_refs(entry)
+            if self.per_item:
+                for ref in refs:
+                    bus.blobs.get(ref)
+            else:
+                bus.blobs.get_many(refs)
+            groups.append((entry, group))
+        return groups
+
+    def reward_complete(self, groups) -> None:
+        bus, stream = self.bus, self.bus.rollouts
+        done_key = lambda g: bus.cfg.key(f"reward:done:{g.meta.key.id}")  # noqa: E731
+        if self.per_item:
+            for _, group in groups:
+                bus.client.exists(done_key(group))
+        else:
+            with bus.client.pipeline(transaction=False) as pipe:
+                for _, group in groups:
+                    pipe.exists(done_key(group))
+                pipe.execute()
+        items = []
+        for entry, group in groups:
+            scored = RolloutGroup(
+                meta(bus.cfg, group.meta.key.group_id, group.meta.key.policy_version, True), group.train
+            )
+            message = Message(meta=scored.meta.model_dump(), refs={"train": scored.train})
+            fields = encode_message(message) | {"published_at": entry.fields[b"published_at"]}
+            items.append((entry.id, done_key(group), fields))
+        if self.per_item:  # the images were left to expire
+            for entry_id, key, fields in items:
+                stream.complete(entry_id, key, bus.scored.name, fields)
+        else:
+            stream.complete_many(items, bus.scored.name)
+            bus.blobs.delete(*[ref for entry, _ in groups for ref in _image_refs(entry)])
+
+    # learner: read scored groups, fetch their tensors, (update), publish, ack and free at checkpoints
+    def learner_read(self, consumer: str, count: int, block_ms: int = 200) -> list:
+        return self.bus.scored.read(consumer, count=count, block_ms=block_ms)
+
+    def learner_fetch(self, entries) -> list:
+        groups = [decode_rollout_group(e.fields) for e in entries]
+        if self.per_item:
+            for g in groups:
+                self.bus.train_blobs.get(g.train)
+        else:
+            self.bus.train_blobs.get_many([g.train for g in groups])
+        return groups
+
+    def learner_publish(self, version: int) -> None:
+        """The LoraStore's publish (blob, record, prune), of a LoRA of the scaled size."""
+        self.bus.lora.publish({"lora": self.lora}, policy_version=version)
+
+    def learner_checkpoint(self, entry_ids: list[str], groups: list) -> None:
+        self.bus.scored.ack(*entry_ids)
+        if self.per_item:
+            for g in groups:
+                self.bus.train_blobs.delete(g.train)
+        else:
+            self.bus.train_blobs.delete(*[g.train for g in groups])
+
+    def learner_observe(self) -> None:
+        if self.per_item:
+            for stream in self.bus.streams().values():
+                stream.length(), stream.pending_count(), stream.dead_letter_length()
+        else:
+            self.bus.observe()
+
+
+def _image_refs(entry):
+    from services.codec import decode_message
+
+    return [ref for name, ref in decode_message(entry.fields).refs.items() if name.startswith("edit/")]
+
+
+def new_bus(url: str, name: str) -> RunBus:
+    return RunBus(RunConfig(name=name), url)
+
+
+def capacity(url: str, groups: int, per_item: bool, groups_per_step: int = 8) -> dict:
+    """One client, the whole path per group, back to back; Redis CPU and commands per group."""
+    bus = new_bus(url, f"cap-{'item' if per_item else 'batch'}")
+    sim = Sim(bus, payload_scale=0.0, per_item=per_item)  # 1 KiB blobs: the messages alone
+    sim.learner_publish(0)
+    client = bus.client
+    cpu0, calls0, t0 = redis_cpu(client), redis_calls(client), time.perf_counter()
+    done = 0
+    version = 0
+    while done < groups:
+        for i in range(groups_per_step):
+            bus.tasks.publish(Task(f"g{done + i:07d}", done + i, done + i).to_fields())
+        bus.set_task_cursor(done + groups_per_step)
+        for _ in range(groups_per_step):
+            for entry in sim.worker_take("w0", block_ms=None):
+                sim.worker_publish(entry)
+        entries = sim.reward_take("r0", count=groups_per_step, block_ms=None)
+        sim.reward_complete(sim.reward_fetch(entries))
+        scored = sim.learner_read("l0", count=groups_per_step, block_ms=None)
+        groups_read = sim.learner_fetch(scored)
+        version += 1
+        sim.learner_publish(version)
+        sim.learner_observe()
+        bus.set_learner_stats({"step": version})
+        sim.learner_checkpoint([e.id for e in scored], groups_read)
+        done += len(scored)
+    wall = time.perf_counter() - t0
+    cpu = redis_cpu(client) - cpu0
+    calls = redis_calls(client) - calls0
+    return {
+        "mode": "per-item" if per_item else "batched",
+        "groups": done,
+        "client_groups_per_s": done / wall,
+        "redis_cpu_ms_per_group": 1000 * cpu / done,
+        "groups_per_s_per_redis_core": done / cpu,
+        "commands_per_group": calls / done,
+    }
+
+
+def scale(url: str, workers: int, args) -> dict:
+    """Workers, reward consumers and a learner as threads, for args.duration_s seconds."""
+    name = f"scale-{workers}"
+    speed = args.speedup
+    rollout_s, score_s, update_s = args.rollout_s / speed, args.score_s / speed, args.update_s / speed
+    # a learner sized to keep up: every update takes the groups the workers made meanwhile
+    groups_per_step = max(8, math.ceil(workers * args.update_s / args.rollout_s))
+    consumers = max(1, workers // 32)
+    stop = threading.Event()
+    lock = threading.Lock()
+    worker_bus_s, learner_bus_s, latencies, learner_steps = [], [], [], []
+    memory_peak = [0]
+
+    def feeder():
+        bus = new_bus(url, name)
+        cursor = 0
+        while not stop.is_set():
+            # keep about two tasks per worker queued (the driver feeds ahead of the learner)
+            queued = bus.tasks.length() - bus.tasks.pending_count()
+            if queued < workers:
+                with bus.client.pipeline(transaction=False) as pipe:
+                    for i in range(workers):
+                        pipe.xadd(
+                            bus.tasks.name, Task(f"g{cursor + i:07d}", cursor + i, cursor + i).to_fields()
+                        )
+                    pipe.execute()
+                cursor += workers
+                bus.set_task_cursor(cursor)
+            stop.wait(0.05)
+
+    def worker(i: int):
+        bus = new_bus(url, name)
+        sim = Sim(bus, args.payload_scale, args.per_item)
+        rng = random.Random(i)
+        while not stop.is_set():
+            t = time.perf_counter()
+            entries = sim.worker_take(f"w{i}")
+            read_s = time.perf_counter() - t
+            for entry in entries:
+                stop.wait(rollout_s * rng.uniform(0.75, 1.25))  # the rollout
+                t = time.perf_counter()
+                sim.worker_publish(entry)
+                with lock:
+                    worker_bus_s.append(read_s + time.perf_counter() - t)
+
+    def reward(i: int):
+        bus = new_bus(url, name)
+        sim = Sim(bus, args.payload_scale, args.per_item)
+        while not stop.is_set():
+            entries = sim.reward_take(f"r{i}")
+            if entries:
+                groups = sim.reward_fetch(entries)
+                stop.wait(score_s * len(groups))  # batched scoring
+                sim.reward_complete(groups)
+
+    def learner():
+        bus = new_bus(url, name)
+        sim = Sim(bus, args.payload_scale, args.per_item)
+        version = 0
+        sim.learner_publish(version)
+        held_ids, held_groups = [], []
+        while not stop.is_set():
+            batch, bus_s = [], 0.0
+            while len(batch) < groups_per_step and not stop.is_set():
+                t = time.perf_counter()
+                entries = sim.learner_read("l0", count=groups_per_step - len(batch))
+                now = time.time()
+                with lock:
+                    latencies.extend(now - float(e.fields[b"published_at"]) for e in entries)
+                groups = sim.learner_fetch(entries)
+                bus_s += time.perf_counter() - t if entries else 0.0
+                batch += list(zip(entries, groups, strict=True))
+            if len(batch) < groups_per_step:
+                break
+            stop.wait(update_s)  # the update
+            t = time.perf_counter()
+            version += 1
+            sim.learner_publish(version)
+            sim.learner_observe()
+            bus.set_learner_stats({"step": version})
+            held_ids += [e.id for e, _ in batch]
+            held_groups += [g for _, g in batch]
+            if version % args.checkpoint_every == 0:
+                sim.learner_checkpoint(held_ids, held_groups)
+                held_ids, held_groups = [], []
+            bus_s += time.perf_counter() - t
+            with lock:
+                learner_bus_s.append(bus_s)
+                learner_steps.append(len(batch))
+
+    def monitor():
+        client = redis.Redis.from_url(url)
+        while not stop.is_set():
+            memory_peak[0] = max(memory_peak[0], client.info("memory")["used_memory"])
+            stop.wait(0.5)
+
+    threads = [
+        threading.Thread(target=feeder),
+        threading.Thread(target=learner),
+        threading.Thread(target=monitor),
+    ]
+    threads += [threading.Thread(target=worker, args=(i,)) for i in range(workers)]
+    threads += [threading.Thread(target=reward, args=(i,)) for i in range(consumers)]
+    client = redis.Redis.from_url(url)
+    cpu0 = redis_cpu(client)
+    for t in threads:
+        t.start()
+    time.sleep(args.warmup_s)
+    with lock:
+        worker_bus_s.clear(), latencies.clear(), learner_bus_s.clear(), learner_steps.clear()
+    t0, cpu_m = time.perf_counter(), redis_cpu(client)
+    time.sleep(args.duration_s)
+    with lock:
+        n, wb, lat = len(worker_bus_s), list(worker_bus_s), sorted(latencies)
+        lb, steps = list(learner_bus_s), list(learner_steps)
+    wall, cpu = time.perf_counter() - t0, redis_cpu(client) - cpu_m
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    del cpu0
+    quantile = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else math.nan  # noqa: E731
+    worker_bus = statistics.mean(wb) if wb else math.nan
+    learner_bus_per_step = statistics.mean(lb) if lb else math.nan
+    return {
+        "workers": workers,
+        "reward_consumers": consumers,
+        "groups_per_step": groups_per_step,
+        "groups_per_s": n / wall,
+        "real_groups_per_s": workers / args.rollout_s,
+        "latency_p50_s": quantile(0.5),
+        "latency_p99_s": quantile(0.99),
+        "redis_cpu_share": cpu / wall,
+        "worker_bus_ms_per_group": 1000 * worker_bus,
+        "learner_bus_ms_per_group": 1000 * learner_bus_per_step / (sum(steps) / len(steps))
+        if steps
+        else math.nan,
+        "learner_steps": len(steps),
+        "worker_bus_share": worker_bus / (args.rollout_s + worker_bus),
+        "learner_bus_share": learner_bus_per_step / (args.update_s + learner_bus_per_step),
+        "redis_memory_peak_mib": memory_peak[0] / MIB,
+        "redis_memory_peak_real_gib": memory_peak[0] / args.payload_scale / 1024**3,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--capacity-groups", type=int, default=800)
+    parser.add_argument("--per-item", action="store_true", help="the per-item calls made before batching")
+    parser.add_argument("--payload-scale", type=float, default=1 / 128)
+    parser.add_argument("--rollout-s", type=float, default=40.0, help="one group on one worker (real)")
+    parser.add_argument("--score-s", type=float, default=0.25, help="scoring one group (real)")
+    parser.add_argument("--update-s", type=float, default=60.0, help="one learner update (real)")
+    parser.add_argument("--checkpoint-every", type=int, default=25)
+    parser.add_argument("--speedup", type=float, default=8.0)
+    parser.add_argument("--warmup-s", type=float, default=8.0)
+    parser.add_argument("--duration-s", type=float, default=20.0)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    with EmbeddedRedis() as server:
+        results = {
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared)",
+            "args": vars(args),
+            "capacity": [capacity(server.url, args.capacity_groups, per_item) for per_item in (True, False)],
+        }
+        for row in results["capacity"]:
+            print(json.dumps(row))
+        results["scale"] = []
+        for workers in args.workers:
+            row = scale(server.url, workers, args)
+            results["scale"].append(row)
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
