@@ -76,6 +76,11 @@ class LearnerConfig(_Section):
     # every group is sampled with the newest policy (synchronous); stale ones are dropped in both
     staleness_policy: Literal["drop", "wait"] = "drop"
     checkpoint_every: int = Field(10, ge=1)
+    # no step for stall_warn_s: the driver prints what is missing (again every stall_warn_s, recovering
+    # what it can meanwhile); for stall_abort_s: it stops the run with that message
+    stall_warn_s: float = Field(120.0, gt=0)
+    stall_abort_s: float = Field(900.0, gt=0)
+    max_restarts: int = Field(5, ge=0)  # restarts of each component (learner, a worker, Redis, reward server)
     external: bool = False  # True: the learner runs as its own process (`rcgrpo learner`), not a Ray actor
     num_gpus: float = Field(0.0, ge=0)
     torch_threads: int = Field(1, ge=1)
