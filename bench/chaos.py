@@ -8,6 +8,7 @@ Faults (injected once the run has written --fault-at steps to metrics.jsonl):
   learner         SIGKILL the learner actor process
   redis           SIGKILL the private redis-server
   driver_sigterm  SIGTERM the driver (as `ray job stop` / `docker stop` do), then `rcgrpo train --resume`
+  driver_twice    SIGTERM the driver twice (it exits at once, no checkpoint of its own), then --resume
   corrupt_lora    flip a byte of the newest LoRA blob in Redis as soon as it is published
 
 Checks, per case: the run exits 0 having reached total_steps; metrics.jsonl has every step exactly once;
@@ -36,7 +37,18 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-FAULTS = ("none", "reward_server", "rollout_worker", "learner", "redis", "driver_sigterm", "corrupt_lora")
+FAULTS = (
+    "none",
+    "reward_server",
+    "rollout_worker",
+    "learner",
+    "redis",
+    "driver_sigterm",
+    "driver_twice",
+    "corrupt_lora",
+)
+# how the driver exits on each driver fault: 130 after a graceful stop, 128 + SIGTERM when told twice
+DRIVER_EXIT = {"driver_sigterm": 130, "driver_twice": 128 + signal.SIGTERM}
 RUN_NAME = "chaos"
 
 
@@ -174,8 +186,11 @@ def inject(fault: str, train: TrainProcess) -> str:
         "learner": lambda cmd, name: cmd.startswith("ray::Learner"),
         "redis": lambda cmd, name: name == "redis-server",
     }
-    if fault == "driver_sigterm":
+    if fault in DRIVER_EXIT:
         train.process.send_signal(signal.SIGTERM)
+        if fault == "driver_twice":
+            time.sleep(1.0)
+            train.process.send_signal(signal.SIGTERM)
         return f"driver {train.process.pid}"
     if fault == "corrupt_lora":
         return corrupt_next_lora(train)
@@ -291,11 +306,13 @@ def run_case(
         hit = inject(fault, train) if fault != "none" else "nothing"
         faulted = time.monotonic()
         print(f"  {fault}: hit {hit} at step {watch.steps()}", flush=True)
-        if fault == "driver_sigterm":
+        if fault in DRIVER_EXIT:
             rc = train.wait(timeout_s=120)
-            if rc != 130:
-                result.problems.append(f"driver exited {rc} on SIGTERM, not 130")
-            result.problems += [f"left behind after SIGTERM: {p}" for p in train.left_behind()]
+            stopped_s = time.monotonic() - faulted
+            print(f"  {fault}: driver exited {rc} {stopped_s:.1f} s after the first SIGTERM", flush=True)
+            if rc != DRIVER_EXIT[fault]:
+                result.problems.append(f"driver exited {rc} on {fault}, not {DRIVER_EXIT[fault]}")
+            result.problems += [f"left behind after {fault}: {p}" for p in train.left_behind()]
             train = TrainProcess(runs_dir, overrides, resume=True, log_name="resume.log")
             trains.append(train)
             faulted = time.monotonic()

@@ -120,14 +120,21 @@ class ExternalLearner:
     """A learner running as its own process (`rcgrpo learner`, learner.external): followed through Redis.
     It publishes its weights, checkpoints (with the task cursor the driver records) and saves its LoRA itself."""
 
-    def __init__(self, bus: RunBus, poll_s: float = 0.2):
-        self.bus, self.poll_s = bus, poll_s
+    def __init__(self, bus: RunBus, poll_s: float = 0.2, deadline_s: float = 900.0):
+        self.bus, self.poll_s, self.deadline_s = bus, poll_s, deadline_s
+        self.step_seen = self.resume_point()[0]  # the newest step this driver has been told of
 
-    def _wait(self, ready, wait_s: float | None = None):
-        deadline = None if wait_s is None else time.monotonic() + wait_s
+    def _wait(self, ready, wait_s: float | None = None, what: str = ""):
+        """ready()'s first value; after wait_s None, or, without wait_s, an error naming `what` after deadline_s."""
+        deadline = time.monotonic() + (self.deadline_s if wait_s is None else wait_s)
         while (value := ready()) is None:
-            if deadline is not None and time.monotonic() > deadline:
-                return None
+            if time.monotonic() > deadline:
+                if wait_s is not None:
+                    return None
+                raise RuntimeError(
+                    f"no {what} from the external learner in {self.deadline_s:.0f} s: is `rcgrpo learner` "
+                    f"running on this run's Redis ({self.bus.redis_url})?"
+                )
             time.sleep(self.poll_s)
         return value
 
@@ -136,23 +143,24 @@ class ExternalLearner:
         return (0 if stats is None else stats["step"]), self.bus.task_cursor()
 
     def publish_lora(self) -> int:
-        return self._wait(self.bus.lora.latest).policy_version
+        return self._wait(self.bus.lora.latest, what="published policy version").policy_version
 
     def try_step(self, wait_s: float) -> dict | None:
-        done = self.resume_point()[0]
-
         def newer_stats():
             stats = self.bus.learner_stats()
-            return stats if stats is not None and stats["step"] > done else None
+            return stats if stats is not None and stats["step"] > self.step_seen else None
 
-        return self._wait(newer_stats, wait_s)
+        if (stats := self._wait(newer_stats, wait_s)) is not None:
+            self.step_seen = stats["step"]
+        return stats
 
     def checkpoint(self, task_cursor: int) -> None:
         """The external learner checkpoints on its own schedule."""
 
     def save_final_lora(self, directory: Path) -> Path:
         return self._wait(
-            lambda: directory if (directory / "pytorch_lora_weights.safetensors").exists() else None
+            lambda: directory if (directory / "pytorch_lora_weights.safetensors").exists() else None,
+            what=f"final LoRA in {directory}",
         )
 
 
@@ -203,7 +211,7 @@ class RunActors:
     # -- the learner ------------------------------------------------------------------------------
     def start_learner(self, resume: bool) -> LearnerHandle:
         if self.cfg.learner.external:
-            return ExternalLearner(self.bus)
+            return ExternalLearner(self.bus, deadline_s=self.cfg.learner.stall_abort_s)
         port = self.cfg.learner.metrics_port
         self._learner_actor = self._learner_cls.remote(self.cfg, self.redis_url, resume, metrics_port=port)
         return RayLearner(self._learner_actor)
@@ -356,6 +364,10 @@ def check_before_start(cfg: RunConfig) -> None:
         raise ValueError("learner.stall_abort_s must be >= learner.stall_warn_s")
 
 
+def checkpoint_due(cfg: RunConfig, step: int) -> bool:
+    return step % cfg.learner.checkpoint_every == 0 or step == cfg.learner.total_steps
+
+
 def _has_checkpoint(run_dir: Path) -> bool:
     return any(run_dir.glob("checkpoints/step_*"))
 
@@ -482,26 +494,21 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
                 feeder.feed_until(bus.groups_consumed() + bus.groups_lost() + ahead * groups_per_step)
                 try:
                     stats = learner.try_step(wait_s=LEARNER_POLL_S)
-                    if (
-                        stats is None
-                    ):  # no update yet: recover what died; past a deadline, say what is missing
-                        actors.restart_dead_workers()
-                        actors.republish_rejected_lora(learner)
-                        if watch.failure:
-                            raise RuntimeError(f"the run cannot continue: {watch.failure}")
-                        stall.check()
-                        continue
-                    if (
-                        stats["step"] % cfg.learner.checkpoint_every == 0
-                        or stats["step"] == cfg.learner.total_steps
-                    ):
+                    if stats is not None and checkpoint_due(cfg, stats["step"]):
                         learner.checkpoint(feeder.cursor)
-                except (
-                    ray.exceptions.RayActorError
-                ) as error:  # the learner died: the run goes on without a gap
+                except ray.exceptions.RayActorError as error:
+                    # the learner died: a new one continues from its checkpoint, redoing the steps after it
                     learner, step = actors.restart_learner(error)
-                    metrics_log.keep_through(step)  # the steps after its checkpoint are redone
+                    metrics_log.keep_through(step)
                     progress.update(bar, completed=step)
+                    continue
+                if stats is None:
+                    # no update yet: restart what died; past the deadline, say what is missing
+                    actors.restart_dead_workers()
+                    actors.republish_rejected_lora(learner)
+                    if watch.failure:
+                        raise RuntimeError(f"the run cannot continue: {watch.failure}")
+                    stall.check()
                     continue
                 stall.progress()
                 step = stats["step"]

@@ -58,6 +58,7 @@ class Learner:
         self._batch: list[tuple[RolloutGroup, int]] = []  # fresh groups collected for the next update
         if resume:
             self._resume()
+        self.bus.set_groups_consumed(self.groups_consumed())  # not what a crashed predecessor had said
 
     # -- LoRA versions and checkpoints ---------------------------------------------------------
     def _resume(self) -> None:
