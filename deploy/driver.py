@@ -375,12 +375,21 @@ def _has_checkpoint(run_dir: Path) -> bool:
 def choose_run(cfg: RunConfig, resume: bool) -> RunConfig:
     """The run's name and so its directory and Redis keys. A new run never reuses a directory: if
     runs/<name> exists it becomes <name>-2, -3, ... With --resume, the newest of those with a checkpoint."""
+    from learner.checkpoint import latest_checkpoint
+
     names = [cfg.name, *(f"{cfg.name}-{i}" for i in range(2, 1000))]
     existing = [name for name in names if (cfg.runs_dir / name).exists()]
     if resume:
         resumable = [name for name in existing if _has_checkpoint(cfg.runs_dir / name)]
         if not resumable:
             raise FileNotFoundError(f"--resume: no checkpoint under {cfg.runs_dir / cfg.name}/checkpoints")
+        latest = latest_checkpoint(cfg.runs_dir / resumable[-1] / "checkpoints")
+        done = json.loads((latest / "state.json").read_text())["step"]
+        if done >= cfg.learner.total_steps:
+            raise ValueError(
+                f"--resume: {latest} is at step {done}, already at learner.total_steps="
+                f"{cfg.learner.total_steps}; raise learner.total_steps to train further"
+            )
         return cfg.model_copy(update={"name": resumable[-1]})
     name = next(name for name in names if not (cfg.runs_dir / name).exists())
     return cfg.model_copy(update={"name": name})

@@ -66,12 +66,24 @@ def test_a_second_run_gets_its_own_directory_and_resume_continues_the_newest(tmp
     assert choose_run(cfg, resume=False).name == "quick"
     with pytest.raises(FileNotFoundError, match="--resume: no checkpoint under"):
         choose_run(cfg, resume=True)
-    (tmp_path / "quick" / "checkpoints" / "step_000010").mkdir(parents=True)
+    checkpoint(tmp_path / "quick", 10)
     assert choose_run(cfg, resume=False).name == "quick-2"
     assert choose_run(cfg, resume=True).name == "quick"
-    (tmp_path / "quick-2" / "checkpoints" / "step_000004").mkdir(parents=True)
+    checkpoint(tmp_path / "quick-2", 4)
     assert choose_run(cfg, resume=False).name == "quick-3"
     assert choose_run(cfg, resume=True).name == "quick-2"
+    checkpoint(tmp_path / "quick-2", cfg.learner.total_steps)  # finished: resuming it would train nothing
+    with pytest.raises(
+        ValueError, match=r"--resume: .*step_000030 is at step 30, already at learner.total_steps=30"
+    ):
+        choose_run(cfg, resume=True)
+
+
+def checkpoint(run_dir: Path, step: int) -> None:
+    """What choose_run reads of a checkpoint: its directory and its step."""
+    path = run_dir / "checkpoints" / f"step_{step:06d}"
+    path.mkdir(parents=True)
+    (path / "state.json").write_text(json.dumps({"step": step}))
 
 
 def test_the_metrics_log_drops_the_steps_a_restarted_learner_redoes(tmp_path):
