@@ -29,6 +29,7 @@ from typing import Protocol
 import torch
 
 from deploy.supervision import ProcessWatch, SignalStop, StallWatch, recovered
+from services import metrics
 from services.auth import TOKEN_ENV
 from services.bus import RunBus
 from services.config import DEFAULT_RUN_CONFIG, RunConfig, add_run_arguments, load_run_config
@@ -417,6 +418,8 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
     installed_signals, signals = signals is not None, signals or SignalStop()
+    if cfg.driver_metrics_port:  # rcgrpo_recoveries_total, counted here
+        metrics.serve_metrics(cfg.driver_metrics_port, cfg.metrics_host)
 
     with ExitStack() as stack:
         # 1. Redis: the given server, else a private one whose append-only file lives in the run dir

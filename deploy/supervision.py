@@ -7,7 +7,6 @@ past its deadline prints one line naming what is missing and where.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import threading
@@ -17,7 +16,6 @@ from collections.abc import Callable
 
 from services import metrics
 
-log = logging.getLogger("rcgrpo.driver")
 WATCH_INTERVAL_S = 1.0  # how often the driver's child processes are checked
 
 
@@ -65,7 +63,6 @@ class SignalStop:
 def recovered(component: str, what: str) -> None:
     """Count and log one recovery."""
     metrics.RECOVERIES.labels(component).inc()
-    log.warning("recovered %s: %s", component, what)
     print(f"rcgrpo: recovered {component}: {what}", flush=True)
 
 
@@ -158,4 +155,3 @@ class StallWatch:
         if now - self.since >= self.abort_s:
             raise RuntimeError(f"{line}; giving up after {self.abort_s:.0f} s")
         print(f"rcgrpo: {line}", flush=True)
-        log.warning(line)
