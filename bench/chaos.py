@@ -197,8 +197,9 @@ def inject(fault: str, train: TrainProcess) -> str:
     process = train.find(targets[fault])
     if process is None:
         raise RuntimeError(f"no {fault} process found under the driver")
+    hit = f"{process.pid} {' '.join(process.cmdline())[:60]}"
     process.kill()
-    return f"{process.pid} {' '.join(process.cmdline())[:60]}"
+    return hit
 
 
 def acknowledged_but_lost(run_dir: Path) -> list[str]:
