@@ -348,6 +348,7 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--workdir", type=Path, help="where the runs go (default: a temp dir, kept)")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the case's run too (the finally below)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="rcgrpo-chaos-"))
     print(f"chaos suite: {args.steps} steps, fault at step {args.fault_at}, runs under {workdir}")
     results = []
