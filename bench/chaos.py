@@ -74,6 +74,8 @@ class TrainProcess:
         command = [sys.executable, "-m", "deploy.cli", "train", "--set", f"runs_dir={runs_dir}"]
         command += [arg for item in overrides for arg in ("--set", item)] + (["--resume"] if resume else [])
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        # a loaded machine can take longer than Ray's default 30 s to start the raylet's agent
+        env.setdefault("RAY_agent_register_timeout_ms", "180000")
         env.pop("REDIS_URL", None)  # a private Redis, so the faults hit only this run
         env.pop("RAY_ADDRESS", None)
         self.log = runs_dir / log_name
