@@ -21,12 +21,15 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
+from deploy.supervision import ProcessWatch, SignalStop, StallWatch, recovered
+from services import metrics
 from services.auth import TOKEN_ENV
 from services.bus import RunBus
 from services.config import DEFAULT_RUN_CONFIG, RunConfig, add_run_arguments, load_run_config
@@ -36,6 +39,8 @@ from services.reward_client import RewardClient, RewardServerError
 
 log = logging.getLogger("rcgrpo.driver")
 REWARD_SERVER_READY_S = 120.0  # how long an external reward server may take to answer /readyz
+LEARNER_POLL_S = 2.0  # the longest the driver waits on the learner before it looks at the run again
+WORKER_STOP_S = 120.0  # how long rollout workers may take to finish their task once asked to stop
 
 
 class TaskFeeder:
@@ -75,8 +80,8 @@ class LearnerHandle(Protocol):
     def publish_lora(self) -> int:
         """Publish the learner's LoRA; the policy version every worker samples with from now on."""
 
-    def step(self) -> dict:
-        """One update; its statistics."""
+    def try_step(self, wait_s: float) -> dict | None:
+        """One update's statistics, or None if its groups did not arrive within wait_s."""
 
     def checkpoint(self, task_cursor: int) -> object:
         """Checkpoint, recording how many tasks the driver has fed."""
@@ -102,8 +107,8 @@ class RayLearner:
     def publish_lora(self) -> int:
         return self._call(self.actor.publish_lora)
 
-    def step(self) -> dict:
-        return self._call(self.actor.step)
+    def try_step(self, wait_s: float) -> dict | None:
+        return self._call(self.actor.try_step, wait_s)
 
     def checkpoint(self, task_cursor: int) -> object:
         return self._call(self.actor.checkpoint, task_cursor)
@@ -116,11 +121,21 @@ class ExternalLearner:
     """A learner running as its own process (`rcgrpo learner`, learner.external): followed through Redis.
     It publishes its weights, checkpoints (with the task cursor the driver records) and saves its LoRA itself."""
 
-    def __init__(self, bus: RunBus, poll_s: float = 0.2):
-        self.bus, self.poll_s = bus, poll_s
+    def __init__(self, bus: RunBus, poll_s: float = 0.2, deadline_s: float = 900.0):
+        self.bus, self.poll_s, self.deadline_s = bus, poll_s, deadline_s
+        self.step_seen = self.resume_point()[0]  # the newest step this driver has been told of
 
-    def _wait(self, ready):
+    def _wait(self, ready, wait_s: float | None = None, what: str = ""):
+        """ready()'s first value; after wait_s None, or, without wait_s, an error naming `what` after deadline_s."""
+        deadline = time.monotonic() + (self.deadline_s if wait_s is None else wait_s)
         while (value := ready()) is None:
+            if time.monotonic() > deadline:
+                if wait_s is not None:
+                    return None
+                raise RuntimeError(
+                    f"no {what} from the external learner in {self.deadline_s:.0f} s: is `rcgrpo learner` "
+                    f"running on this run's Redis ({self.bus.redis_url})?"
+                )
             time.sleep(self.poll_s)
         return value
 
@@ -129,24 +144,182 @@ class ExternalLearner:
         return (0 if stats is None else stats["step"]), self.bus.task_cursor()
 
     def publish_lora(self) -> int:
-        return self._wait(self.bus.lora.latest).policy_version
+        return self._wait(self.bus.lora.latest, what="published policy version").policy_version
 
-    def step(self) -> dict:
-        done = self.resume_point()[0]
-
+    def try_step(self, wait_s: float) -> dict | None:
         def newer_stats():
             stats = self.bus.learner_stats()
-            return stats if stats is not None and stats["step"] > done else None
+            return stats if stats is not None and stats["step"] > self.step_seen else None
 
-        return self._wait(newer_stats)
+        if (stats := self._wait(newer_stats, wait_s)) is not None:
+            self.step_seen = stats["step"]
+        return stats
 
     def checkpoint(self, task_cursor: int) -> None:
         """The external learner checkpoints on its own schedule."""
 
     def save_final_lora(self, directory: Path) -> Path:
         return self._wait(
-            lambda: directory if (directory / "pytorch_lora_weights.safetensors").exists() else None
+            lambda: directory if (directory / "pytorch_lora_weights.safetensors").exists() else None,
+            what=f"final LoRA in {directory}",
         )
+
+
+class MetricsLog:
+    """metrics.jsonl: one line per optimiser step. A learner that restarts from a checkpoint redoes the
+    steps after it, so those lines are dropped first: every step appears exactly once."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def keep_through(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        if len(kept) != len(lines):
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, stats: dict) -> None:
+        with self.path.open("a") as file:
+            file.write(json.dumps(stats) + "\n")
+
+
+class RunActors:
+    """The run's Ray actors, the learner (unless learner.external) and the rollout workers, restarted
+    when they die, at most learner.max_restarts times each kind."""
+
+    def __init__(self, cfg: RunConfig, redis_url: str, bus: RunBus):
+        import ray
+
+        from learner.learner import Learner
+        from rollout_worker.worker import RolloutWorker
+
+        self.cfg, self.redis_url, self.bus = cfg, redis_url, bus
+        self._learner_cls = ray.remote(num_cpus=0, num_gpus=cfg.learner.num_gpus)(Learner)
+        self._worker_cls = ray.remote(
+            num_cpus=cfg.rollout.cpus_per_worker, num_gpus=cfg.rollout.gpus_per_worker
+        )(RolloutWorker)
+        self._learner_actor = None
+        self.workers: dict[str, tuple] = {}  # worker id -> (index, actor, its run() call)
+        self.restarts: Counter[str] = Counter()
+
+    def _count_restart(self, component: str, why: str) -> None:
+        if self.restarts[component] >= self.cfg.learner.max_restarts:
+            raise RuntimeError(f"{why}; not restarting it again after {self.restarts[component]} restarts")
+        self.restarts[component] += 1
+
+    # -- the learner ------------------------------------------------------------------------------
+    def start_learner(self, resume: bool) -> LearnerHandle:
+        if self.cfg.learner.external:
+            return ExternalLearner(self.bus, deadline_s=self.cfg.learner.stall_abort_s)
+        port = self.cfg.learner.metrics_port
+        self._learner_actor = self._learner_cls.remote(self.cfg, self.redis_url, resume, metrics_port=port)
+        return RayLearner(self._learner_actor)
+
+    def restart_learner(self, error: Exception) -> tuple[LearnerHandle, int]:
+        """A new learner actor from the run's latest checkpoint (from the start if there is none yet),
+        publishing its weights; (the learner, the step it continues from)."""
+        import ray
+
+        from learner.checkpoint import latest_checkpoint
+
+        why = f"the learner actor died ({type(error).__name__})"
+        self._count_restart("learner", why)
+        started = time.monotonic()
+        ray.kill(self._learner_actor, no_restart=True)
+        learner = self.start_learner(resume=latest_checkpoint(self.cfg.run_dir / "checkpoints") is not None)
+        step, _ = learner.resume_point()
+        version = learner.publish_lora()
+        recovered(
+            "learner",
+            f"{why}; restarted from step {step} as v{version} in {time.monotonic() - started:.1f} s",
+        )
+        return learner, step
+
+    def republish_rejected_lora(self, learner: LearnerHandle) -> None:
+        """Workers refused the latest policy version (it failed verification): the learner publishes its
+        weights again as a new version."""
+        rejected = self.bus.rejected_lora()
+        if rejected is None:
+            return
+        version, reason = rejected
+        if self.cfg.learner.external:  # its own process publishes; the stall message names the reason
+            return
+        self._count_restart("policy_version", f"workers refuse policy v{version}: {reason}")
+        recovered(
+            "policy_version", f"v{version} refused ({reason}); republished as v{learner.publish_lora()}"
+        )
+
+    # -- the rollout workers ----------------------------------------------------------------------
+    def start_workers(self) -> None:
+        for i in range(self.cfg.rollout.num_workers):
+            self._start_worker(i)
+
+    def _start_worker(self, i: int) -> None:
+        port = self.cfg.rollout.metrics_port + i if self.cfg.rollout.metrics_port else 0
+        worker_id = f"worker-{i}"
+        actor = self._worker_cls.remote(self.cfg, self.redis_url, worker_id, port)
+        self.workers[worker_id] = (i, actor, actor.run.remote())
+
+    def alive_workers(self) -> int:
+        import ray
+
+        return sum(not ray.wait([run], timeout=0)[0] for _, _, run in self.workers.values())
+
+    def restart_dead_workers(self) -> None:
+        """Replace each worker whose loop ended before the run asked it to stop (its actor died or raised);
+        the new one first finishes the task the old one left pending."""
+        import ray
+
+        for worker_id, (i, actor, run) in list(self.workers.items()):
+            if not ray.wait([run], timeout=0)[0]:
+                continue
+            try:
+                ray.get(run)
+                why = f"{worker_id} stopped"
+            except ray.exceptions.RayError as error:
+                why = f"{worker_id} died ({type(error).__name__})"
+            self._count_restart("rollout_worker", why)
+            started = time.monotonic()
+            ray.kill(actor, no_restart=True)
+            self._start_worker(i)
+            recovered("rollout_worker", f"{why}; restarted in {time.monotonic() - started:.1f} s")
+
+    def stop_workers(self, timeout_s: float) -> None:
+        """Set the run's stop flag and wait for every worker's loop to end; kill those that do not."""
+        import ray
+
+        self.bus.request_stop()
+        runs = {run: (worker_id, actor) for worker_id, (_, actor, run) in self.workers.items()}
+        done, late = ray.wait(list(runs), num_returns=len(runs), timeout=timeout_s)
+        for run in done:
+            try:
+                ray.get(run)
+            except ray.exceptions.RayError as error:  # its groups are in Redis; nothing is waiting on it
+                log.warning("%s ended with %s", runs[run][0], type(error).__name__)
+        for run in late:
+            worker_id, actor = runs[run]
+            print(f"rcgrpo: {worker_id} did not stop within {timeout_s:.0f} s: killed", flush=True)
+            ray.kill(actor, no_restart=True)
+
+
+def describe_wait(bus: RunBus, feeder: TaskFeeder, reward_client: RewardClient, actors: RunActors) -> str:
+    """What the learner is waiting for, and where: the line a stalled run prints."""
+    causes = []
+    if not reward_client.ready():
+        causes.append(f"reward server {reward_client.http.base_url} not answering")
+    if rejected := bus.rejected_lora():
+        causes.append(f"workers refuse policy v{rejected[0]} ({rejected[1]})")
+    alive = actors.alive_workers()
+    if actors.workers and not alive:
+        causes.append("no rollout worker is running")
+    counts = (
+        f"tasks issued {feeder.cursor}, groups consumed {bus.groups_consumed()}, lost {bus.groups_lost()}; "
+        f"pending: tasks {bus.tasks.pending_count()} ({alive} workers), rollouts {bus.rollouts.pending_count()} "
+        f"(reward server), scored {bus.scored.pending_count()} (learner)"
+    )
+    return "; ".join([*causes, counts]) if causes else f"no scored group arrived; {counts}"
 
 
 def check_local_cpus(cfg: RunConfig, cpus: float) -> None:
@@ -175,7 +348,55 @@ def check_served_rewards(cfg: RunConfig, client: RewardClient) -> None:
         )
 
 
-def run(cfg: RunConfig, resume: bool = False) -> dict:
+def check_before_start(cfg: RunConfig) -> None:
+    """Refuse, in seconds and before any service starts, what can be checked without them."""
+    from rcgrpo.editor import check_editor_dir
+    from rcgrpo.evaluate import parse_data_spec
+
+    try:
+        check_editor_dir(cfg.editor)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"editor: {error}") from None
+    try:
+        parse_data_spec(cfg.data.source)
+    except (ValueError, FileNotFoundError) as error:
+        raise type(error)(f"data.source: {error}".replace("--data: ", "")) from None
+    if cfg.learner.stall_abort_s < cfg.learner.stall_warn_s:
+        raise ValueError("learner.stall_abort_s must be >= learner.stall_warn_s")
+
+
+def checkpoint_due(cfg: RunConfig, step: int) -> bool:
+    return step % cfg.learner.checkpoint_every == 0 or step == cfg.learner.total_steps
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    return any(run_dir.glob("checkpoints/step_*"))
+
+
+def choose_run(cfg: RunConfig, resume: bool) -> RunConfig:
+    """The run's name and so its directory and Redis keys. A new run never reuses a directory: if
+    runs/<name> exists it becomes <name>-2, -3, ... With --resume, the newest of those with a checkpoint."""
+    from learner.checkpoint import latest_checkpoint
+
+    names = [cfg.name, *(f"{cfg.name}-{i}" for i in range(2, 1000))]
+    existing = [name for name in names if (cfg.runs_dir / name).exists()]
+    if resume:
+        resumable = [name for name in existing if _has_checkpoint(cfg.runs_dir / name)]
+        if not resumable:
+            raise FileNotFoundError(f"--resume: no checkpoint under {cfg.runs_dir / cfg.name}/checkpoints")
+        latest = latest_checkpoint(cfg.runs_dir / resumable[-1] / "checkpoints")
+        done = json.loads((latest / "state.json").read_text())["step"]
+        if done >= cfg.learner.total_steps:
+            raise ValueError(
+                f"--resume: {latest} is at step {done}, already at learner.total_steps="
+                f"{cfg.learner.total_steps}; raise learner.total_steps to train further"
+            )
+        return cfg.model_copy(update={"name": resumable[-1]})
+    name = next(name for name in names if not (cfg.runs_dir / name).exists())
+    return cfg.model_copy(update={"name": name})
+
+
+def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None) -> dict:
     import ray
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -184,34 +405,42 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     from deploy.evaluation import evaluate_base_vs_trained
     from deploy.report import save_curves
     from deploy.reward_process import RewardServerProcess
-    from learner.learner import Learner
-    from rollout_worker.worker import RolloutWorker
 
     console = Console()
+    check_before_start(cfg)
     check_fits(cfg)  # a run that cannot fit its GPUs fails here, before anything starts
+    asked = cfg.name
+    cfg = choose_run(cfg, resume)
     run_dir = cfg.run_dir
-    if run_dir.exists() and not resume and any(run_dir.glob("checkpoints/step_*")):
-        raise ValueError(
-            f"run directory {run_dir} already has checkpoints: pass --resume, or choose another name"
+    if cfg.name != asked and not resume:
+        console.print(
+            f"{cfg.runs_dir / asked} exists: this run is [bold]{run_dir}[/] (--resume continues it)"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    metrics_log = run_dir / "metrics.jsonl"
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl")
+    installed_signals, signals = signals is not None, signals or SignalStop()
+    if cfg.driver_metrics_port:  # rcgrpo_recoveries_total, counted here
+        metrics.serve_metrics(cfg.driver_metrics_port, cfg.metrics_host)
 
     with ExitStack() as stack:
         # 1. Redis: the given server, else a private one whose append-only file lives in the run dir
-        redis_url = cfg.resolved_redis_url()
+        redis_url, embedded_redis = cfg.resolved_redis_url(), None
         if redis_url is None:
-            redis_url = stack.enter_context(EmbeddedRedis(data_dir=run_dir / "redis")).url
+            embedded_redis = stack.enter_context(EmbeddedRedis(data_dir=run_dir / "redis"))
+            redis_url = embedded_redis.url
+            signals.kill_on_exit(embedded_redis.kill)
         bus = RunBus(cfg, redis_url)
         bus.clear_stop()
 
         # 2. the reward server, consuming the rollouts stream; every group carries the run's rewards and
         # weights, so any server that serves those rewards scores it as the run asks
         reward_url = cfg.reward.url or os.environ.get("RCGRPO_REWARD_URL")
+        reward_server = None
         if reward_url is None:
             reward_server = RewardServerProcess(cfg, redis_url, run_dir / "reward_server.log")
             stack.callback(reward_server.stop)
+            signals.kill_on_exit(reward_server.kill)
             reward_server.wait_ready()
             reward_client = reward_server.client
         else:
@@ -231,35 +460,37 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
             stack.callback(ray.shutdown)
             if address == "local":  # actors that cannot all be placed would wait for CPUs forever
                 check_local_cpus(cfg, ray.cluster_resources().get("CPU", 0))
-        learner: LearnerHandle
-        if cfg.learner.external:
-            learner = ExternalLearner(bus)
-        else:
-            learner_cls = ray.remote(num_cpus=0, num_gpus=cfg.learner.num_gpus)(Learner)
-            learner = RayLearner(
-                learner_cls.remote(cfg, redis_url, resume, metrics_port=cfg.learner.metrics_port)
-            )
-        worker_cls = ray.remote(num_cpus=cfg.rollout.cpus_per_worker, num_gpus=cfg.rollout.gpus_per_worker)(
-            RolloutWorker
-        )
-        ports = [
-            cfg.rollout.metrics_port + i if cfg.rollout.metrics_port else 0
-            for i in range(cfg.rollout.num_workers)
-        ]
-        workers = [
-            worker_cls.remote(cfg, redis_url, f"worker-{i}", ports[i]) for i in range(cfg.rollout.num_workers)
-        ]
+        if installed_signals:
+            signals.install()  # ray.init replaced our SIGTERM handler with its own
+        actors = RunActors(cfg, redis_url, bus)
+        learner = actors.start_learner(resume)
         start_step, cursor = learner.resume_point()
+        # tasks fed after the checkpoint are in Redis already: never issue a group id twice
+        cursor = max(cursor, bus.task_cursor())
+        metrics_log.keep_through(start_step)
         version = learner.publish_lora()  # every worker samples with this or newer
         console.print(
             f"[bold]rcgrpo[/] run {cfg.name!r}: {cfg.rollout.num_workers} workers, policy v{version}, step {start_step}"
         )
-        worker_runs = [w.run.remote() for w in workers]
+        actors.start_workers()
 
-        # 4. the loop: feed tasks ahead of the learner, one learner update per step
+        # 4. the loop: keep tasks ahead of the learner's consumption, one learner update per step
         groups_per_step = cfg.learner.groups_per_step
         ahead = 1 if cfg.learner.staleness_policy == "wait" else 1 + cfg.learner.max_staleness
         feeder = TaskFeeder(bus, cfg.data.num_samples, cfg.data.seed, cursor)
+        watch = stack.enter_context(
+            ProcessWatch(
+                embedded_redis,
+                reward_server,
+                reward_client if reward_server is None else None,  # external: waited for, not restarted
+                cfg.learner.max_restarts,
+            )
+        )
+        stall = StallWatch(
+            cfg.learner.stall_warn_s,
+            cfg.learner.stall_abort_s,
+            lambda: describe_wait(bus, feeder, reward_client, actors),
+        )
         step, started = start_step, time.perf_counter()
         columns = [
             TextColumn("[bold]train"),
@@ -268,45 +499,60 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
             TimeElapsedColumn(),
             TextColumn("{task.fields[info]}"),
         ]
-        try:
-            with Progress(*columns, console=console) as progress, metrics_log.open("a") as metrics_file:
-                bar = progress.add_task("train", total=cfg.learner.total_steps, completed=step, info="")
-                while step < cfg.learner.total_steps:
-                    # 'drop': keep (1 + max_staleness) updates of tasks queued; 'wait': only the next update's
-                    feeder.feed_until((step + ahead) * groups_per_step)
-                    stats = learner.step()
-                    step = stats["step"]
-                    if step % cfg.learner.checkpoint_every == 0 or step == cfg.learner.total_steps:
+        signals.deferred = True
+        with Progress(*columns, console=console) as progress:
+            bar = progress.add_task("train", total=cfg.learner.total_steps, completed=step, info="")
+            while step < cfg.learner.total_steps and not signals.requested:
+                # supply follows consumption: each group trained on, dropped (stale) or dead-lettered is
+                # replaced, so (1 + max_staleness) updates of groups ('wait': one update's) stay in flight
+                feeder.feed_until(bus.groups_consumed() + bus.groups_lost() + ahead * groups_per_step)
+                try:
+                    stats = learner.try_step(wait_s=LEARNER_POLL_S)
+                    if stats is not None and checkpoint_due(cfg, stats["step"]):
                         learner.checkpoint(feeder.cursor)
-                    images = (step - start_step) * groups_per_step * cfg.method.group_size
-                    stats |= {
-                        "streams": bus.observe(),
-                        "images_per_s": images / (time.perf_counter() - started),
-                    }
-                    metrics_file.write(json.dumps(stats) + "\n")
-                    metrics_file.flush()
-                    info = (
-                        f"reward {stats['reward_mean']:.3f}±{stats['reward_std']:.3f}  "
-                        f"instr {stats['instruction_reward_mean']:.3f} ({stats['instruction_share']:.0%} of A)  "
-                        f"clip {stats['clip_fraction']:.1%}  |r-1| {stats['ratio_deviation_p90']:.3f}  "
-                        f"stale {stats['staleness_mean']:.2f}  {stats['images_per_s']:.1f} img/s"
-                    )
-                    progress.update(bar, completed=step, info=info)
-                    if not console.is_terminal:  # job logs (ray job submit, CI) get a line per step
-                        console.print(f"step {step}/{cfg.learner.total_steps}  {info}")
-        except KeyboardInterrupt:
-            # Ctrl-C: keep every acknowledged group; the checkpoint records what the learner has trained on
+                except ray.exceptions.RayActorError as error:
+                    # the learner died: a new one continues from its checkpoint, redoing the steps after it
+                    learner, step = actors.restart_learner(error)
+                    metrics_log.keep_through(step)
+                    progress.update(bar, completed=step)
+                    continue
+                if stats is None:
+                    # no update yet: restart what died; past the deadline, say what is missing
+                    actors.restart_dead_workers()
+                    actors.republish_rejected_lora(learner)
+                    if watch.failure:
+                        raise RuntimeError(f"the run cannot continue: {watch.failure}")
+                    stall.check()
+                    continue
+                stall.progress()
+                step = stats["step"]
+                images = (step - start_step) * groups_per_step * cfg.method.group_size
+                stats |= {
+                    "streams": bus.observe(),
+                    "images_per_s": images / (time.perf_counter() - started),
+                }
+                metrics_log.write(stats)
+                info = (
+                    f"reward {stats['reward_mean']:.3f}±{stats['reward_std']:.3f}  "
+                    f"instr {stats['instruction_reward_mean']:.3f} ({stats['instruction_share']:.0%} of A)  "
+                    f"clip {stats['clip_fraction']:.1%}  |r-1| {stats['ratio_deviation_p90']:.3f}  "
+                    f"stale {stats['staleness_mean']:.2f}  {stats['images_per_s']:.1f} img/s"
+                )
+                progress.update(bar, completed=step, info=info)
+                if not console.is_terminal:  # job logs (ray job submit, CI) get a line per step
+                    console.print(f"step {step}/{cfg.learner.total_steps}  {info}")
+        signals.deferred = False
+
+        # 5. stop the workers; on a signal, checkpoint what was trained and stop; else keep the final LoRA
+        if signals.requested:
             console.print("[yellow]interrupted: checkpointing the learner and stopping the workers")
             learner.checkpoint(feeder.cursor)
-            bus.request_stop()
-            ray.get(worker_runs)
-            raise
-
-        # 5. stop the workers, keep the final LoRA in diffusers format
-        bus.request_stop()
-        ray.get(worker_runs)
+            actors.stop_workers(WORKER_STOP_S)
+            raise KeyboardInterrupt(signal.Signals(signals.received).name)
+        actors.stop_workers(WORKER_STOP_S)
         lora_dir = learner.save_final_lora(run_dir / "lora")
-        save_curves(metrics_log, run_dir / "reward_curves.png")
+        save_curves(metrics_log.path, run_dir / "reward_curves.png")
+        recoveries = {**actors.restarts, **watch.restarts}
 
     # 6. held-out evaluation: base editor vs base + trained LoRA
     summary = {
@@ -314,6 +560,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         "steps": step,
         "lora": str(lora_dir),
         "seconds": round(time.perf_counter() - started, 1),
+        "recoveries": recoveries,
     }
     if cfg.eval.num_samples:
         summary["eval"] = evaluate_base_vs_trained(cfg, lora_dir, console)
@@ -326,19 +573,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = load_run_config(args.config, args.overrides)
     # SIGTERM (ray job stop, docker stop, kill) shuts down like Ctrl-C: checkpoint, stop workers and services
-    signal.signal(signal.SIGTERM, _interrupt)
+    signals = SignalStop()
+    signals.install()
     try:
-        run(cfg, resume=args.resume)
+        run(cfg, resume=args.resume, signals=signals)
     except KeyboardInterrupt:
         return 130
+    except RuntimeError as error:  # a run that could not recover: its one-line reason, not a traceback
+        print(f"rcgrpo train: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -38,6 +38,8 @@ def reward_server_settings(cfg: RunConfig, redis_url: str, port: int) -> dict:
             "group": ROLLOUTS_GROUP,
             "namespace": cfg.key("reward"),
             "blob_prefix": cfg.key("blob:"),
+            # the only consumer: what it left pending is its own, dead with a previous process of it
+            "reclaim_idle_ms": 5_000,
         },
     }
 
@@ -51,24 +53,34 @@ class RewardServerProcess:
         settings_path.write_text(
             yaml.safe_dump(reward_server_settings(cfg, redis_url, self.port), sort_keys=False)
         )
-        env = {**os.environ, TOKEN_ENV: self.token, "HF_HUB_OFFLINE": "1"}
+        self._command = [
+            sys.executable,
+            "-m",
+            "deploy.cli",
+            "reward-server",
+            "--config",
+            str(settings_path),
+            "--log-level",
+            "warning",
+        ]
         self._log = open(log_path, "ab")
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "deploy.cli",
-                "reward-server",
-                "--config",
-                str(settings_path),
-                "--log-level",
-                "warning",
-            ],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
+        self.process = self._start()
         self.client = RewardClient(self.url, token=self.token)
+
+    def _start(self) -> subprocess.Popen:
+        env = {**os.environ, TOKEN_ENV: self.token, "HF_HUB_OFFLINE": "1"}
+        return subprocess.Popen(self._command, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def restart(self) -> None:
+        """Start it again after it died, on the same port with the same token: the stream consumer
+        picks up the rollout groups it left pending."""
+        self.process.wait()  # reap the dead child (no zombie)
+        self.process = self._start()
+        self.wait_ready()
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         try:
@@ -76,6 +88,11 @@ class RewardServerProcess:
         except Exception:
             self.stop()
             raise RuntimeError(f"the reward server did not become ready; see {self._log.name}") from None
+
+    def kill(self) -> None:
+        """SIGKILL without waiting (a driver exiting at once)."""
+        if self.running:
+            self.process.kill()
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -55,8 +55,10 @@ class Learner:
         # training tensors of those entries: freed with the ack, as a resumed learner re-reads the entries
         self._unfreed: list[BlobRef] = []
         self._backlog: list[StreamEntry] | None = None  # own pending entries, read once at start
+        self._batch: list[tuple[RolloutGroup, int]] = []  # fresh groups collected for the next update
         if resume:
             self._resume()
+        self.bus.set_groups_consumed(self.groups_consumed())  # not what a crashed predecessor had said
 
     # -- LoRA versions and checkpoints ---------------------------------------------------------
     def _resume(self) -> None:
@@ -76,6 +78,10 @@ class Learner:
     def resume_point(self) -> tuple[int, int]:
         """(optimiser step, driver task cursor) this learner continues from."""
         return self.state.step, self.state.task_cursor
+
+    def groups_consumed(self) -> int:
+        """Distinct groups this learner has trained on or dropped: what the driver's task supply replaces."""
+        return len(self._consumed)
 
     def publish_lora(self) -> int:
         """Publish the current LoRA as the next policy version (after any a crashed predecessor published)."""
@@ -118,16 +124,17 @@ class Learner:
         return self.bus.scored.read(self.consumer, count=count, block_ms=500)
 
     def collect_groups(self, timeout_s: float | None = None) -> list[tuple[RolloutGroup, int]]:
-        """groups_per_step fresh scored groups, with their staleness; stale or seen ones are skipped."""
+        """groups_per_step fresh scored groups, with their staleness; stale or seen ones are skipped.
+        On a timeout the groups collected so far are kept for the next call."""
         cfg = self.cfg.learner
-        batch = []
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while len(batch) < cfg.groups_per_step:
+        while len(self._batch) < cfg.groups_per_step:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"learner waited {timeout_s}s for {cfg.groups_per_step} scored groups, got {len(batch)}"
+                    f"learner waited {timeout_s}s for {cfg.groups_per_step} scored groups, "
+                    f"got {len(self._batch)}"
                 )
-            for entry in self._read_scored(cfg.groups_per_step - len(batch)):
+            for entry in self._read_scored(cfg.groups_per_step - len(self._batch)):
                 group = decode_rollout_group(entry.fields)
                 key = group.meta.key
                 if group.meta.scores is None:
@@ -149,7 +156,8 @@ class Learner:
                     metrics.LEARNER_GROUPS.labels("stale").inc()
                     self._unfreed.append(group.train)
                     continue
-                batch.append((group, staleness))
+                self._batch.append((group, staleness))
+        batch, self._batch = self._batch, []
         return batch
 
     def step(self, timeout_s: float | None = None) -> dict:
@@ -218,12 +226,23 @@ class Learner:
         _export(result, len(groups), int(flat.sum()))
         return result
 
+    def try_step(self, wait_s: float) -> dict | None:
+        """step() if groups_per_step fresh groups arrive within wait_s, else None (keeping those that did),
+        so the caller can replace dropped groups and watch the run between tries."""
+        try:
+            return self.step(timeout_s=wait_s)
+        except TimeoutError:
+            return None
+        finally:
+            self.bus.set_groups_consumed(self.groups_consumed())
+
     def run_standalone(self) -> None:
         """The learner's own loop (outside Ray): publish, then step and checkpoint until total_steps."""
         self.publish_lora()
         cfg = self.cfg.learner
         while self.state.step < cfg.total_steps and not self.bus.stop_requested():
-            stats = self.step()
+            if (stats := self.try_step(wait_s=1.0)) is None:
+                continue
             if stats["step"] % cfg.checkpoint_every == 0 or stats["step"] == cfg.total_steps:
                 self.checkpoint(self.bus.task_cursor())
             log.info("step %(step)d reward %(reward_mean).4f loss %(loss).4f v%(policy_version)d", stats)

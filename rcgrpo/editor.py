@@ -246,6 +246,23 @@ def _editor_options(path: Path) -> dict:
     return json.loads(sidecar.read_text()) if sidecar.exists() else {}
 
 
+def check_editor_dir(path: str | Path) -> Path:
+    """`path` if it is a local FluxKontextPipeline directory; FileNotFoundError naming what is missing."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"editor directory {str(path)!r} does not exist; rcgrpo loads editors from local directories only "
+            "(download FLUX.1-Kontext-dev yourself, then pass its path)"
+        )
+    missing = [name for name in PIPELINE_SUBFOLDERS if not (path / name).is_dir()]
+    if missing or not (path / "model_index.json").exists():
+        raise FileNotFoundError(
+            f"editor directory {str(path)!r} is not a FluxKontextPipeline: missing "
+            f"{', '.join(missing) or 'model_index.json'}"
+        )
+    return path
+
+
 def load_editor(
     path: str | Path,
     dtype: str | torch.dtype | None = None,
@@ -261,18 +278,7 @@ def load_editor(
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"editor directory {str(path)!r} does not exist; rcgrpo loads editors from local directories only "
-            "(download FLUX.1-Kontext-dev yourself, then pass its path)"
-        )
-    missing = [name for name in PIPELINE_SUBFOLDERS if not (path / name).is_dir()]
-    if missing or not (path / "model_index.json").exists():
-        raise FileNotFoundError(
-            f"editor directory {str(path)!r} is not a FluxKontextPipeline: missing "
-            f"{', '.join(missing) or 'model_index.json'}"
-        )
+    path = check_editor_dir(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

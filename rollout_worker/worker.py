@@ -15,6 +15,7 @@ from rcgrpo.group import sample_group
 from rcgrpo.lora import load_lora_state_dict
 from rcgrpo.sampler import surrogate_state_indices
 from services import metrics
+from services.blobstore import BlobError
 from services.bus import RunBus
 from services.config import RunConfig
 from services.policy import start_component
@@ -29,6 +30,7 @@ from services.record import (
 )
 
 log = logging.getLogger("rcgrpo.rollout_worker")
+REJECTED_POLICY_POLL_S = 1.0  # how often a worker that refused the newest policy version looks for another
 
 
 class RolloutWorker:
@@ -45,6 +47,7 @@ class RolloutWorker:
             self.keep_states = surrogate_state_indices(cfg.method.num_steps, cfg.rollout.keep_timesteps)
         self.policy_version: int | None = None
         self._next_reclaim = 0.0  # monotonic time of the next look for tasks a dead worker left
+        self._took_own_pending = False
 
     def sync_lora(self) -> int:
         """Load the newest published LoRA (sha256-verified) unless it is already loaded; its policy version."""
@@ -89,10 +92,15 @@ class RolloutWorker:
         return published
 
     def next_entries(self) -> list:
-        """A task another worker left pending (it died) first, else a new one. A task is reclaimable
-        only once idle for reclaim_idle_ms, so looking every quarter of that (not before every group)
-        saves two commands per group and delays a takeover by at most a quarter."""
+        """The task a previous process of this worker left pending (it died) first, then one another
+        worker left pending, else a new one. A task is reclaimable only once idle for reclaim_idle_ms,
+        so looking every quarter of that (not before every group) saves two commands per group and
+        delays a takeover by at most a quarter."""
         cfg = self.cfg.rollout
+        if not self._took_own_pending:
+            self._took_own_pending = True
+            if own := self.bus.tasks.read(self.worker_id, count=1, own_pending=True):
+                return own
         if time.monotonic() >= self._next_reclaim:
             self._next_reclaim = time.monotonic() + cfg.reclaim_idle_ms / 4000
             reclaimed = self.bus.tasks.reclaim(
@@ -103,10 +111,25 @@ class RolloutWorker:
                 return reclaimed
         return self.bus.tasks.read(self.worker_id, count=1, block_ms=200)
 
+    def synced_lora(self) -> bool:
+        """sync_lora(), reporting a newest version that fails verification instead of raising: the
+        driver then has the learner publish a sound one. False while no sound version is loaded."""
+        try:
+            self.sync_lora()
+            return True
+        except BlobError as error:
+            latest = self.bus.lora.latest()
+            self.bus.report_rejected_lora(latest.policy_version, f"{self.worker_id}: {error}")
+            log.warning("%s refuses policy version %d: %s", self.worker_id, latest.policy_version, error)
+            time.sleep(REJECTED_POLICY_POLL_S)
+            return False
+
     def run(self, max_tasks: int | None = None) -> int:
         """Process tasks until the run's stop flag is set (or max_tasks); returns groups published."""
         published = 0
         while not self.bus.stop_requested() and (max_tasks is None or published < max_tasks):
+            if not self.synced_lora():
+                continue
             for entry in self.next_entries():
                 published += self.process(entry)
         log.info("%s stopping after %d groups", self.worker_id, published)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from services import metrics
 from services.blobstore import BlobStore, DirectoryBlobStore
@@ -17,13 +19,21 @@ from services.streams import DEFAULT_DONE_TTL_S, WorkStream
 TASKS_GROUP = "rollout-workers"
 ROLLOUTS_GROUP = "reward-server"
 SCORED_GROUP = "learner"
+# a lost Redis (restarted, or failing over) is retried with backoff for about a minute before a
+# component gives up: long enough for the driver to restart an embedded one on its append-only file
+REDIS_RETRIES = 40
+REDIS_RETRY_BACKOFF = ExponentialBackoff(cap=2.0, base=0.05)
 
 
 class RunBus:
     def __init__(self, cfg: RunConfig, redis_url: str):
         self.cfg = cfg
         self.redis_url = redis_url
-        self.client = redis.Redis.from_url(redis_url)
+        self.client = redis.Redis.from_url(
+            redis_url,
+            retry=Retry(REDIS_RETRY_BACKOFF, REDIS_RETRIES),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        )
         self.tasks = WorkStream(self.client, cfg.key("tasks"), TASKS_GROUP)
         self.rollouts = WorkStream(self.client, cfg.key("rollouts"), ROLLOUTS_GROUP)
         self.scored = WorkStream(self.client, cfg.key("scored"), SCORED_GROUP)
@@ -53,6 +63,30 @@ class RunBus:
     def learner_stats(self) -> dict | None:
         raw = self.client.get(self.cfg.key("learner:last"))
         return None if raw is None else json.loads(raw)
+
+    def set_groups_consumed(self, count: int) -> None:
+        self.client.set(self.cfg.key("learner:consumed"), count)
+
+    def groups_consumed(self) -> int:
+        """Distinct groups the learner has trained on or dropped (as it last said)."""
+        return int(self.client.get(self.cfg.key("learner:consumed")) or 0)
+
+    def groups_lost(self) -> int:
+        """Tasks and rollout groups dead-lettered (delivered max_deliveries times): they never reach the
+        learner, so the driver replaces them."""
+        return self.tasks.dead_letter_length() + self.rollouts.dead_letter_length()
+
+    def report_rejected_lora(self, policy_version: int, reason: str) -> None:
+        """A worker refused this published version (it failed verification)."""
+        self.client.hset(self.cfg.key("lora:rejected"), str(policy_version), reason)
+
+    def rejected_lora(self) -> tuple[int, str] | None:
+        """The newest refused policy version and why, if it is still the latest; else None."""
+        latest = self.lora.latest()
+        if latest is None:
+            return None
+        reason = self.client.hget(self.cfg.key("lora:rejected"), str(latest.policy_version))
+        return None if reason is None else (latest.policy_version, reason.decode())
 
     def task_done_key(self, group_id: str) -> str:
         """A task's completion mark: per group id, not per policy version, so a task reclaimed by a

@@ -86,6 +86,11 @@ class LearnerConfig(_Section):
     # every group is sampled with the newest policy (synchronous); stale ones are dropped in both
     staleness_policy: Literal["drop", "wait"] = "drop"
     checkpoint_every: int = Field(10, ge=1)
+    # no step for stall_warn_s: the driver prints what is missing (again every stall_warn_s, recovering
+    # what it can meanwhile); for stall_abort_s: it stops the run with that message
+    stall_warn_s: float = Field(120.0, gt=0)
+    stall_abort_s: float = Field(900.0, gt=0)
+    max_restarts: int = Field(5, ge=0)  # restarts of each component (learner, a worker, Redis, reward server)
     external: bool = False  # True: the learner runs as its own process (`rcgrpo learner`), not a Ray actor
     num_gpus: float = Field(0.0, ge=0)
     torch_threads: int = Field(1, ge=1)
@@ -120,6 +125,7 @@ class RunConfig(_Section):
     redis_url: str | None = None  # None: REDIS_URL, else a private embedded redis-server
     ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray
     metrics_host: str = "127.0.0.1"  # where workers and the learner serve /metrics (0.0.0.0 in containers)
+    driver_metrics_port: int = Field(0, ge=0)  # the driver's Prometheus port (its recoveries, e.g. 9099); 0 = off
     method: MethodConfig = Field(default_factory=MethodConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)

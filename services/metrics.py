@@ -92,6 +92,13 @@ STREAM_LENGTH = Gauge("rcgrpo_stream_length", "Entries in a Redis stream", ["str
 STREAM_PENDING = Gauge("rcgrpo_stream_pending", "Entries delivered but not acknowledged", ["stream"])
 DEAD_LETTERS = Gauge("rcgrpo_dead_letters", "Entries moved to a dead-letter stream", ["stream"])
 
+# -- the driver's supervision -----------------------------------------------------------------------
+RECOVERIES = Counter(
+    "rcgrpo_recoveries_total",
+    "Recoveries of a run component (restarted, reconnected, republished)",
+    ["component"],
+)
+
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
     """Expose this process's metrics on http://host:port/metrics (loopback unless told otherwise), and

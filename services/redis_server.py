@@ -123,6 +123,15 @@ class EmbeddedRedis:
         self._terminate()
         return False
 
+    def restart(self) -> None:
+        """Start the server again after it died, on the same port and append-only file (so the same URL
+        and everything the AOF kept): how a run's driver recovers its private Redis."""
+        self._terminate()
+        if not self._launch():
+            raise RuntimeError(
+                f"redis-server did not restart on 127.0.0.1:{self.port}; log:\n{self._log_tail()}"
+            )
+
     def _log_tail(self, lines: int = 20) -> str:
         log = self.data_dir / "redis.log" if self.data_dir else None
         if log is None or not log.exists():
@@ -140,6 +149,11 @@ class EmbeddedRedis:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL without waiting (a driver exiting at once); the AOF keeps what was fsynced."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
 
     def _remove_temp_dir(self):
         if self._temp_dir is not None:

@@ -172,8 +172,10 @@ def test_three_iteration_run_through_the_driver(tmp_path, redis_url, monkeypatch
     )
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
     state = json.loads((run_dir / "checkpoints" / "step_000003" / "state.json").read_text())
-    # the cursor is what the driver had fed: (step + 1 + max_staleness) * groups_per_step after step 2
-    assert (state["step"], state["policy_version"], state["task_cursor"]) == (3, 3, 8)
+    # the cursor is what the driver had fed: supply follows consumption, (1 + max_staleness) updates of
+    # groups ahead of what the learner had consumed (4 groups after step 2, at most 6 during step 3)
+    assert (state["step"], state["policy_version"]) == (3, 3)
+    assert 4 + 4 <= state["task_cursor"] <= 6 + 4
     assert len(state["consumed"]) == 6  # 3 steps x 2 groups
 
     # the final LoRA is the step-3 checkpoint and the latest published version, and a stock pipeline loads it
@@ -282,7 +284,7 @@ def test_the_ray_and_the_external_learner_offer_what_the_driver_asks():
         for name, fn in vars(LearnerHandle).items()
         if inspect.isfunction(fn) and not name.startswith("_")
     }
-    assert set(asked) == {"resume_point", "publish_lora", "step", "checkpoint", "save_final_lora"}
+    assert set(asked) == {"resume_point", "publish_lora", "try_step", "checkpoint", "save_final_lora"}
     for learner in (RayLearner, ExternalLearner, Learner):
         for name, parameters in asked.items():
             offered = inspect.signature(getattr(learner, name)).parameters
@@ -361,6 +363,13 @@ def test_new_policy_version_reaches_every_worker_and_changes_its_samples(tmp_pat
         workers[0].sync_lora()
     assert workers[0].policy_version == 1
     assert_same_tensors(lora_state_dict(workers[0].editor.transformer), v1)
+    # in its loop the worker reports the refusal instead of ending, so the driver can republish
+    assert bus.rejected_lora() is None
+    assert workers[1].synced_lora() is False
+    version, reason = bus.rejected_lora()
+    assert version == 2 and reason.startswith("handshake-1: ") and "sha256" in reason
+    bus.lora.publish(v1, policy_version=3)  # the learner's republish
+    assert bus.rejected_lora() is None and workers[1].synced_lora() is True and workers[1].policy_version == 3
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,375 @@
+"""Chaos suite of the whole run: `rcgrpo train` (tiny config, private Redis, local Ray, embedded reward
+server) with one fault at a time, then the checks that make a run trustworthy.
+
+Faults (injected once the run has written --fault-at steps to metrics.jsonl):
+  none            no fault (the baseline's wall time)
+  reward_server   SIGKILL the reward-server child
+  rollout_worker  SIGKILL one rollout-worker actor process
+  learner         SIGKILL the learner actor process
+  redis           SIGKILL the private redis-server
+  driver_sigterm  SIGTERM the driver (as `ray job stop` / `docker stop` do), then `rcgrpo train --resume`
+  driver_twice    SIGTERM the driver twice (it exits at once, no checkpoint of its own), then --resume
+  corrupt_lora    flip a byte of the newest LoRA blob in Redis as soon as it is published
+
+Checks, per case: the run exits 0 having reached total_steps; metrics.jsonl has every step exactly once;
+no group id is trained twice (group_signal rows); no acknowledged group is lost (read back from the
+run's append-only file: every task a worker acknowledged has its rollout group, every group the reward
+server acknowledged has its scored group, every scored group the learner acknowledged is in its last
+checkpoint); the final LoRA, reward curves and summary exist; no process the run started is left.
+Recovery time: from the fault to the first step line written after it (driver_sigterm: from the resume).
+
+    .venv/bin/python bench/chaos.py [--faults reward_server learner ...] [--steps 12] [--fault-at 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+FAULTS = (
+    "none",
+    "reward_server",
+    "rollout_worker",
+    "learner",
+    "redis",
+    "driver_sigterm",
+    "driver_twice",
+    "corrupt_lora",
+)
+# how the driver exits on each driver fault: 130 after a graceful stop, 128 + SIGTERM when told twice
+DRIVER_EXIT = {"driver_sigterm": 130, "driver_twice": 128 + signal.SIGTERM}
+RUN_NAME = "chaos"
+
+
+@dataclass
+class CaseResult:
+    fault: str
+    problems: list[str] = field(default_factory=list)
+    recovery_s: float | None = None
+    wall_s: float = 0.0
+    recoveries: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+
+class TrainProcess:
+    """`rcgrpo train` as a child process, with every process it starts remembered (for the leftovers check)."""
+
+    def __init__(
+        self, runs_dir: Path, overrides: list[str], resume: bool = False, log_name: str = "train.log"
+    ):
+        command = [sys.executable, "-m", "deploy.cli", "train", "--set", f"runs_dir={runs_dir}"]
+        command += [arg for item in overrides for arg in ("--set", item)] + (["--resume"] if resume else [])
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        # a loaded machine can take longer than Ray's default 30 s to start the raylet's agent
+        env.setdefault("RAY_agent_register_timeout_ms", "180000")
+        env.pop("REDIS_URL", None)  # a private Redis, so the faults hit only this run
+        env.pop("RAY_ADDRESS", None)
+        self.log = runs_dir / log_name
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT
+        )
+        self.root = psutil.Process(self.process.pid)
+        self.started: dict[int, psutil.Process] = {}
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            found = self.root.children(recursive=True)
+        except psutil.NoSuchProcess:
+            found = []
+        for process in found:
+            self.started.setdefault(process.pid, process)
+        return found
+
+    def find(self, match) -> psutil.Process | None:
+        for process in self.descendants():
+            try:
+                if match(" ".join(process.cmdline()), process.name()):
+                    return process
+            except psutil.Error:
+                continue
+        return None
+
+    def wait(self, timeout_s: float) -> int | None:
+        deadline = time.monotonic() + timeout_s
+        while self.process.poll() is None and time.monotonic() < deadline:
+            self.descendants()
+            time.sleep(0.5)
+        return self.process.poll()
+
+    def left_behind(self, grace_s: float = 20.0) -> list[str]:
+        """Processes this run started that are still alive grace_s after it exited."""
+        deadline = time.monotonic() + grace_s
+        while True:
+            alive = []
+            for process in self.started.values():
+                try:
+                    if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                        alive.append(f"{process.pid} {' '.join(process.cmdline())[:80]}")
+                except psutil.NoSuchProcess:
+                    continue
+            if not alive or time.monotonic() > deadline:
+                return alive
+            time.sleep(0.5)
+
+    def kill_all(self) -> None:
+        for process in [*self.started.values(), self.root]:
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
+
+
+class StepWatch:
+    """Follows metrics.jsonl: how many steps it holds, and when a line not seen before appears."""
+
+    def __init__(self, path: Path):
+        self.path, self.seen = path, set()
+
+    def lines(self) -> list[str]:
+        return (
+            [line for line in self.path.read_text().splitlines() if line.strip()]
+            if self.path.exists()
+            else []
+        )
+
+    def new_lines(self) -> int:
+        lines = [line for line in self.lines() if line not in self.seen]
+        self.seen.update(lines)
+        return len(lines)
+
+    def steps(self) -> int:
+        return len(self.lines())
+
+
+def run_redis_client(train: TrainProcess):
+    import redis
+
+    server = train.find(lambda cmd, name: name == "redis-server" or "redis-server" in cmd)
+    port = server.cmdline()[server.cmdline().index("--port") + 1] if server else None
+    return None if port is None else redis.Redis(host="127.0.0.1", port=int(port))
+
+
+def corrupt_next_lora(train: TrainProcess, timeout_s: float = 120.0) -> str:
+    """Wait for the next published policy version and flip the last byte of its blob."""
+    client = run_redis_client(train)
+    namespace = f"rcgrpo:{RUN_NAME}:lora"
+    first = int(client.get(f"{namespace}:latest"))
+    deadline = time.monotonic() + timeout_s
+    while (latest := int(client.get(f"{namespace}:latest"))) == first:
+        if time.monotonic() > deadline:
+            raise TimeoutError("no new policy version to corrupt")
+        time.sleep(0.005)
+    key = client.hget(f"{namespace}:version:{latest}", "key")
+    data = bytearray(client.get(key))
+    data[-1] ^= 0xFF
+    client.set(key, bytes(data))
+    return f"v{latest}"
+
+
+def inject(fault: str, train: TrainProcess) -> str:
+    """Apply `fault` to the running train process; what was hit."""
+    targets = {
+        "reward_server": lambda cmd, name: "reward-server" in cmd,
+        "rollout_worker": lambda cmd, name: cmd.startswith("ray::RolloutWorker"),
+        "learner": lambda cmd, name: cmd.startswith("ray::Learner"),
+        "redis": lambda cmd, name: name == "redis-server",
+    }
+    if fault in DRIVER_EXIT:
+        train.process.send_signal(signal.SIGTERM)
+        if fault == "driver_twice":
+            time.sleep(1.0)
+            train.process.send_signal(signal.SIGTERM)
+        return f"driver {train.process.pid}"
+    if fault == "corrupt_lora":
+        return corrupt_next_lora(train)
+    process = train.find(targets[fault])
+    if process is None:
+        raise RuntimeError(f"no {fault} process found under the driver")
+    hit = f"{process.pid} {' '.join(process.cmdline())[:60]}"
+    process.kill()
+    return hit
+
+
+def acknowledged_but_lost(run_dir: Path) -> list[str]:
+    """Groups some stage acknowledged whose result the next stage never got, read from the run's AOF."""
+    from services.bus import RunBus
+    from services.config import RunConfig
+    from services.record import Task, decode_rollout_group
+    from services.redis_server import EmbeddedRedis
+
+    cfg = RunConfig.model_validate({**_yaml(run_dir / "config.yaml")})
+    checkpoints = sorted((run_dir / "checkpoints").glob("step_*"))
+    trained = (
+        set(json.loads((checkpoints[-1] / "state.json").read_text())["consumed"]) if checkpoints else set()
+    )
+    with EmbeddedRedis(data_dir=run_dir / "redis") as server:
+        bus = RunBus(cfg, server.url)
+
+        def acked(stream) -> list:
+            """Entries delivered to the stream's consumer group and acknowledged (not pending, not dead-lettered)."""
+            [info] = [
+                g for g in stream.client.xinfo_groups(stream.name) if g["name"].decode() == stream.group
+            ]
+            pending = {p["message_id"].decode() for p in _all_pending(stream)}
+            dead = {f[b"dead_letter_of"].decode() for _, f in stream.client.xrange(stream.dead_letter)}
+            return [
+                (i.decode(), f)
+                for i, f in stream.client.xrange(stream.name, max=info["last-delivered-id"])
+                if i.decode() not in pending | dead
+            ]
+
+        rollouts = {
+            decode_rollout_group(f).meta.key.group_id for _, f in bus.client.xrange(bus.rollouts.name)
+        }
+        scored = {decode_rollout_group(f).meta.key.id for _, f in bus.client.xrange(bus.scored.name)}
+        tasks = [Task.from_fields(f).group_id for _, f in acked(bus.tasks)]
+        lost = [f"task {group_id}: acked, no rollout group" for group_id in tasks if group_id not in rollouts]
+        for _, f in acked(bus.rollouts):
+            if (key := decode_rollout_group(f).meta.key.id) not in scored:
+                lost.append(f"rollout group {key}: acked by the reward server, not scored")
+        for _, f in acked(bus.scored):
+            if (key := decode_rollout_group(f).meta.key.id) not in trained:
+                lost.append(f"scored group {key}: acked by the learner, not in its last checkpoint")
+        bus.client.close()
+    return lost
+
+
+def _all_pending(stream) -> list:
+    return stream.client.xpending_range(stream.name, stream.group, "-", "+", 100_000)
+
+
+def _yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def check_run(run_dir: Path, steps: int) -> list[str]:
+    problems = []
+    lines = StepWatch(run_dir / "metrics.jsonl").lines()
+    logged = [json.loads(line)["step"] for line in lines]
+    if logged != list(range(1, steps + 1)):
+        problems.append(f"metrics.jsonl steps {logged}, not 1..{steps} once each")
+    groups = [row["group_id"] for line in lines for row in json.loads(line)["group_signal"]]
+    if twice := sorted({g for g in groups if groups.count(g) > 1}):
+        problems.append(f"groups trained twice: {twice}")
+    for artefact in ("lora/pytorch_lora_weights.safetensors", "reward_curves.png", "summary.json"):
+        if not (run_dir / artefact).exists():
+            problems.append(f"no {artefact}")
+    problems += acknowledged_but_lost(run_dir)
+    return problems
+
+
+def run_case(
+    fault: str,
+    workdir: Path,
+    steps: int = 12,
+    fault_at: int = 5,
+    overrides: list[str] = (),
+    timeout_s: float = 900.0,
+) -> CaseResult:
+    runs_dir = workdir / fault
+    runs_dir.mkdir(parents=True)
+    overrides = [
+        f"name={RUN_NAME}",
+        f"learner.total_steps={steps}",
+        f"learner.checkpoint_every={max(1, fault_at - 1)}",
+        "eval.num_samples=0",
+        *overrides,
+    ]
+    result = CaseResult(fault)
+    watch = StepWatch(runs_dir / RUN_NAME / "metrics.jsonl")
+    started = time.monotonic()
+    train = TrainProcess(runs_dir, overrides)
+    trains = [train]
+    try:
+        while watch.steps() < fault_at:
+            if train.process.poll() is not None or time.monotonic() - started > timeout_s:
+                result.problems.append(
+                    f"run ended or stalled before step {fault_at}: rc {train.process.poll()}"
+                )
+                return result
+            train.descendants()
+            time.sleep(0.25)
+        watch.new_lines()
+        hit = inject(fault, train) if fault != "none" else "nothing"
+        faulted = time.monotonic()
+        print(f"  {fault}: hit {hit} at step {watch.steps()}", flush=True)
+        if fault in DRIVER_EXIT:
+            rc = train.wait(timeout_s=120)
+            stopped_s = time.monotonic() - faulted
+            print(f"  {fault}: driver exited {rc} {stopped_s:.1f} s after the first SIGTERM", flush=True)
+            if rc != DRIVER_EXIT[fault]:
+                result.problems.append(f"driver exited {rc} on {fault}, not {DRIVER_EXIT[fault]}")
+            result.problems += [f"left behind after {fault}: {p}" for p in train.left_behind()]
+            train = TrainProcess(runs_dir, overrides, resume=True, log_name="resume.log")
+            trains.append(train)
+            faulted = time.monotonic()
+        while watch.new_lines() == 0 and train.process.poll() is None:
+            train.descendants()
+            if time.monotonic() - faulted > timeout_s:
+                break
+            time.sleep(0.25)
+        if watch.seen and train.process.poll() in (None, 0):
+            result.recovery_s = round(time.monotonic() - faulted, 1)
+        rc = train.wait(timeout_s=max(0.0, timeout_s - (time.monotonic() - started)))
+        result.wall_s = round(time.monotonic() - started, 1)
+        if rc != 0:
+            result.problems.append(f"rcgrpo train exited {rc} (see {train.log})")
+        result.problems += [f"left behind: {p}" for p in train.left_behind()]
+        summary = runs_dir / RUN_NAME / "summary.json"
+        if summary.exists():
+            result.recoveries = json.loads(summary.read_text()).get("recoveries", {})
+        if rc == 0:
+            result.problems += check_run(runs_dir / RUN_NAME, steps)
+        return result
+    finally:
+        for one in trains:
+            one.kill_all()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--faults", nargs="+", choices=FAULTS, default=list(FAULTS))
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--fault-at", type=int, default=5)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--workdir", type=Path, help="where the runs go (default: a temp dir, kept)")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the case's run too (the finally below)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="rcgrpo-chaos-"))
+    print(f"chaos suite: {args.steps} steps, fault at step {args.fault_at}, runs under {workdir}")
+    results = []
+    for fault in args.faults:
+        result = run_case(fault, workdir, args.steps, args.fault_at, args.overrides)
+        results.append(result)
+        print(f"  {fault}: {'PASS' if result.passed else 'FAIL'} recovery {result.recovery_s} s, "
+              f"wall {result.wall_s} s, recoveries {result.recoveries} {result.problems}", flush=True)  # fmt: skip
+    print("\n| fault | result | recovery (s) | run wall time (s) | recoveries counted | problems |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        counted = ", ".join(f"{k} {v}" for k, v in r.recoveries.items()) or "-"
+        problems = "; ".join(r.problems) or "-"
+        print(
+            f"| {r.fault} | {'pass' if r.passed else 'FAIL'} | {r.recovery_s} | {r.wall_s} | {counted} | {problems} |"
+        )
+    return 0 if all(r.passed for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())

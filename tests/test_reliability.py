@@ -1,0 +1,202 @@
+"""A run survives its components' crashes and never waits silently.
+
+Fast: bad config refused in seconds before anything starts; a second run gets its own directory; the
+metrics log keeps each step once; the stall deadline names what is missing, then stops the run; a
+killed private Redis is restarted on its append-only file and the bus waits for it through the outage.
+Slow (the whole `rcgrpo train`, bench/chaos.py): the reward server SIGKILLed, the learner SIGKILLed.
+"""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+
+from deploy.driver import MetricsLog, check_before_start, choose_run
+from deploy.supervision import ProcessWatch, SignalStop, StallWatch
+from services.bus import RunBus
+from services.config import load_run_config
+from services.redis_server import EmbeddedRedis
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def recoveries(component: str) -> float:
+    return REGISTRY.get_sample_value("rcgrpo_recoveries_total", {"component": component}) or 0.0
+
+
+def test_a_missing_editor_is_refused_in_seconds_with_one_line_before_anything_starts(tmp_path):
+    started = time.monotonic()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deploy.cli",
+            "train",
+            "--set",
+            "editor=/nonexistent",
+            "--set",
+            f"runs_dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("rcgrpo train: error: editor: editor directory '/nonexistent' does not exist")
+    assert time.monotonic() - started < 60  # the import of torch, not a Ray or Redis start
+    assert not any(tmp_path.iterdir())  # no run directory, no Redis, no reward server
+
+
+def test_bad_data_source_is_refused_naming_the_field(tmp_path):
+    cfg = load_run_config(None, [f"runs_dir={tmp_path}", "data.source=jsonl:/no/such/manifest.jsonl"])
+    with pytest.raises(
+        FileNotFoundError, match=r"^data.source: jsonl path '/no/such/manifest.jsonl' does not exist"
+    ):
+        check_before_start(cfg)
+
+
+def test_a_second_run_gets_its_own_directory_and_resume_continues_the_newest(tmp_path):
+    cfg = load_run_config(None, [f"runs_dir={tmp_path}", "name=quick"])
+    assert choose_run(cfg, resume=False).name == "quick"
+    with pytest.raises(FileNotFoundError, match="--resume: no checkpoint under"):
+        choose_run(cfg, resume=True)
+    checkpoint(tmp_path / "quick", 10)
+    assert choose_run(cfg, resume=False).name == "quick-2"
+    assert choose_run(cfg, resume=True).name == "quick"
+    checkpoint(tmp_path / "quick-2", 4)
+    assert choose_run(cfg, resume=False).name == "quick-3"
+    assert choose_run(cfg, resume=True).name == "quick-2"
+    checkpoint(tmp_path / "quick-2", cfg.learner.total_steps)  # finished: resuming it would train nothing
+    with pytest.raises(
+        ValueError, match=r"--resume: .*step_000030 is at step 30, already at learner.total_steps=30"
+    ):
+        choose_run(cfg, resume=True)
+
+
+def checkpoint(run_dir: Path, step: int) -> None:
+    """What choose_run reads of a checkpoint: its directory and its step."""
+    path = run_dir / "checkpoints" / f"step_{step:06d}"
+    path.mkdir(parents=True)
+    (path / "state.json").write_text(json.dumps({"step": step}))
+
+
+def test_the_metrics_log_drops_the_steps_a_restarted_learner_redoes(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.keep_through(0)  # no file yet: nothing to do
+    for step in (1, 2, 3, 4):
+        log.write({"step": step})
+    log.keep_through(2)  # its checkpoint was at step 2
+    log.write({"step": 3, "again": True})
+    rows = [json.loads(line) for line in log.path.read_text().splitlines()]
+    assert rows == [{"step": 1}, {"step": 2}, {"step": 3, "again": True}]
+
+
+def test_a_stall_is_named_after_its_deadline_then_stops_the_run(capsys):
+    stall = StallWatch(warn_s=0.05, abort_s=0.3, describe=lambda: "reward server http://x:1 not answering")
+    stall.check()
+    assert capsys.readouterr().out == ""  # before the deadline: silent
+    time.sleep(0.06)
+    stall.check()
+    out = capsys.readouterr().out
+    assert out.startswith("rcgrpo: no learner step for 0 s: reward server http://x:1 not answering")
+    stall.progress()  # a step: the deadline starts again
+    time.sleep(0.06)
+    stall.check()
+    assert "no learner step" in capsys.readouterr().out
+    time.sleep(0.3)
+    with pytest.raises(RuntimeError, match=r"no learner step for 0 s: reward server .* giving up after 0 s"):
+        stall.check()
+
+
+def test_the_first_signal_stops_the_loop_after_its_step_and_interrupts_outside_it():
+    import signal
+
+    stop = SignalStop()
+    with pytest.raises(KeyboardInterrupt):  # outside the loop (starting services): at once
+        stop._handle(signal.SIGTERM, None)
+    stop = SignalStop()
+    stop.deferred = True
+    stop._handle(signal.SIGTERM, None)  # inside the loop: remembered, the step goes on
+    assert stop.requested and stop.received == signal.SIGTERM
+
+
+def test_a_killed_private_redis_is_restarted_on_its_aof_and_the_bus_waits_through_the_outage(tmp_path):
+    cfg = load_run_config(None, [f"runs_dir={tmp_path}", "name=outage"])
+    before = recoveries("redis")
+    with EmbeddedRedis(data_dir=tmp_path / "redis") as server:
+        bus = RunBus(cfg, server.url)
+        bus.set_task_cursor(41)
+        time.sleep(1.2)  # appendfsync everysec
+        with ProcessWatch(redis=server) as watch:
+            server._process.kill()
+            started = time.monotonic()
+            bus.set_task_cursor(42)  # blocks through the outage (retries), then lands on the restarted server
+            waited = time.monotonic() - started
+            assert bus.task_cursor() == 42
+            assert watch.restarts["redis"] == 1 and watch.failure is None
+        assert waited < 10
+        assert recoveries("redis") == before + 1
+        bus.client.close()
+    # the AOF kept what was written before and after the crash
+    with EmbeddedRedis(data_dir=tmp_path / "redis") as server:
+        assert int(server.client().get(cfg.key("tasks:cursor"))) == 42
+
+
+def test_an_external_reward_server_that_stops_answering_is_waited_for_and_counted(capsys):
+    from services.reward_client import RewardClient
+
+    class Flaky(RewardClient):
+        answers = iter([False, False, True])
+
+        def ready(self):
+            return next(self.answers, True)
+
+    before = recoveries("reward_server")
+    with Flaky("http://127.0.0.1:9") as client, ProcessWatch(reward_client=client) as watch:
+        deadline = time.monotonic() + 20
+        while not watch.restarts["reward_server"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert watch.restarts["reward_server"] == 1 and recoveries("reward_server") == before + 1
+    out = capsys.readouterr().out
+    assert "reward server http://127.0.0.1:9 not answering; waiting" in out
+    assert "recovered reward_server: http://127.0.0.1:9 answers again after" in out
+
+
+# ---------------------------------------------------------------------------------------------------
+# the whole run under a fault (bench/chaos.py): small enough for a 2-core CI machine
+
+
+def chaos_case(fault: str, tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import chaos
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    small = [
+        "method.group_size=4",
+        "method.num_steps=4",
+        "method.anchors=2",
+        "method.timesteps_per_anchor=2",
+        "data.num_samples=16",
+    ]
+    return chaos.run_case(fault, tmp_path, steps=4, fault_at=2, overrides=small, timeout_s=300)
+
+
+@pytest.mark.slow
+def test_a_run_whose_reward_server_is_killed_restarts_it_and_completes(tmp_path):
+    result = chaos_case("reward_server", tmp_path)
+    assert result.passed, result.problems
+    assert result.recoveries == {"reward_server": 1}
+
+
+@pytest.mark.slow
+def test_a_run_whose_learner_is_killed_restarts_it_from_its_checkpoint_and_completes(tmp_path):
+    result = chaos_case("learner", tmp_path)
+    assert result.passed, result.problems
+    assert result.recoveries == {"learner": 1}
