@@ -362,13 +362,14 @@ def _html(numbers: dict, paths: dict, variants: list[str], study) -> str:
                 ", ".join(f"{esc(k)} {_fmt(x, 3).lstrip('+')}" for k, x in ratio.items()),
             ]
         )
+    fraction = verdict["steps_to_target"]["measured"]
+    measured = [
+        "not reached" if fraction is None else f"{fraction:.2f}x the steps",
+        ", ".join(f"{esc(k)} {v:.3f}x" for k, v in verdict["background_std"]["measured"].items()),
+    ]
     goal_rows = [
-        [
-            esc(g["goal"]),
-            esc(json.dumps(_json_safe(g["measured"]))),
-            "<b>yes</b>" if g["met"] else "<b>no</b>",
-        ]
-        for g in verdict.values()
+        [esc(g["goal"]), text, "<b>yes</b>" if g["met"] else "<b>no</b>"]
+        for g, text in zip(verdict.values(), measured, strict=True)
     ]
     terms = list(next(iter(mechanisms.values()))["all"]["term_std"])
     mech_header = [
@@ -416,6 +417,11 @@ def _html(numbers: dict, paths: dict, variants: list[str], study) -> str:
         if meta["seeds"] == 1
         else f"Intervals resample the {meta['seeds']} seeds and the {meta['eval_samples']} samples together."
     )
+    weak_target = (
+        f" <b>{esc(meta['baseline'])} did not improve adherence, so its target says little.</b>"
+        if not reach["target"]["region_adherence"] > 0
+        else ""
+    )
     base_text = ", ".join(f"{esc(LABELS[m])} {numbers['base'][m]:.4f}" for m in HEADLINE)
     figures = "".join(f"<figure>{img(f'curve_{m}', f'learning curve of {m}')}</figure>" for m in HEADLINE)
     bars = "".join(f"<figure>{img(f'final_{m}', f'final change of {m}')}</figure>" for m in HEADLINE)
@@ -445,7 +451,7 @@ Baseline: <b>{esc(meta["baseline"])}</b>; method under study: <b>{esc(meta["head
 <h2>Outcome: change from the base editor at the last step, 95% CI</h2>
 <p>Base editor: {base_text}. Steps-to-target: the first
 scored step with mean adherence change at least {esc(meta["baseline"])}'s final {_fmt(reach["target"]["region_adherence"])}
-and background-PSNR change at least its final {_fmt(reach["target"]["background_psnr"])} dB (as a share of the {meta["steps"]} steps, with its bootstrap interval).</p>
+and background-PSNR change at least its final {_fmt(reach["target"]["background_psnr"])} dB (as a share of the {meta["steps"]} steps, with its bootstrap interval).{weak_target}</p>
 {_table(["variant", *[LABELS[m] for m in HEADLINE], "steps-to-target", "background std / baseline's"], headline_rows)}
 <h2>Learning curves</h2>
 {figures}
