@@ -366,6 +366,7 @@ def run_study(study: Study, command: str) -> dict:
         f"[bold]rcgrpo study[/]: {len(study.variants)} variants x {study.seeds} seeds x {study.steps} steps, "
         f"{len(samples)} held-out samples every {study.eval_every} steps -> {study.out}"
     )
+    _check_plan(study, [s.id for s in samples])
     runs = []
     first = study.run_config(plan[0][0], plan[0][1])
     redis_url = first.resolved_redis_url()
@@ -423,6 +424,24 @@ def run_study(study: Study, command: str) -> dict:
     report = write_report(study, runs, meta, samples, console)
     console.print(f"study: {report['html']}  numbers: {report['json']}  ({seconds:.0f} s)")
     return report
+
+
+def _check_plan(study: Study, sample_ids: list[str]) -> None:
+    """A study directory holds one plan: steps, scoring cadence and held-out set. A second invocation
+    with another plan would mix runs that are not comparable, so it is refused."""
+    plan = {"steps": study.steps, "eval_every": study.eval_every, "held_out": sample_ids}
+    path = study.out / "plan.json"
+    if path.exists():
+        before = json.loads(path.read_text())
+        changed = [key for key in plan if before.get(key) != plan[key]]
+        if changed:
+            raise ValueError(
+                f"--out: {study.out} holds a study with other {', '.join(changed)} "
+                f"(steps {before.get('steps')}, eval_every {before.get('eval_every')}, "
+                f"{len(before.get('held_out', []))} held-out samples): choose another --out"
+            )
+    else:
+        path.write_text(json.dumps(plan) + "\n")
 
 
 def _tasks_fed(cfg: RunConfig) -> int:
