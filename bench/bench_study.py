@@ -1,7 +1,7 @@
 """What a full `rcgrpo study` costs, from its parts measured on this machine, before anyone runs it.
 
 1. One run of the study's headline variant (seed 0) through deploy.driver.run for --steps steps, in
-   the study's way (private Redis, its Ray, eval off): the wall time, and from its metrics.jsonl the
+   the study's way (private Redis, a Ray started before it, eval off): the wall time, and from its metrics.jsonl the
    training loop's seconds per step; the rest of the wall time is the run's fixed cost (reward server,
    actors, model loads, final LoRA).
 2. Held-out scoring: rcgrpo.evaluate.evaluate of the base editor on --samples held-out samples at
@@ -21,9 +21,10 @@ import math
 import tempfile
 import time
 
+import ray
 import torch
 
-from deploy.driver import run
+from deploy.driver import init_ray, run
 from deploy.study import DEFAULT_STUDY_CONFIG, load_study, machine
 from rcgrpo.editor import load_editor
 from rcgrpo.evaluate import evaluate, load_samples
@@ -49,8 +50,12 @@ def main() -> None:
                 update={"learner": cfg.learner.model_copy(update={"total_steps": args.steps})}
             )
             started = time.perf_counter()
+            init_ray(cfg)  # once per study
+            ray_s = time.perf_counter() - started
+            started = time.perf_counter()
             run(cfg)
             run_s = time.perf_counter() - started
+            ray.shutdown()
         rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
         images = args.steps * cfg.learner.groups_per_step * cfg.method.group_size
         loop_s = images / rows[-1]["images_per_s"]  # the driver's loop, first step to last
@@ -72,9 +77,10 @@ def main() -> None:
 
     runs = len(study.variants) * study.seeds
     checkpoints = math.ceil(study.steps / study.eval_every)
-    train_s = runs * (fixed_s + study.steps * step_s)
+    train_s = ray_s + runs * (fixed_s + study.steps * step_s)
     score_s = (runs * checkpoints + 1) * study.eval_samples * sample_s
     print(f"machine: {machine()}")
+    print(f"Ray start: {ray_s:.1f} s (once per study)")
     print(
         f"measured run: {args.steps} steps of {headline.name}, {run_s:.1f} s wall = {fixed_s:.1f} s fixed + {step_s:.2f} s/step"
     )
