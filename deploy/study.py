@@ -264,15 +264,25 @@ def _save_pngs(directory: Path, edits) -> None:
 def _score(
     editor, samples, cfg: RunConfig, eval_cfg: RunConfig, grid: int, grid_dir: Path | None
 ) -> list[dict]:
+    """Held-out rows: the ShapesEdit metrics, and CompBench's LPIPS where its weights are present."""
     from deploy.evaluation import HEADLINE
+    from rcgrpo.compbench import CompBenchMetrics, lpips_unavailable_reason
     from rcgrpo.evaluate import evaluate
 
+    lpips = lpips_unavailable_reason() is None
     result = evaluate(
-        editor, samples, cfg.method, seed=eval_cfg.eval.seed, compbench=False, batch_size=8, keep_edits=True
+        editor,
+        samples,
+        cfg.method,
+        seed=eval_cfg.eval.seed,
+        compbench=CompBenchMetrics(None) if lpips else False,
+        batch_size=8,
+        keep_edits=True,
     )
     if grid_dir is not None and grid:
         _save_pngs(grid_dir, result.edits[:grid])
-    return [{m: row[m] for m in ("id", "task", *HEADLINE)} for row in result.rows]
+    kept = ("id", "task", *HEADLINE, *(("LPIPS",) if lpips else ()))
+    return [{m: row[m] for m in kept} for row in result.rows]
 
 
 def score_base(study: Study, cfg: RunConfig, samples) -> Path:

@@ -56,6 +56,11 @@ def _interval(draws: np.ndarray) -> tuple[float, float]:
     return float(np.quantile(finite, 0.025)), float(np.quantile(finite, 0.975))
 
 
+def study_metrics(rows: list[dict]) -> list[str]:
+    """The held-out metrics the rows hold: the ShapesEdit ones, and LPIPS where it was scored."""
+    return [m for m in (*HEADLINE, "LPIPS") if m in rows[0]]
+
+
 def outcome(runs: list[dict], variants: list[str], seeds: int, bootstrap: int, ids: list[str]) -> dict:
     """Learning curves and final changes with 95% intervals, and steps-to-target, for every variant.
 
@@ -69,7 +74,7 @@ def outcome(runs: list[dict], variants: list[str], seeds: int, bootstrap: int, i
         own = sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["seed"])
         steps = sorted(set.intersection(*(set(int(s) for s in r["scored"]) for r in own)))
         curves[variant], boot[variant] = {"steps": [0, *steps]}, {}
-        for metric in HEADLINE:
+        for metric in study_metrics(own[0]["base_rows"]):
             # (steps + 1, seeds, samples): step 0 is the base editor itself, a change of 0
             diffs = np.stack(
                 [np.zeros((len(own), len(ids)))]
@@ -106,7 +111,7 @@ def final_changes(curves: dict, base_means: dict) -> dict:
                 "low": curve[metric]["low"][-1],
                 "high": curve[metric]["high"][-1],
             }
-            for metric in HEADLINE
+            for metric in base_means
         }
         for variant, curve in curves.items()
     }

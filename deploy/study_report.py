@@ -18,7 +18,6 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from deploy import study_analysis as analysis
-from deploy.evaluation import HEADLINE
 
 PALETTE = (
     (31, 119, 180),
@@ -36,6 +35,7 @@ LABELS = {
     "region_adherence": "region adherence",
     "background_psnr": "background PSNR (dB)",
     "background_ssim": "background SSIM",
+    "LPIPS": "background LPIPS (CompBench)",
 }
 FONT = ImageFont.load_default(size=13)
 SMALL = ImageFont.load_default(size=11)
@@ -247,7 +247,8 @@ def write_report(study, runs: list[dict], meta: dict, samples, console) -> dict:
     measured = analysis.outcome(runs, variants, study.seeds, study.bootstrap, ids)
     curves = measured["curves"]
     base_rows = runs[0]["base_rows"]
-    base_means = {m: analysis._mean([r[m] for r in base_rows]) for m in HEADLINE}
+    metrics = analysis.study_metrics(base_rows)
+    base_means = {m: analysis._mean([r[m] for r in base_rows]) for m in metrics}
     final = analysis.final_changes(curves, base_means)
     reach = analysis.steps_to_target(curves, measured["boot"], study.config.baseline, study.steps)
     mechanisms = analysis.mechanism(runs, variants, study.config.baseline)
@@ -256,7 +257,7 @@ def write_report(study, runs: list[dict], meta: dict, samples, console) -> dict:
     # -- figures -------------------------------------------------------------------------------------
     main_variants = [v.name for v in study.variants if v.kind == "variant"]
     paths = {}
-    for metric in HEADLINE:
+    for metric in metrics:
         chart = line_chart(
             f"{LABELS[metric]}: change from base (mean, 95% CI over seeds x samples)",
             [
@@ -323,6 +324,7 @@ def write_report(study, runs: list[dict], meta: dict, samples, console) -> dict:
 
     numbers = {
         "meta": meta,
+        "metrics": metrics,
         "base": base_means,
         "final": final,
         "curves": curves,
@@ -340,8 +342,8 @@ def write_report(study, runs: list[dict], meta: dict, samples, console) -> dict:
 
 
 def _html(numbers: dict, paths: dict, variants: list[str], study) -> str:
-    meta, final, reach, mechanisms, verdict = (
-        numbers[k] for k in ("meta", "final", "steps_to_target", "mechanism", "goals")
+    meta, metrics, final, reach, mechanisms, verdict = (
+        numbers[k] for k in ("meta", "metrics", "final", "steps_to_target", "mechanism", "goals")
     )
     esc = html.escape
 
@@ -356,7 +358,7 @@ def _html(numbers: dict, paths: dict, variants: list[str], study) -> str:
         ratio = mechanisms[v]["background_std_ratio"]
         headline_rows.append(
             [esc(v)]
-            + [_ci(final[v][m]) for m in HEADLINE]
+            + [_ci(final[v][m]) for m in metrics]
             + [
                 f"{steps} {interval}",
                 ", ".join(f"{esc(k)} {_fmt(x, 3).lstrip('+')}" for k, x in ratio.items()),
@@ -422,9 +424,9 @@ def _html(numbers: dict, paths: dict, variants: list[str], study) -> str:
         if not reach["target"]["region_adherence"] > 0
         else ""
     )
-    base_text = ", ".join(f"{esc(LABELS[m])} {numbers['base'][m]:.4f}" for m in HEADLINE)
-    figures = "".join(f"<figure>{img(f'curve_{m}', f'learning curve of {m}')}</figure>" for m in HEADLINE)
-    bars = "".join(f"<figure>{img(f'final_{m}', f'final change of {m}')}</figure>" for m in HEADLINE)
+    base_text = ", ".join(f"{esc(LABELS[m])} {numbers['base'][m]:.4f}" for m in metrics)
+    figures = "".join(f"<figure>{img(f'curve_{m}', f'learning curve of {m}')}</figure>" for m in metrics)
+    bars = "".join(f"<figure>{img(f'final_{m}', f'final change of {m}')}</figure>" for m in metrics)
     mech_figures = "".join(
         f"<figure>{img(name, name)}</figure>"
         for name in paths
@@ -452,7 +454,7 @@ Baseline: <b>{esc(meta["baseline"])}</b>; method under study: <b>{esc(meta["head
 <p>Base editor: {base_text}. Steps-to-target: the first
 scored step with mean adherence change at least {esc(meta["baseline"])}'s final {_fmt(reach["target"]["region_adherence"])}
 and background-PSNR change at least its final {_fmt(reach["target"]["background_psnr"])} dB (as a share of the {meta["steps"]} steps, with its bootstrap interval).{weak_target}</p>
-{_table(["variant", *[LABELS[m] for m in HEADLINE], "steps-to-target", "background std / baseline's"], headline_rows)}
+{_table(["variant", *[LABELS[m] for m in metrics], "steps-to-target", "background std / baseline's"], headline_rows)}
 <h2>Learning curves</h2>
 {figures}
 <h2>Final changes</h2>
