@@ -177,14 +177,15 @@ def mechanism(runs: list[dict], variants: list[str], baseline: str) -> dict:
     out = {}
     for variant in variants:
         steps, groups = [], []
-        for run in (r for r in runs if r["variant"] == variant):
+        own = [r for r in runs if r["variant"] == variant]
+        for run in own:
             path = Path(run["run_dir"]) / "metrics.jsonl"
             for line in path.read_text().splitlines():
                 if line.strip():
                     row = json.loads(line)
                     steps.append(row)
                     groups += row.get("group_signal", [])
-        cfg = load_run_config(Path(runs[0]["run_dir"]) / "config.yaml")
+        cfg = load_run_config(Path(own[0]["run_dir"]) / "config.yaml")
         terms = list(cfg.rewards)
         background = [n for n in terms if n not in cfg.reward.instruction_terms and n != "acd"]
         tasks = sorted({g["task"] for g in groups})
