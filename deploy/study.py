@@ -222,7 +222,14 @@ def rollout_budget(cfg: RunConfig) -> int:
 def _check_variants(study: Study) -> None:
     seen: dict[str, str] = {}
     budgets: dict[str, int] = {}
+    slugs: dict[str, str] = {}
     for variant in study.variants:
+        if variant.slug in slugs:  # their runs would share a directory and Redis keys
+            raise ValueError(
+                f"variants {slugs[variant.slug]!r} and {variant.name!r} have the same run name "
+                f"{variant.slug!r}: rename one"
+            )
+        slugs[variant.slug] = variant.name
         try:
             cfg = study.run_config(variant, 0)
         except ValueError as error:

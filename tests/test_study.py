@@ -79,6 +79,11 @@ def test_study_configs_that_cannot_compare_are_refused_before_any_run(tmp_path):
     )
     with pytest.raises(ValueError, match="same rollout budget.*groups_per_step"):
         load_study(budget, out=tmp_path)
+    clash = study_file(
+        tmp_path, variants={**two, "rdp+mask": ["method.s_in=0.3"], "rdp-mask": ["method.s_in=0.4"]}
+    )
+    with pytest.raises(ValueError, match="'rdp\\+mask' and 'rdp-mask' have the same run name"):
+        load_study(clash, out=tmp_path)
     bad_field = study_file(tmp_path, variants={"neighbor-grpo": ["method.rpd=false"], "rc-grpo": []})
     with pytest.raises(ValueError, match="variant 'neighbor-grpo' .*rpd"):
         load_study(bad_field, out=tmp_path)
