@@ -153,10 +153,11 @@ def test_outcome_is_the_paired_mean_change_with_an_interval_and_steps_to_target(
 def quick_study(tmp_path_factory):
     from deploy.cli import main
 
-    for variable in ("RCGRPO_REWARD_URL", "RAY_ADDRESS", "REDIS_URL"):
-        os.environ.pop(variable, None)
     out = tmp_path_factory.mktemp("study")
-    assert main(["study", "--quick", "--out", str(out)]) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        for variable in ("RCGRPO_REWARD_URL", "RAY_ADDRESS", "REDIS_URL"):
+            patch.delenv(variable, raising=False)  # the study's own Redis, Ray and reward servers
+        assert main(["study", "--quick", "--out", str(out)]) == 0
     return out
 
 
