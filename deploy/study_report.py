@@ -444,7 +444,7 @@ code, pre {{ background: #f4f4f4; padding: 2px 4px; }} pre {{ padding: 8px; over
 </style></head>
 <body data-loaded="false">
 <h1>RC-GRPO study</h1>
-<p><code>{esc(meta["command"])}</code><br>{esc(meta["machine"])}; {esc(meta["date"])}; {meta["seconds"]:.0f} s.
+<p><code>{esc(meta["command"])}</code><br>{esc(meta["machine"])}; {esc(meta["date"])}; this invocation {meta["seconds"]:.0f} s (each run's own time is in the runs table).
 {meta["seeds"]} seed(s) x {meta["steps"]} steps per variant, scored every {meta["eval_every"]} steps on
 {meta["eval_samples"]} held-out samples, paired per sample against the base editor. {seeds_note}
 Baseline: <b>{esc(meta["baseline"])}</b>; method under study: <b>{esc(meta["headline"])}</b>.</p>
