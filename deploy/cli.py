@@ -24,6 +24,10 @@ SUBCOMMANDS = {
         "deploy.commands.train",
         "the main job: RC-GRPO training with Ray, Redis and the reward server",
     ),
+    "study": (
+        "deploy.commands.study",
+        "RC-GRPO against Neighbor GRPO and its ablations at equal compute, over seeds, with a report",
+    ),
     "pretrain": ("deploy.commands.pretrain", "pretrain the tiny Kontext editor on ShapesEdit"),
     "plan": (
         "deploy.commands.plan",

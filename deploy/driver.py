@@ -396,6 +396,20 @@ def choose_run(cfg: RunConfig, resume: bool) -> RunConfig:
     return cfg.model_copy(update={"name": name})
 
 
+def init_ray(cfg: RunConfig) -> None:
+    """Connect to cfg.ray_address (else RAY_ADDRESS), or start a local Ray that can place the run's actors."""
+    import ray
+
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    if address == "local":  # actors that cannot all be placed would wait for CPUs forever
+        try:
+            check_local_cpus(cfg, ray.cluster_resources().get("CPU", 0))
+        except ValueError:
+            ray.shutdown()
+            raise
+
+
 def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None) -> dict:
     import ray
     from rich.console import Console
@@ -452,14 +466,9 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
         check_served_rewards(cfg, reward_client)
 
         # 3. Ray: rollout actors and the learner actor
-        if not ray.is_initialized():
-            address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-            ray.init(
-                address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
-            )
+        if not ray.is_initialized():  # a study runs many runs in one Ray it started itself
+            init_ray(cfg)
             stack.callback(ray.shutdown)
-            if address == "local":  # actors that cannot all be placed would wait for CPUs forever
-                check_local_cpus(cfg, ray.cluster_resources().get("CPU", 0))
         if installed_signals:
             signals.install()  # ray.init replaced our SIGTERM handler with its own
         actors = RunActors(cfg, redis_url, bus)

@@ -72,6 +72,8 @@ def reward_term_diagnostics(
 
     scores: reward name -> (groups, G) raw sub-scores; weights: name -> w_j of r_i = sum_j w_j r_ij.
     Returns, averaged over groups (NaN-skipping):
+      term_std[name]               std_i(r_ij), the term's own within-group spread (unweighted: also
+                                   measured for a term of weight 0, e.g. R_ACD with lambda_ACD = 0);
       term_spread[name]            w_j * std_i(r_ij), what each term adds to the within-group spread;
       instruction_dominant         share of groups whose instruction spread is the largest term's;
       advantage_instruction_corr   corr_i(A_i of r, A_i of the instruction terms alone);
@@ -87,7 +89,8 @@ def reward_term_diagnostics(
     weighted = {name: weights[name] * value.float() for name, value in scores.items()}
     total = sum(weighted.values())
     instruction = sum(weighted[name] for name in instruction_terms)
-    spread = {name: value.std(dim=-1, unbiased=False) for name, value in weighted.items()}
+    std = {name: value.float().std(dim=-1, unbiased=False) for name, value in scores.items()}
+    spread = {name: abs(weights[name]) * value for name, value in std.items()}
     others = [spread[name] for name in spread if name not in instruction_terms]
     instruction_spread = instruction.std(dim=-1, unbiased=False)
     dominant = (
@@ -100,6 +103,7 @@ def reward_term_diagnostics(
     acd_corr = _row_corr(scores["acd"].float(), instruction) if "acd" in scores else None
     per_group = [
         {
+            "term_std": {name: value[g].item() for name, value in std.items()},
             "term_spread": {name: value[g].item() for name, value in spread.items()},
             "instruction_dominant": bool(dominant[g]),
             "advantage_instruction_corr": corr[g].item(),
@@ -109,6 +113,7 @@ def reward_term_diagnostics(
         for g in range(total.shape[0])
     ]
     result = {
+        "term_std": {name: value.mean().item() for name, value in std.items()},
         "term_spread": {name: value.mean().item() for name, value in spread.items()},
         "instruction_dominant": dominant.mean().item(),
         "advantage_instruction_corr": corr.nanmean().item(),

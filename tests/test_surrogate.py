@@ -84,6 +84,14 @@ def test_reward_term_diagnostics_tell_instruction_signal_from_background_noise()
         (0 + 0.1 * torch.tensor([31.0, 28, 30, 29]).std(unbiased=False).item()) / 2
     )
     assert spread["region_adherence"] > spread["acd"] > 0
+    # term_std is the term's own spread, so it is measured for a term of weight 0 too
+    psnr_std = torch.tensor([31.0, 28, 30, 29]).std(unbiased=False).item()
+    assert result["term_std"]["background_psnr"] == pytest.approx(psnr_std / 2)
+    unweighted = reward_term_diagnostics(scores, {**weights, "acd": 0.0}, ["region_adherence"])
+    assert (
+        unweighted["term_spread"]["acd"] == 0
+        and unweighted["term_std"]["acd"] == result["term_std"]["acd"] > 0
+    )
     assert result["instruction_dominant"] == 0.5  # group 0 only
     # group 0's total follows the instruction term (and ACD, aligned with it here); group 1's PSNR, 10x
     # larger, runs against the instruction term: its advantages anti-correlate with the instruction's
