@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -341,8 +342,10 @@ def test_a_short_default_run_on_the_shipped_editor_moves_the_ratio_and_raises_re
     from rcgrpo.tiny_editor import SHIPPED_EDITOR_DIR
     from services.config import DEFAULT_RUN_CONFIG, load_run_config
 
-    tasks, steps = 4, 8
-    cfg = load_run_config(DEFAULT_RUN_CONFIG).method
+    tasks, steps = 4, 6
+    # the default run's regime (epochs, distance scale, tau, s_in, anchor, learning rate) on a shorter
+    # grid and fewer (anchor, step) rows, so that it takes seconds
+    cfg = replace(load_run_config(DEFAULT_RUN_CONFIG).method, num_steps=4, anchors=2, timesteps_per_anchor=2)
     samples = load_samples("shapes", split="train", limit=tasks, seed=3)
     editor = load_editor(SHIPPED_EDITOR_DIR)
     add_lora(editor.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
