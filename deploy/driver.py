@@ -421,8 +421,8 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
     from deploy.reward_process import RewardServerProcess
 
     console = Console()
-    check_before_start(cfg)
     check_fits(cfg)  # a run that cannot fit its GPUs fails here, before anything starts
+    check_before_start(cfg)
     asked = cfg.name
     cfg = choose_run(cfg, resume)
     run_dir = cfg.run_dir
