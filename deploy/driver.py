@@ -401,7 +401,11 @@ def init_ray(cfg: RunConfig) -> None:
     import ray
 
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    except BaseException:
+        ray.shutdown()  # a local Ray that failed half-way must not leave its GCS and raylet behind
+        raise
     if address == "local":  # actors that cannot all be placed would wait for CPUs forever
         try:
             check_local_cpus(cfg, ray.cluster_resources().get("CPU", 0))
@@ -537,6 +541,7 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
                 step = stats["step"]
                 images = (step - start_step) * groups_per_step * cfg.method.group_size
                 stats |= {
+                    "time": time.time(),  # wall clock (Unix seconds), so a run's pace reads from the log
                     "streams": bus.observe(),
                     "images_per_s": images / (time.perf_counter() - started),
                 }

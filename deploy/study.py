@@ -23,6 +23,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -402,6 +403,10 @@ def run_study(study: Study, command: str) -> dict:
                         init_ray(cfg)
                         ray_started = True
                     resume = any((cfg.run_dir / "checkpoints").glob("step_*"))
+                    if cfg.run_dir.exists() and not resume:
+                        # a start that died before its first checkpoint trained nothing to keep; the
+                        # run must land in this directory, not in a new <name>-2 beside it
+                        shutil.rmtree(cfg.run_dir)
                     run(cfg, resume=resume)
                 base_path = score_base(study, cfg, samples)
                 scored = score_checkpoints(study, cfg, samples, console)

@@ -361,3 +361,53 @@ def test_bf16_base_weights_train_a_float32_lora_in_checkpointed_micro_batches(ti
     published = lora_state_dict(editor.transformer, dtype=editor.dtype)
     assert {t.dtype for t in published.values()} == {torch.bfloat16}
     assert sum(t.nbytes for t in published.values()) * 2 == sum(t.nbytes for t in after.values())
+
+
+def test_twenty_steps_on_the_shipped_editor_raise_region_adherence_on_fresh_seeds():
+    """The default regime (RDP at s_in 1, neighbour-scaled distance, tau 0.5, 4 epochs, beta_bg 0.3)
+    on the shipped editor against the real instruction reward, region adherence to the ground truth,
+    on one ShapesEdit recolour edit: the policy moves (the ratio leaves 1) and the edit gets better on
+    noise seeds never trained on. Measured: adherence 0.137 -> 0.339, up on 15 of 16 fresh seeds."""
+    from rcgrpo.evaluate import load_samples
+    from rcgrpo.group import sample_group
+    from rcgrpo.rewards import region_adherence
+    from rcgrpo.tiny_editor import SHIPPED_EDITOR_DIR
+
+    sample = [s for s in load_samples("shapes", split="train", limit=64, seed=0) if s.kind == "recolour"][1]
+    cfg = MethodConfig(
+        s_in=1.0,
+        anchors=2,
+        timesteps_per_anchor=2,
+        tau=0.5,
+        distance_scale="neighbours",
+        update_epochs=4,
+        background_anchor=0.3,
+        learning_rate=3e-3,
+    )
+    editor = load_editor(SHIPPED_EDITOR_DIR)
+    add_lora(editor.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    optimizer = make_optimizer(editor.transformer, cfg)
+    generator = torch.Generator().manual_seed(0)
+
+    def adherence(images):
+        n = len(images)
+        return region_adherence(images, sample.target.expand(n, -1, -1, -1), sample.mask.expand(n, -1, -1))
+
+    def fresh():  # 16 candidates from two groups whose seeds training never uses
+        return torch.cat(
+            [adherence(sample_group(editor, cfg, sample, 10_000 + s).rollout.images) for s in (0, 1)]
+        )
+
+    before = fresh()
+    deviation = []
+    for step in range(20):
+        group = sample_group(editor, cfg, sample, noise_seed=step)
+        advantages = group_advantages(
+            adherence(group.rollout.images), cfg.adv_p, cfg.adv_clip, cfg.zero_std_eps
+        )
+        stats = rc_grpo_step(editor, optimizer, [group.train_group(advantages)], cfg, generator)
+        deviation.append(stats.ratio_deviation_p90)
+    after = fresh()
+    assert max(deviation) > 0.02  # later epochs see a moved policy
+    assert after.mean() > before.mean() + 0.1
+    assert (after > before).sum() >= 14
