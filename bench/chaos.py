@@ -50,6 +50,14 @@ FAULTS = (
 # how the driver exits on each driver fault: 130 after a graceful stop, 128 + SIGTERM when told twice
 DRIVER_EXIT = {"driver_sigterm": 130, "driver_twice": 128 + signal.SIGTERM}
 RUN_NAME = "chaos"
+# the recovery counter (summary.json "recoveries", rcgrpo_recoveries_total) each fault must raise
+COUNTED = {
+    "reward_server": "reward_server",
+    "rollout_worker": "rollout_worker",
+    "learner": "learner",
+    "redis": "redis",
+    "corrupt_lora": "policy_version",
+}
 
 
 @dataclass
@@ -334,6 +342,8 @@ def run_case(
         summary = runs_dir / RUN_NAME / "summary.json"
         if summary.exists():
             result.recoveries = json.loads(summary.read_text()).get("recoveries", {})
+            if fault in COUNTED and not result.recoveries.get(COUNTED[fault]):
+                result.problems.append(f"the {COUNTED[fault]} recovery was not counted")
         if rc == 0:
             result.problems += check_run(runs_dir / RUN_NAME, steps)
         return result

@@ -519,6 +519,8 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
                 # supply follows consumption: each group trained on, dropped (stale) or dead-lettered is
                 # replaced, so (1 + max_staleness) updates of groups ('wait': one update's) stay in flight
                 feeder.feed_until(bus.groups_consumed() + bus.groups_lost() + ahead * groups_per_step)
+                # a dead worker is replaced even while the others keep the learner fed
+                actors.restart_dead_workers()
                 try:
                     stats = learner.try_step(wait_s=LEARNER_POLL_S)
                     if stats is not None and checkpoint_due(cfg, stats["step"]):
@@ -530,8 +532,7 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
                     progress.update(bar, completed=step)
                     continue
                 if stats is None:
-                    # no update yet: restart what died; past the deadline, say what is missing
-                    actors.restart_dead_workers()
+                    # no update yet: a refused version is republished; past the deadline, say what is missing
                     actors.republish_rejected_lora(learner)
                     if watch.failure:
                         raise RuntimeError(f"the run cannot continue: {watch.failure}")
