@@ -125,9 +125,8 @@ class RunConfig(_Section):
     redis_url: str | None = None  # None: REDIS_URL, else a private embedded redis-server
     ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray
     metrics_host: str = "127.0.0.1"  # where workers and the learner serve /metrics (0.0.0.0 in containers)
-    driver_metrics_port: int = Field(
-        0, ge=0
-    )  # the driver's Prometheus port (its recoveries, e.g. 9099); 0 = off
+    # the driver's Prometheus port (its recoveries, e.g. 9099); 0 = off
+    driver_metrics_port: int = Field(0, ge=0)
     method: MethodConfig = Field(default_factory=MethodConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
