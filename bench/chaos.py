@@ -167,8 +167,11 @@ def run_redis_client(train: TrainProcess):
     import redis
 
     server = train.find(lambda cmd, name: name == "redis-server" or "redis-server" in cmd)
-    port = server.cmdline()[server.cmdline().index("--port") + 1] if server else None
-    return None if port is None else redis.Redis(host="127.0.0.1", port=int(port))
+    if server is None:
+        raise RuntimeError("no redis-server process found under the driver")
+    # redis-server rewrites its own argv ("redis-server 127.0.0.1:PORT"), so read the listening socket
+    [port] = {c.laddr.port for c in server.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    return redis.Redis(host="127.0.0.1", port=port)
 
 
 def corrupt_next_lora(train: TrainProcess, timeout_s: float = 120.0) -> str:
@@ -324,6 +327,7 @@ def run_case(
             if rc != DRIVER_EXIT[fault]:
                 result.problems.append(f"driver exited {rc} on {fault}, not {DRIVER_EXIT[fault]}")
             result.problems += [f"left behind after {fault}: {p}" for p in train.left_behind()]
+            watch.new_lines()  # the step the stopping driver finished is not the resume's
             train = TrainProcess(runs_dir, overrides, resume=True, log_name="resume.log")
             trains.append(train)
             faulted = time.monotonic()

@@ -203,6 +203,7 @@ class RunActors:
         self._learner_actor = None
         self.workers: dict[str, tuple] = {}  # worker id -> (index, actor, its run() call)
         self.restarts: Counter[str] = Counter()
+        self._refusals_seen = set(bus.rejected_loras())  # a resumed run publishes a new version anyway
 
     def _count_restart(self, component: str, why: str) -> None:
         if self.restarts[component] >= self.cfg.learner.max_restarts:
@@ -238,18 +239,24 @@ class RunActors:
         return learner, step
 
     def republish_rejected_lora(self, learner: LearnerHandle) -> None:
-        """Workers refused the latest policy version (it failed verification): the learner publishes its
-        weights again as a new version."""
-        rejected = self.bus.rejected_lora()
-        if rejected is None:
-            return
-        version, reason = rejected
+        """Workers refused a policy version (it failed verification) and kept their verified weights. If
+        it is still the latest, the learner publishes its weights again as a new version; a newer
+        version may already have superseded it. Either way the refusal is counted and logged once."""
         if self.cfg.learner.external:  # its own process publishes; the stall message names the reason
             return
-        self._count_restart("policy_version", f"workers refuse policy v{version}: {reason}")
-        recovered(
-            "policy_version", f"v{version} refused ({reason}); republished as v{learner.publish_lora()}"
-        )
+        latest = self.bus.lora.latest_version()
+        for version, reason in sorted(self.bus.rejected_loras().items()):
+            if version in self._refusals_seen:
+                continue
+            self._refusals_seen.add(version)
+            self._count_restart("policy_version", f"workers refuse policy v{version}: {reason}")
+            if version == latest:
+                recovered(
+                    "policy_version",
+                    f"v{version} refused ({reason}); republished as v{learner.publish_lora()}",
+                )
+            else:
+                recovered("policy_version", f"v{version} refused ({reason}); superseded by v{latest}")
 
     # -- the rollout workers ----------------------------------------------------------------------
     def start_workers(self) -> None:
@@ -447,7 +454,6 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
         if redis_url is None:
             embedded_redis = stack.enter_context(EmbeddedRedis(data_dir=run_dir / "redis"))
             redis_url = embedded_redis.url
-            signals.kill_on_exit(embedded_redis.kill)
         bus = RunBus(cfg, redis_url)
         bus.clear_stop()
 
@@ -458,7 +464,6 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
         if reward_url is None:
             reward_server = RewardServerProcess(cfg, redis_url, run_dir / "reward_server.log")
             stack.callback(reward_server.stop)
-            signals.kill_on_exit(reward_server.kill)
             reward_server.wait_ready()
             reward_client = reward_server.client
         else:
@@ -521,6 +526,7 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
                 feeder.feed_until(bus.groups_consumed() + bus.groups_lost() + ahead * groups_per_step)
                 # a dead worker is replaced even while the others keep the learner fed
                 actors.restart_dead_workers()
+                actors.republish_rejected_lora(learner)  # a refused version: republished, or superseded
                 try:
                     stats = learner.try_step(wait_s=LEARNER_POLL_S)
                     if stats is not None and checkpoint_due(cfg, stats["step"]):
@@ -532,8 +538,7 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
                     progress.update(bar, completed=step)
                     continue
                 if stats is None:
-                    # no update yet: a refused version is republished; past the deadline, say what is missing
-                    actors.republish_rejected_lora(learner)
+                    # no update yet: past the deadline, say what is missing
                     if watch.failure:
                         raise RuntimeError(f"the run cannot continue: {watch.failure}")
                     stall.check()

@@ -89,11 +89,6 @@ class RewardServerProcess:
             self.stop()
             raise RuntimeError(f"the reward server did not become ready; see {self._log.name}") from None
 
-    def kill(self) -> None:
-        """SIGKILL without waiting (a driver exiting at once)."""
-        if self.running:
-            self.process.kill()
-
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()

@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 from services import metrics
 
@@ -30,16 +31,11 @@ class SignalStop:
     def __init__(self):
         self.received: int | None = None
         self.deferred = False  # True inside the training loop
-        self._on_exit: list[Callable[[], None]] = []
 
     def install(self) -> None:
         """(Re)install the handlers: also after ray.init, which installs its own SIGTERM handler."""
         for signum in self.SIGNALS:
             signal.signal(signum, self._handle)
-
-    def kill_on_exit(self, kill: Callable[[], None]) -> None:
-        """Call `kill` (it must not block) before exiting on a second signal."""
-        self._on_exit.append(kill)
 
     @property
     def requested(self) -> bool:
@@ -49,8 +45,7 @@ class SignalStop:
         name = signal.Signals(signum).name
         if self.received is not None:
             print(f"rcgrpo: second {name}: killing the run's processes and exiting now", flush=True)
-            for kill in self._on_exit:
-                kill()
+            kill_descendants()
             os._exit(128 + signum)
         self.received = signum
         if not self.deferred:
@@ -58,6 +53,34 @@ class SignalStop:
         print(
             f"rcgrpo: {name}: stopping after this step (checkpoint, then stop everything); again to exit now"
         )
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, parents before children, read from /proc (empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ")"
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, frontier = [], [pid]
+    while frontier:
+        below = children.get(frontier.pop(0), [])
+        found += below
+        frontier += below
+    return found
+
+
+def kill_descendants() -> None:
+    """SIGKILL every process this one started, and theirs: the private redis-server, the reward server and
+    a local Ray's GCS, raylet, agents and workers (Ray's own shutdown does not run on an immediate exit)."""
+    for pid in descendants(os.getpid()):  # one snapshot: a child reparented after its parent dies is in it
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def recovered(component: str, what: str) -> None:

@@ -47,6 +47,9 @@ class PretrainConfig:
     train_samples: int = 4000
     # a trained editor directory whose VAE is reused (stage 1 skipped); None trains one
     vae_from: str | None = None
+    # a trained editor directory to continue: its VAE, text encoders and transformer are the start (the
+    # VAE stage is skipped); a shipped editor is refined this way without repeating its training
+    init_from: str | None = None
     vae_steps: int = 3000
     vae_batch_size: int = 64
     vae_learning_rate: float = 1e-3
@@ -69,6 +72,8 @@ class PretrainConfig:
     def __post_init__(self):
         if self.sigma_sampling not in SIGMA_SAMPLINGS:
             raise ValueError(f"sigma_sampling must be one of {SIGMA_SAMPLINGS} (got {self.sigma_sampling!r})")
+        if self.vae_from is not None and self.init_from is not None:
+            raise ValueError("give vae_from or init_from, not both (init_from brings its own VAE)")
         if self.flow_cycle_steps < 0 or self.flow_steps < 1:
             raise ValueError("flow_steps must be >= 1 and flow_cycle_steps >= 0")
 
@@ -204,7 +209,9 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig, eval_samples: int = 64) -
     )
     pipe = build_tiny_pipeline(cfg.spec).to(cfg.device)
     vae_losses = []
-    if cfg.vae_from is not None:
+    if cfg.init_from is not None:
+        pipe = load_editor(cfg.init_from, device=cfg.device, dtype=torch.float32).pipe
+    elif cfg.vae_from is not None:
         pipe.vae = load_editor(cfg.vae_from, device=cfg.device, dtype=torch.float32).vae
     else:
         images = torch.cat([_stack(samples, "source"), _stack(samples, "target")])
@@ -233,6 +240,7 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig, eval_samples: int = 64) -
         "seconds": round(time.perf_counter() - started, 1),
         "vae_final_loss": float(np.mean(vae_losses[-50:])) if vae_losses else None,
         "vae_from": cfg.vae_from,
+        "init_from": cfg.init_from,
         "flow_final_loss": float(np.mean(flow_losses[-50:])),
         "device": torch.cuda.get_device_name()
         if cfg.device.startswith("cuda")
@@ -267,11 +275,12 @@ def write_model_card(
         f"| {name} | " + " | ".join(f"{s[m]:.4f}" for m in metrics) + " |" for name, s in scores.items()
     )
     params = sum(p.numel() for p in build_tiny_pipeline(cfg.spec).transformer.parameters())
-    vae = (
-        f"VAE: reused from `{facts['vae_from']}`"
-        if facts.get("vae_from")
-        else f"VAE steps: {cfg.vae_steps} (final loss {facts['vae_final_loss']:.4f})"
-    )
+    if facts.get("init_from"):
+        vae = f"continued from `{facts['init_from']}` (its VAE, text encoders and transformer)"
+    elif facts.get("vae_from"):
+        vae = f"VAE: reused from `{facts['vae_from']}`"
+    else:
+        vae = f"VAE steps: {cfg.vae_steps} (final loss {facts['vae_final_loss']:.4f})"
     card = f"""# tiny-kontext-shapes
 
 A tiny FluxKontextPipeline (same architecture family as FLUX.1-Kontext-dev, {params:,} transformer

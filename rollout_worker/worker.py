@@ -79,7 +79,9 @@ class RolloutWorker:
         """Roll out one task entry and complete it: publish + mark done + ack, atomically."""
         started = time.perf_counter()
         task = Task.from_fields(entry.fields)
-        self.sync_lora()
+        # a version published since the loop's check may be corrupt: refused and reported, the verified
+        # weights stay loaded and the group is tagged with their version
+        self.synced_lora()
         fields, acd = self.rollout_group(task)
         published = self.bus.tasks.complete(
             entry.id, self.bus.task_done_key(task.group_id), self.bus.rollouts.name, fields

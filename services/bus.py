@@ -80,6 +80,11 @@ class RunBus:
         """A worker refused this published version (it failed verification)."""
         self.client.hset(self.cfg.key("lora:rejected"), str(policy_version), reason)
 
+    def rejected_loras(self) -> dict[int, str]:
+        """Every policy version a worker refused, with the reason."""
+        refused = self.client.hgetall(self.cfg.key("lora:rejected"))
+        return {int(version): reason.decode() for version, reason in refused.items()}
+
     def rejected_lora(self) -> tuple[int, str] | None:
         """The newest refused policy version and why, if it is still the latest; else None."""
         latest = self.lora.latest()

@@ -150,11 +150,6 @@ class EmbeddedRedis:
             process.kill()
             process.wait()
 
-    def kill(self) -> None:
-        """SIGKILL without waiting (a driver exiting at once); the AOF keeps what was fsynced."""
-        if self._process is not None and self._process.poll() is None:
-            self._process.kill()
-
     def _remove_temp_dir(self):
         if self._temp_dir is not None:
             shutil.rmtree(self._temp_dir, ignore_errors=True)

@@ -368,6 +368,13 @@ def test_new_policy_version_reaches_every_worker_and_changes_its_samples(tmp_pat
     assert workers[1].synced_lora() is False
     version, reason = bus.rejected_lora()
     assert version == 2 and reason.startswith("handshake-1: ") and "sha256" in reason
+    # a task taken after the loop's check (the corrupt version published in between) is still rolled
+    # out, with the verified weights, and tagged with their version
+    publish_tasks(bus, [Task("race-0", dataset_index=3, noise_seed=11)])
+    [entry] = workers[0].next_entries()
+    assert workers[0].process(entry)
+    [raced] = [g for g in rollout_groups(bus) if g.meta.key.group_id == "race-0"]
+    assert raced.meta.key.policy_version == 1
     bus.lora.publish(v1, policy_version=3)  # the learner's republish
     assert bus.rejected_lora() is None and workers[1].synced_lora() is True and workers[1].policy_version == 3
 

@@ -7,6 +7,7 @@ Slow (the whole `rcgrpo train`, bench/chaos.py): the reward server SIGKILLed, th
 """
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from deploy.driver import MetricsLog, check_before_start, choose_run
-from deploy.supervision import ProcessWatch, SignalStop, StallWatch
+from deploy.supervision import ProcessWatch, SignalStop, StallWatch, descendants
 from services.bus import RunBus
 from services.config import load_run_config
 from services.redis_server import EmbeddedRedis
@@ -124,6 +125,20 @@ def test_the_first_signal_stops_the_loop_after_its_step_and_interrupts_outside_i
     stop.deferred = True
     stop._handle(signal.SIGTERM, None)  # inside the loop: remembered, the step goes on
     assert stop.requested and stop.received == signal.SIGTERM
+
+
+def test_descendants_lists_children_and_grandchildren_parents_first():
+    shell = subprocess.Popen(["sh", "-c", "sleep 30 & echo $!; wait"], stdout=subprocess.PIPE, text=True)
+    try:
+        grandchild = int(shell.stdout.readline())
+        below = descendants(os.getpid())
+        assert shell.pid in below and grandchild in below  # what a second signal kills
+        assert below.index(shell.pid) < below.index(grandchild)
+        assert descendants(shell.pid) == [grandchild]
+    finally:
+        shell.kill()
+        os.kill(grandchild, 9)
+        shell.wait()
 
 
 def test_a_killed_private_redis_is_restarted_on_its_aof_and_the_bus_waits_through_the_outage(tmp_path):

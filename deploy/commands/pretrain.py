@@ -14,6 +14,10 @@ def add_arguments(parser):
     parser.add_argument(
         "--vae-from", help="reuse the VAE of this trained editor directory (skips the VAE stage)"
     )
+    parser.add_argument(
+        "--init-from",
+        help="continue training this trained editor directory (its VAE, text encoders and transformer)",
+    )
     parser.add_argument("--vae-steps", type=int, default=defaults.vae_steps)
     parser.add_argument("--flow-steps", type=int, default=defaults.flow_steps)
     parser.add_argument("--flow-learning-rate", type=float, default=defaults.flow_learning_rate)
@@ -51,6 +55,7 @@ def main(args) -> int:
         seed=args.seed,
         train_samples=args.train_samples,
         vae_from=args.vae_from,
+        init_from=args.init_from,
         vae_steps=args.vae_steps,
         flow_steps=args.flow_steps,
         flow_learning_rate=args.flow_learning_rate,
