@@ -10,7 +10,11 @@ from rcgrpo.tiny_editor import SHIPPED_EDITOR_DIR
 
 def test_init_from_continues_the_given_editor_rather_than_a_fresh_one(tmp_path):
     cfg = PretrainConfig(
-        init_from=str(SHIPPED_EDITOR_DIR), train_samples=8, flow_steps=2, flow_batch_size=4, flow_cycle_steps=0
+        init_from=str(SHIPPED_EDITOR_DIR),
+        train_samples=8,
+        flow_steps=2,
+        flow_batch_size=4,
+        flow_cycle_steps=0,
     )
     path, facts = pretrain(tmp_path / "continued", cfg, eval_samples=0)
     assert facts["init_from"] == str(SHIPPED_EDITOR_DIR) and facts["cycles"] == []
