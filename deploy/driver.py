@@ -244,10 +244,11 @@ class RunActors:
         version may already have superseded it. Either way the refusal is counted and logged once."""
         if self.cfg.learner.external:  # its own process publishes; the stall message names the reason
             return
+        refused = {v: r for v, r in self.bus.rejected_loras().items() if v not in self._refusals_seen}
+        if not refused:  # the common case: one HGETALL per loop
+            return
         latest = self.bus.lora.latest_version()
-        for version, reason in sorted(self.bus.rejected_loras().items()):
-            if version in self._refusals_seen:
-                continue
+        for version, reason in sorted(refused.items()):
             self._refusals_seen.add(version)
             self._count_restart("policy_version", f"workers refuse policy v{version}: {reason}")
             if version == latest:

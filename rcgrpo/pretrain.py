@@ -207,16 +207,17 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig, eval_samples: int = 64) -
     samples = generate_shapes_edit(
         cfg.train_samples, split="train", seed=cfg.seed, config=ShapesEditConfig(size=cfg.image_size)
     )
-    pipe = build_tiny_pipeline(cfg.spec).to(cfg.device)
     vae_losses = []
-    if cfg.init_from is not None:
+    if cfg.init_from is not None:  # VAE, text encoders and transformer all continue
         pipe = load_editor(cfg.init_from, device=cfg.device, dtype=torch.float32).pipe
-    elif cfg.vae_from is not None:
-        pipe.vae = load_editor(cfg.vae_from, device=cfg.device, dtype=torch.float32).vae
     else:
-        images = torch.cat([_stack(samples, "source"), _stack(samples, "target")])
-        vae_losses = train_vae(pipe.vae, images, cfg, np.random.default_rng(cfg.seed))
-        normalise_vae_latents(pipe.vae, images)
+        pipe = build_tiny_pipeline(cfg.spec).to(cfg.device)
+        if cfg.vae_from is not None:
+            pipe.vae = load_editor(cfg.vae_from, device=cfg.device, dtype=torch.float32).vae
+        else:
+            images = torch.cat([_stack(samples, "source"), _stack(samples, "target")])
+            vae_losses = train_vae(pipe.vae, images, cfg, np.random.default_rng(cfg.seed))
+            normalise_vae_latents(pipe.vae, images)
     editor = Editor(pipe, max_sequence_length=cfg.spec.max_sequence_length)
     held_out = generate_shapes_edit(
         eval_samples, split="test", seed=cfg.seed, config=ShapesEditConfig(size=cfg.image_size)
