@@ -169,7 +169,9 @@ class Learner:
         rewards = torch.tensor([group.meta.scores.totals for group, _ in batch])  # r_i: (groups, G)
         flat = zero_variance_groups(rewards, method.zero_std_eps)
         # A_i = sqrt(G) (r_i - mean) / ||r - mean||_p, clipped; zero for flat groups
-        advantages = group_advantages(rewards, method.adv_p, method.adv_clip, method.zero_std_eps)
+        advantages = group_advantages(
+            rewards, method.adv_p, method.adv_clip, method.zero_std_eps, method.adv_std_floor
+        )
         kept = [(i, group) for i, (group, _) in enumerate(batch) if not flat[i]]
         tensors = self.bus.train_blobs.get_many([group.train for _, group in kept])  # one round trip
         groups = [

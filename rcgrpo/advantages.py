@@ -23,22 +23,29 @@ def zero_variance_groups(rewards: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def group_advantages(
-    rewards: torch.Tensor, p: float = 0.8, clip: float = 5.0, eps: float = 1e-6
+    rewards: torch.Tensor, p: float = 0.8, clip: float = 5.0, eps: float = 1e-6, std_floor: float = 0.0
 ) -> torch.Tensor:
     """Rewards (..., G) -> advantages (..., G), standardised within each group along the last dim.
 
     Groups flagged by `zero_variance_groups(rewards, eps)` get all-zero advantages (never NaN).
+    std_floor (sigma_min, reward units): the norm is at least that of a group whose deviations are all
+    +-sigma_min, G^(1/p) sigma_min, so a group whose rewards barely differ gets advantages in proportion
+    to its spread instead of being blown up to unit scale.
     """
     if p <= 0:
         raise ValueError(f"p must be > 0 (got {p})")
     if clip <= 0:
         raise ValueError(f"clip must be > 0 (got {clip})")
+    if std_floor < 0:
+        raise ValueError(f"std_floor must be >= 0 (got {std_floor})")
     flat = zero_variance_groups(rewards, eps)
     rewards = rewards.float()
     group_size = rewards.shape[-1]
     centred = rewards - rewards.mean(dim=-1, keepdim=True)
     # ||r - mean||_p = (sum_i |r_i - mean|^p)^(1/p); a quasi-norm for p < 1
     norm = centred.abs().pow(p).sum(dim=-1, keepdim=True).pow(1.0 / p)
+    # max(||r - mean||_p, G^(1/p) sigma_min)
+    norm = norm.clamp_min(group_size ** (1.0 / p) * std_floor)
     norm = torch.where(flat.unsqueeze(-1), torch.ones_like(norm), norm)
     advantages = math.sqrt(group_size) * centred / norm
     advantages = advantages.masked_fill(flat.unsqueeze(-1), 0.0)

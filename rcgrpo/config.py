@@ -46,6 +46,9 @@ class MethodConfig:
     adv_p: float = 0.8  # Lp quasi-norm; 2 gives the z-score
     adv_clip: float = 5.0
     zero_std_eps: float = 1e-6  # groups whose reward std is below this are dropped
+    # sigma_min: the advantage norm is at least G^(1/p) sigma_min, so a group whose rewards differ by
+    # less than sigma_min is not standardised up to the same weight as one with a real outcome spread
+    adv_std_floor: float = 0.0
     # -- LoRA and optimiser --
     lora_rank: int = 8  # paper scale: 32
     lora_alpha: int = 16  # paper scale: 64
@@ -86,6 +89,8 @@ class MethodConfig:
             problems.append(f"update_epochs must be >= 1 (got {self.update_epochs})")
         if self.tau <= 0:
             problems.append(f"tau must be > 0 (got {self.tau})")
+        if self.adv_std_floor < 0:
+            problems.append(f"adv_std_floor must be >= 0 (got {self.adv_std_floor})")
         if not 0 < self.adv_p:
             problems.append(f"adv_p must be > 0 (got {self.adv_p})")
         if problems:

@@ -67,6 +67,24 @@ def test_zero_variance_groups_get_zero_advantages():
         group_advantages(torch.tensor([1.0, float("nan")]))
 
 
+def test_std_floor_scales_down_only_groups_with_less_spread():
+    # a spread group (deviations +-0.2) and a near-flat one (+-0.01): standardised alike without a floor
+    rewards = torch.tensor([[0.3, 0.7, 0.3, 0.7], [0.49, 0.51, 0.49, 0.51]])
+    plain = group_advantages(rewards, p=2.0)
+    assert torch.allclose(plain[0], plain[1], atol=1e-4)
+    floored = group_advantages(rewards, p=2.0, std_floor=0.05)
+    assert torch.allclose(floored[0], plain[0])  # std 0.2 > sigma_min: unchanged
+    # std 0.01 < sigma_min = 0.05: A_i = (r_i - mean) / sigma_min, a fifth of the unit-scale advantages
+    assert torch.allclose(floored[1], plain[1] * 0.2, atol=1e-5)
+    # for p < 1 the floor is the norm of deviations all +-sigma_min: a group exactly at it is unchanged
+    at_floor = torch.tensor([[0.45, 0.55, 0.45, 0.55]])
+    assert torch.allclose(group_advantages(at_floor, std_floor=0.05), group_advantages(at_floor), atol=1e-5)
+    with pytest.raises(ValueError, match="std_floor"):
+        group_advantages(rewards, std_floor=-1.0)
+    with pytest.raises(ValueError, match="adv_std_floor must be >= 0"):
+        MethodConfig(adv_std_floor=-0.1)
+
+
 # -- distance, policy and loss ------------------------------------------------------------------
 def test_reward_term_diagnostics_tell_instruction_signal_from_background_noise():
     from rcgrpo.advantages import reward_term_diagnostics
