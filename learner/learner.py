@@ -168,7 +168,7 @@ class Learner:
         started = time.perf_counter()
         rewards = torch.tensor([group.meta.scores.totals for group, _ in batch])  # r_i: (groups, G)
         flat = zero_variance_groups(rewards, method.zero_std_eps)
-        # A_i = sqrt(G) (r_i - mean) / ||r - mean||_p, clipped; zero for flat groups
+        # A_i = sqrt(G) (r_i - mean) / max(||r - mean||_p, G^(1/p) sigma_min), clipped; zero for flat groups
         advantages = group_advantages(
             rewards, method.adv_p, method.adv_clip, method.zero_std_eps, method.adv_std_floor
         )
