@@ -143,6 +143,7 @@ def load_study(
     out: str | Path | None = None,
     seeds: int | None = None,
     steps: int | None = None,
+    eval_every: int | None = None,
     quick: bool = False,
     only: list[str] | None = None,
     sweeps: bool = False,
@@ -205,7 +206,7 @@ def load_study(
         variants=variants,
         seeds=seeds or settings.seeds,
         steps=steps or (config.quick.steps if quick else config.steps or base.learner.total_steps),
-        eval_every=settings.eval_every,
+        eval_every=eval_every or settings.eval_every,
         eval_samples=settings.eval_samples if quick else (config.eval_samples or base.eval.num_samples),
         grid_samples=settings.grid_samples,
         bootstrap=settings.bootstrap,
@@ -481,6 +482,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, help="seeds per variant (default: the study config's)")
     parser.add_argument("--steps", type=int, help="learner steps of every run (default: the study config's)")
     parser.add_argument(
+        "--eval-every", type=int, help="steps between scored checkpoints (default: the study config's)"
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="the study config's quick settings: a smoke test in about a minute",
@@ -500,14 +504,15 @@ def _interrupt(signum, frame):
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for name in ("seeds", "steps"):
+    for name in ("seeds", "steps", "eval_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1 (got {getattr(args, name)})")
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
     study = load_study(
         args.config,
         out=args.out,
         seeds=args.seeds,
         steps=args.steps,
+        eval_every=args.eval_every,
         quick=args.quick,
         only=[n.strip() for n in args.only.split(",")] if args.only else None,
         sweeps=args.sweeps,

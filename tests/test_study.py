@@ -64,6 +64,9 @@ def test_the_shipped_study_expands_every_variant_at_one_rollout_budget(tmp_path)
     quick = load_study(DEFAULT_STUDY_CONFIG, out=tmp_path, quick=True, sweeps=True)
     assert [v.name for v in quick.variants] == ["neighbor-grpo", "rc-grpo"]  # never sweeps with --quick
     assert quick.run_config(quick.variants[0], 0).method.group_size == 4
+    shorter = load_study(DEFAULT_STUDY_CONFIG, out=tmp_path, steps=30, eval_every=10)
+    ran = shorter.run_config(shorter.variants[0], 0)
+    assert (ran.learner.total_steps, ran.learner.checkpoint_every) == (30, 10)
 
 
 def test_study_configs_that_cannot_compare_are_refused_before_any_run(tmp_path):
