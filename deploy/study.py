@@ -39,6 +39,8 @@ from services.config import RunConfig, load_run_config
 DEFAULT_STUDY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "study_tiny.yaml"
 EVAL_FILE = "study_eval.json"  # per run: held-out rows of every scored checkpoint
 GRID_DIR = "study_grid"  # per run: the final checkpoint's edits of the grid samples, PNG
+# scoring runs between trainings, alone on the machine: every core (a run's components take one each)
+SCORING_THREADS = os.cpu_count() or 1
 log = logging.getLogger("rcgrpo.study")
 
 
@@ -301,6 +303,9 @@ def score_base(study: Study, cfg: RunConfig, samples) -> Path:
     key = _sampling_key(cfg)
     path = study.out / "base" / f"{key}.json"
     if not path.exists():
+        import torch
+
+        torch.set_num_threads(SCORING_THREADS)
         eval_cfg = study.eval_config()
         editor = load_editor(cfg.editor, dtype=cfg.dtype)
         rows = _score(editor, samples, cfg, eval_cfg, study.grid_samples, study.out / "base" / f"{key}_grid")
@@ -324,9 +329,7 @@ def score_checkpoints(study: Study, cfg: RunConfig, samples, console) -> dict:
     todo = [c for c in checkpoints if str(int(c.name.removeprefix(CHECKPOINT_PREFIX))) not in scored["rows"]]
     if todo:
         eval_cfg = study.eval_config()
-        editor = start_component(
-            cfg, cfg.rollout.torch_threads, 0
-        )  # the base editor with the run's LoRA slots
+        editor = start_component(cfg, SCORING_THREADS, 0)  # the base editor with the run's LoRA slots
         for checkpoint in todo:
             step = int(checkpoint.name.removeprefix(CHECKPOINT_PREFIX))
             console.print(f"  scoring {cfg.name} step {step} on {len(samples)} held-out samples")
