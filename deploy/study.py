@@ -39,6 +39,7 @@ from services.config import RunConfig, load_run_config
 DEFAULT_STUDY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "study_tiny.yaml"
 EVAL_FILE = "study_eval.json"  # per run: held-out rows of every scored checkpoint
 GRID_DIR = "study_grid"  # per run: the final checkpoint's edits of the grid samples, PNG
+INVOCATIONS_FILE = "invocations.jsonl"  # one line per finished invocation: what a resumed study cost
 # scoring runs between trainings, alone on the machine: every core (a run's components take one each)
 SCORING_THREADS = os.cpu_count() or 1
 log = logging.getLogger("rcgrpo.study")
@@ -431,11 +432,17 @@ def run_study(study: Study, command: str) -> dict:
             if ray_started:
                 ray.shutdown()
     seconds = time.perf_counter() - started
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    with (study.out / INVOCATIONS_FILE).open("a") as log_file:
+        log_file.write(json.dumps({"command": command, "date": date, "seconds": round(seconds, 1)}) + "\n")
+    invocations = [json.loads(line) for line in (study.out / INVOCATIONS_FILE).read_text().splitlines()]
     meta = {
         "command": command,
         "machine": machine(),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "seconds": round(seconds, 1),
+        "date": date,
+        "seconds": round(seconds, 1),  # this invocation
+        "invocations": invocations,  # every one that finished in this study directory, this one last
+        "total_seconds": round(sum(i["seconds"] for i in invocations), 1),
         "base_config": str(study.base_path),
         "base_config_text": load_run_config(study.base_path, study.overrides).to_yaml(),
         "variants": {v.name: {"overrides": list(v.overrides), "kind": v.kind} for v in study.variants},

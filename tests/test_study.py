@@ -144,8 +144,16 @@ def test_outcome_is_the_paired_mean_change_with_an_interval_and_steps_to_target(
     reach = analysis.steps_to_target(measured["curves"], measured["boot"], "baseline", total_steps=40)
     assert reach["variants"]["baseline"]["steps"] == 40
     assert reach["variants"]["method"] == pytest.approx(
-        {"steps": 20, "fraction_of_steps": 0.5, "low": 20, "high": 20, "reached_share": 1.0}
+        {
+            "steps": 20,
+            "fraction_of_steps": 0.5,
+            "low": 20,
+            "high": 20,
+            "reached_share": 1.0,
+            "goal_share": 1.0,
+        }
     )
+    assert reach["variants"]["baseline"]["goal_share"] == 0  # its own final step: never within half
     assert reach["variants"]["blurry"]["steps"] is None  # never at equal or better background PSNR
 
 
@@ -203,6 +211,8 @@ def test_quick_study_trains_every_variant_and_reports_every_number(quick_study):
     psnr_std = {v: mechanism[v]["all"]["term_std"]["background_psnr"] for v in mechanism}
     assert ratio == pytest.approx(psnr_std["rc-grpo"] / psnr_std["neighbor-grpo"]) and ratio < 1
     assert numbers["goals"]["background_std"]["measured"]["background_psnr"] == ratio
+    steps_goal = numbers["goals"]["steps_to_target"]
+    assert steps_goal["met_share"] == numbers["steps_to_target"]["variants"]["rc-grpo"]["goal_share"]
     for name in numbers["figures"]:
         with Image.open(quick_study / numbers["figures"][name]) as figure:
             assert figure.format == "PNG" and min(figure.size) > 50
@@ -220,6 +230,11 @@ def test_a_finished_study_is_not_trained_or_scored_again(quick_study):
     assert len(before) == 7
     assert main(["study", "--quick", "--out", str(quick_study)]) == 0
     assert {p: p.stat().st_mtime_ns for p in watched} == before
+    # the report counts what the study cost over both invocations, not only the idle second one
+    meta = json.loads((quick_study / "study.json").read_text())["meta"]
+    first, second = meta["invocations"][-2:]
+    assert second["seconds"] == meta["seconds"] < first["seconds"]
+    assert meta["total_seconds"] == pytest.approx(sum(i["seconds"] for i in meta["invocations"]), abs=0.2)
 
 
 @pytest.mark.slow
