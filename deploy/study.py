@@ -40,7 +40,7 @@ DEFAULT_STUDY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "study_
 EVAL_FILE = "study_eval.json"  # per run: held-out rows of every scored checkpoint
 GRID_DIR = "study_grid"  # per run: the final checkpoint's edits of the grid samples, PNG
 INVOCATIONS_FILE = "invocations.jsonl"  # one line per finished invocation: what a resumed study cost
-# scoring runs between trainings, alone on the machine: every core (a run's components take one each)
+# the study process scores between trainings, alone on the machine: every core
 SCORING_THREADS = os.cpu_count() or 1
 log = logging.getLogger("rcgrpo.study")
 
@@ -304,9 +304,6 @@ def score_base(study: Study, cfg: RunConfig, samples) -> Path:
     key = _sampling_key(cfg)
     path = study.out / "base" / f"{key}.json"
     if not path.exists():
-        import torch
-
-        torch.set_num_threads(SCORING_THREADS)
         eval_cfg = study.eval_config()
         editor = load_editor(cfg.editor, dtype=cfg.dtype)
         rows = _score(editor, samples, cfg, eval_cfg, study.grid_samples, study.out / "base" / f"{key}_grid")
@@ -367,6 +364,7 @@ def machine() -> str:
 def run_study(study: Study, command: str) -> dict:
     """Train every (variant, seed) not yet trained, score every checkpoint, write the report."""
     import ray
+    import torch
     from rich.console import Console
 
     from deploy.driver import init_ray, run
@@ -376,6 +374,7 @@ def run_study(study: Study, command: str) -> dict:
 
     console = Console()
     started = time.perf_counter()
+    torch.set_num_threads(SCORING_THREADS)  # this process only scores: the runs train in their actors
     study.out.mkdir(parents=True, exist_ok=True)
     plan = [(variant, seed) for variant in study.variants for seed in range(study.seeds)]
     eval_cfg = study.eval_config()
