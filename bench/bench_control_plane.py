@@ -34,6 +34,7 @@ import time
 import redis
 import torch
 
+from services.blobstore import FetchedBlobs
 from services.bus import RunBus
 from services.codec import Message, encode_message
 from services.config import RunConfig
@@ -89,54 +90,63 @@ class Sim:
         self.policy_version: int | None = None
         self.next_reclaim = 0.0
 
-    # rollout worker: find a task, check the policy version, store the group, complete the task
-    def worker_take(self, consumer: str, block_ms: int = 200) -> list:
+    # rollout worker: find a task (with the policy version and the stop flag), store the group and
+    # complete the task
+    def worker_take(self, consumer: str, block_ms: int | None = 200) -> list:
         tasks = self.bus.tasks
         if self.per_item or time.monotonic() >= self.next_reclaim:
             self.next_reclaim = time.monotonic() + 30_000 / 4000
             reclaimed = tasks.reclaim(consumer, 30_000, count=1, max_deliveries=3)
             if reclaimed:
                 return reclaimed
-        return tasks.read(consumer, count=1, block_ms=block_ms)
+        if self.per_item:  # EXISTS stop, GET version, then the read
+            self.bus.stop_requested()
+            self.policy_version = self.bus.lora.latest().policy_version  # GET + HGETALL
+            return tasks.read(consumer, count=1, block_ms=block_ms)
+        entries, self.policy_version, _ = self.bus.take_task(consumer, block_ms)
+        return entries
 
     def worker_publish(self, entry) -> None:
-        bus = self.bus
-        bus.stop_requested()
-        if self.per_item:
-            version = bus.lora.latest().policy_version  # GET + HGETALL
-        else:
-            version = bus.lora.latest_version()
+        bus, version = self.bus, self.policy_version
         task = Task.from_fields(entry.fields)
         key = GroupKey(run=bus.cfg.name, group_id=task.group_id, policy_version=version)
-        train = bus.train_blobs.put(self.train_bytes, name=key.id)
-        if self.per_item:  # one blob per PNG part
+        done_key, result = bus.task_done_key(task.group_id), bus.rollouts.name
+
+        def fields(train, refs) -> dict:
+            message = Message(
+                meta=meta(bus.cfg, task.group_id, version, False).model_dump(), refs={"train": train, **refs}
+            )
+            return encode_message(message) | {"published_at": repr(time.time())}
+
+        if self.per_item:  # one blob per PNG part, one round trip each, then the completion
+            train = bus.train_blobs.put(self.train_bytes, name=key.id)
             refs = {f"edit/{i}": bus.blobs.put(data) for i, data in enumerate(self.image_bytes)}
-        else:  # the codec's bundle: every large part in one blob
-            refs = {"edit/bundle": bus.blobs.put(b"".join(self.image_bytes))}
-        message = Message(
-            meta=meta(bus.cfg, task.group_id, version, False).model_dump(), refs={"train": train, **refs}
-        )
-        fields = encode_message(message) | {"published_at": repr(time.time())}
-        bus.tasks.complete(entry.id, bus.task_done_key(task.group_id), bus.rollouts.name, fields)
+            bus.tasks.complete(entry.id, done_key, result, fields(train, refs))
+            return
+        # the worker's: the training blob and the codec's bundle (every large part in one blob) queued
+        # with the completion, one round trip
+        with bus.client.pipeline(transaction=False) as pipe:
+            train = bus.train_blobs.queued(pipe).put(self.train_bytes, name=key.id)
+            refs = {"edit/bundle": bus.blobs.queued(pipe).put(b"".join(self.image_bytes))}
+            bus.tasks.complete(entry.id, done_key, result, fields(train, refs), pipe=pipe)
 
     # reward consumer: read a batch, fetch the images, skip the scored, complete the rest
-    def reward_take(self, consumer: str, count: int = 16, block_ms: int = 200) -> list:
-        stream = self.bus.rollouts
-        entries = stream.reclaim(consumer, 30_000, count=count, max_deliveries=3)
+    def reward_take(self, consumer: str, count: int = 16, block_ms: int | None = 200) -> list:
+        stream, entries = self.bus.rollouts, []
+        if self.per_item or time.monotonic() >= self.next_reclaim:
+            self.next_reclaim = time.monotonic() + 30_000 / 4000
+            entries = stream.reclaim(consumer, 30_000, count=count, max_deliveries=3)
         return entries + stream.read(consumer, count=count, block_ms=block_ms)
 
     def reward_fetch(self, entries) -> list:
-        bus, groups = self.bus, []
-        for entry in entries:
-            group = decode_rollout_group(entry.fields)
-            refs = _image_refs(entry)
-            if self.per_item:
-                for ref in refs:
+        bus = self.bus
+        if self.per_item:
+            for entry in entries:
+                for ref in _image_refs(entry):
                     bus.blobs.get(ref)
-            else:
-                bus.blobs.get_many(refs)
-            groups.append((entry, group))
-        return groups
+        else:  # the reward server's: every group's images in one MGET
+            FetchedBlobs(bus.blobs, [ref for entry in entries for ref in _image_refs(entry)])
+        return [(entry, decode_rollout_group(entry.fields)) for entry in entries]
 
     def reward_complete(self, groups) -> None:
         bus, stream = self.bus, self.bus.rollouts
@@ -213,12 +223,23 @@ def capacity(url: str, groups: int, per_item: bool, groups_per_step: int = 8) ->
     sim = Sim(bus, payload_scale=0.0, per_item=per_item)  # 1 KiB blobs: the messages alone
     sim.learner_publish(0)
     client = bus.client
+    sends, send = [0], redis.connection.Connection.send_packed_command
+
+    def counted_send(connection, *args, **kwargs):  # one per request written: a pipeline is one
+        sends[0] += 1
+        return send(connection, *args, **kwargs)
+
+    redis.connection.Connection.send_packed_command = counted_send
     cpu0, calls0, t0 = redis_cpu(client), redis_calls(client), time.perf_counter()
     done = 0
     version = 0
     while done < groups:
-        for i in range(groups_per_step):
-            bus.tasks.publish(Task(f"g{done + i:07d}", done + i, done + i).to_fields())
+        tasks = [Task(f"g{done + i:07d}", done + i, done + i).to_fields() for i in range(groups_per_step)]
+        if per_item:
+            for fields in tasks:
+                bus.tasks.publish(fields)
+        else:  # the driver's: one round trip
+            bus.tasks.publish_many(tasks)
         bus.set_task_cursor(done + groups_per_step)
         for _ in range(groups_per_step):
             for entry in sim.worker_take("w0", block_ms=None):
@@ -234,6 +255,8 @@ def capacity(url: str, groups: int, per_item: bool, groups_per_step: int = 8) ->
         sim.learner_checkpoint([e.id for e in scored], groups_read)
         done += len(scored)
     wall = time.perf_counter() - t0
+    redis.connection.Connection.send_packed_command = send
+    round_trips = sends[0]
     cpu = redis_cpu(client) - cpu0
     calls = redis_calls(client) - calls0
     return {
@@ -243,6 +266,7 @@ def capacity(url: str, groups: int, per_item: bool, groups_per_step: int = 8) ->
         "redis_cpu_ms_per_group": 1000 * cpu / done,
         "groups_per_s_per_redis_core": done / cpu,
         "commands_per_group": calls / done,
+        "round_trips_per_group": round_trips / done,
     }
 
 
@@ -396,7 +420,7 @@ def scale(url: str, workers: int, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--workers", type=int, nargs="*", default=[16, 64, 256], help="none: capacity only")
     parser.add_argument("--capacity-groups", type=int, default=800)
     parser.add_argument("--per-item", action="store_true", help="the per-item calls made before batching")
     parser.add_argument("--payload-scale", type=float, default=1 / 128)

@@ -65,9 +65,9 @@ class TaskFeeder:
         )
 
     def feed_until(self, total: int) -> None:
-        while self.cursor < total:
-            self.bus.tasks.publish(self.task(self.cursor).to_fields())
-            self.cursor += 1
+        tasks = [self.task(i).to_fields() for i in range(self.cursor, total)]
+        self.bus.tasks.publish_many(tasks)  # one round trip
+        self.cursor = max(self.cursor, total)
         self.bus.set_task_cursor(self.cursor)
 
 

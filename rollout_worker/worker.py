@@ -15,7 +15,7 @@ from rcgrpo.group import sample_group
 from rcgrpo.lora import load_lora_state_dict
 from rcgrpo.sampler import surrogate_state_indices
 from services import metrics
-from services.blobstore import BlobError
+from services.blobstore import BlobError, QueuedBlobStore
 from services.bus import RunBus
 from services.config import RunConfig
 from services.policy import start_component
@@ -49,9 +49,11 @@ class RolloutWorker:
         self._next_reclaim = 0.0  # monotonic time of the next look for tasks a dead worker left
         self._took_own_pending = False
 
-    def sync_lora(self) -> int:
-        """Load the newest published LoRA (sha256-verified) unless it is already loaded; its policy version."""
-        version = self.bus.lora.latest_version()  # one GET per group; the record only for a new version
+    def sync_lora(self, version: int | None = None) -> int:
+        """Load policy `version` (default: the newest published; sha256-verified) unless it is already
+        loaded; the loaded policy version."""
+        if version is None:
+            version = self.bus.lora.latest_version()
         if version is None:
             raise RuntimeError("no policy version is published yet: the learner publishes version 0 first")
         if version != self.policy_version:
@@ -62,30 +64,34 @@ class RolloutWorker:
         return self.policy_version
 
     @torch.no_grad()
-    def rollout_group(self, task: Task) -> tuple[dict[str, bytes], torch.Tensor]:
-        """Sample `task`'s group with the loaded policy and store its training tensors under the group
-        key: (the record's stream fields, R_ACD per candidate)."""
+    def rollout_group(self, task: Task, blobs: QueuedBlobStore) -> tuple[dict[str, bytes], torch.Tensor]:
+        """Sample `task`'s group with the loaded policy, its training tensors and large images queued on
+        `blobs` under the group key: (the record's stream fields, R_ACD per candidate)."""
         sample = self.samples[task.dataset_index % len(self.samples)]
         group = sample_group(self.editor, self.cfg.method, sample, task.noise_seed, self.keep_states)
         key = GroupKey(run=self.cfg.name, group_id=task.group_id, policy_version=self.policy_version)
+        train_blobs = self.bus.train_blobs.queued(blobs.pipe)
         record = RolloutGroup(
             meta=group_meta(key, group, sample, self.cfg.rewards, self.cfg.composition),
-            train=self.bus.train_blobs.put(encode_train_tensors(group), name=key.id),
+            train=train_blobs.put(encode_train_tensors(group), name=key.id),
             images=GroupImages(sample.source, sample.mask, list(group.rollout.images.cpu()), sample.target),
         )
-        return encode_rollout_group(record, blobs=self.bus.blobs), group.acd
+        return encode_rollout_group(record, blobs=blobs), group.acd
 
-    def process(self, entry) -> bool:
-        """Roll out one task entry and complete it: publish + mark done + ack, atomically."""
+    def process(self, entry, version: int | None = None) -> bool:
+        """Roll out one task entry with policy `version` (default: the newest) and complete it: its blobs,
+        then publish + mark done + ack atomically, in one round trip."""
         started = time.perf_counter()
         task = Task.from_fields(entry.fields)
-        # a version published since the loop's check may be corrupt: refused and reported, the verified
+        # a version published since the last check may be corrupt: refused and reported, the verified
         # weights stay loaded and the group is tagged with their version
-        self.synced_lora()
-        fields, acd = self.rollout_group(task)
-        published = self.bus.tasks.complete(
-            entry.id, self.bus.task_done_key(task.group_id), self.bus.rollouts.name, fields
-        )
+        if not self.synced_lora(version) and self.policy_version is None:
+            return False  # no verified weights yet: the task stays pending, for a reclaim
+        with self.bus.client.pipeline(transaction=False) as pipe:
+            fields, acd = self.rollout_group(task, self.bus.blobs.queued(pipe))
+            published = self.bus.tasks.complete(
+                entry.id, self.bus.task_done_key(task.group_id), self.bus.rollouts.name, fields, pipe=pipe
+            )
         if published:
             metrics.ROLLOUT_GROUPS.labels(self.worker_id).inc()
             metrics.ROLLOUT_IMAGES.labels(self.worker_id).inc(self.cfg.method.group_size)
@@ -93,16 +99,17 @@ class RolloutWorker:
             metrics.ROLLOUT_GROUP_SECONDS.labels(self.worker_id).observe(time.perf_counter() - started)
         return published
 
-    def next_entries(self) -> list:
-        """The task a previous process of this worker left pending (it died) first, then one another
-        worker left pending, else a new one. A task is reclaimable only once idle for reclaim_idle_ms,
-        so looking every quarter of that (not before every group) saves two commands per group and
-        delays a takeover by at most a quarter."""
+    def next_entries(self) -> tuple[list, int | None, bool]:
+        """(entries, the newest policy version or None: ask, stop requested). The task a previous process
+        of this worker left pending (it died) first, then one another worker left pending, else a new
+        one. A task is reclaimable only once idle for reclaim_idle_ms, so looking every quarter of that
+        (not before every group) saves two commands per group and delays a takeover by at most a
+        quarter."""
         cfg = self.cfg.rollout
         if not self._took_own_pending:
             self._took_own_pending = True
             if own := self.bus.tasks.read(self.worker_id, count=1, own_pending=True):
-                return own
+                return own, None, False
         if time.monotonic() >= self._next_reclaim:
             self._next_reclaim = time.monotonic() + cfg.reclaim_idle_ms / 4000
             reclaimed = self.bus.tasks.reclaim(
@@ -110,14 +117,14 @@ class RolloutWorker:
             )
             if reclaimed:
                 self._next_reclaim = 0.0  # there may be more
-                return reclaimed
-        return self.bus.tasks.read(self.worker_id, count=1, block_ms=200)
+                return reclaimed, None, False
+        return self.bus.take_task(self.worker_id, block_ms=200)
 
-    def synced_lora(self) -> bool:
-        """sync_lora(), reporting a newest version that fails verification instead of raising: the
-        driver then has the learner publish a sound one. False while no sound version is loaded."""
+    def synced_lora(self, version: int | None = None) -> bool:
+        """sync_lora(version), reporting a version that fails verification instead of raising: the
+        driver then has the learner publish a sound one. False while the newest version is refused."""
         try:
-            self.sync_lora()
+            self.sync_lora(version)
             return True
         except BlobError as error:
             latest = self.bus.lora.latest()
@@ -129,10 +136,11 @@ class RolloutWorker:
     def run(self, max_tasks: int | None = None) -> int:
         """Process tasks until the run's stop flag is set (or max_tasks); returns groups published."""
         published = 0
-        while not self.bus.stop_requested() and (max_tasks is None or published < max_tasks):
-            if not self.synced_lora():
-                continue
-            for entry in self.next_entries():
-                published += self.process(entry)
+        while max_tasks is None or published < max_tasks:
+            entries, version, stop = self.next_entries()
+            if stop:  # a task taken as the stop came stays pending: a resumed run's worker takes it
+                break
+            for entry in entries:
+                published += self.process(entry, version)
         log.info("%s stopping after %d groups", self.worker_id, published)
         return published

@@ -75,17 +75,15 @@ class BlobStore:
 
     def put_many(self, items: list[tuple[bytes, str | None]]) -> list[BlobRef]:
         """Store several (data, name) blobs in one round trip (a pipeline); their refs."""
-        refs, px = [], None if self.ttl_s is None else int(self.ttl_s * 1000)
         with self.client.pipeline(transaction=False) as pipe:
-            for data, name in items:
-                if not isinstance(data, (bytes, bytearray, memoryview)):
-                    raise TypeError(f"blob data must be bytes, got {type(data).__name__}")
-                data = bytes(data)
-                digest = sha256_hex(data)
-                refs.append(BlobRef(key=self.key_for(name or digest), sha256=digest, size=len(data)))
-                pipe.set(refs[-1].key, data, px=px)
+            refs = self.queued(pipe).put_many(items)
             pipe.execute()
         return refs
+
+    def queued(self, pipe: redis.client.Pipeline) -> QueuedBlobStore:
+        """This store's puts queued on `pipe`: their refs at once, the writes when its owner executes it
+        (with the message that refers to them, in one round trip)."""
+        return QueuedBlobStore(pipe, self.prefix, self.ttl_s)
 
     def get(self, ref: BlobRef) -> bytes:
         return self.get_many([ref])[0]
@@ -108,6 +106,43 @@ class BlobStore:
     def delete(self, *refs: BlobRef) -> None:
         if refs:
             self.client.delete(*(ref.key for ref in refs))
+
+
+class FetchedBlobs:
+    """Blobs fetched and verified together (one MGET for a batch of messages), served by key, so that
+    decoding each message makes no round trip."""
+
+    def __init__(self, store: BlobStore, refs: list[BlobRef]):
+        self.refs = {ref.key: ref for ref in refs}
+        distinct = list(self.refs.values())
+        self.by_key = dict(zip(self.refs, store.get_many(distinct), strict=True))
+
+    def get_many(self, refs: list[BlobRef]) -> list[bytes]:
+        for ref in refs:
+            if self.refs.get(ref.key) != ref:
+                raise BlobIntegrityError(f"blob {ref.key} was not fetched under this ref")
+        return [self.by_key[ref.key] for ref in refs]
+
+
+class QueuedBlobStore:
+    """BlobStore.put on a pipeline: the SETs wait for the pipeline's execute."""
+
+    def __init__(self, pipe: redis.client.Pipeline, prefix: str, ttl_s: float | None):
+        self.pipe, self.prefix, self.ttl_s = pipe, prefix, ttl_s
+
+    def put(self, data: bytes, name: str | None = None) -> BlobRef:
+        return self.put_many([(data, name)])[0]
+
+    def put_many(self, items: list[tuple[bytes, str | None]]) -> list[BlobRef]:
+        refs, px = [], None if self.ttl_s is None else int(self.ttl_s * 1000)
+        for data, name in items:
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise TypeError(f"blob data must be bytes, got {type(data).__name__}")
+            data = bytes(data)
+            digest = sha256_hex(data)
+            refs.append(BlobRef(key=self.prefix + (name or digest), sha256=digest, size=len(data)))
+            self.pipe.set(refs[-1].key, data, px=px)
+        return refs
 
 
 class DirectoryBlobStore:

@@ -13,7 +13,7 @@ from services import metrics
 from services.blobstore import BlobStore, DirectoryBlobStore
 from services.config import RunConfig
 from services.lora_store import LoraStore
-from services.streams import DEFAULT_DONE_TTL_S, WorkStream
+from services.streams import DEFAULT_DONE_TTL_S, StreamEntry, WorkStream
 
 # consumer groups of the three streams
 TASKS_GROUP = "rollout-workers"
@@ -106,6 +106,14 @@ class RunBus:
 
     def stop_requested(self) -> bool:
         return bool(self.client.exists(self._stop_key))
+
+    def take_task(self, consumer: str, block_ms: int) -> tuple[list[StreamEntry], int | None, bool]:
+        """A new task for `consumer` (waiting up to block_ms), then the newest policy version and the
+        stop flag as of its arrival: what a worker asks before every group, in one round trip."""
+        with self.client.pipeline(transaction=False) as pipe:
+            self.tasks.queue_read(pipe, consumer, count=1, block_ms=block_ms)
+            response, version, stop = pipe.get(self.lora.latest_key).exists(self._stop_key).execute()
+        return self.tasks.entries_read(response), None if version is None else int(version), bool(stop)
 
     def streams(self) -> dict[str, WorkStream]:
         return {"tasks": self.tasks, "rollouts": self.rollouts, "scored": self.scored}

@@ -58,7 +58,7 @@ class LoraStore:
         self.blobs = blobs or BlobStore(client, prefix=f"{namespace}:blob:", ttl_s=None)  # kept until pruned
         self.namespace = namespace
         self.keep_last = keep_last
-        self._latest_key = f"{namespace}:latest"
+        self.latest_key = f"{namespace}:latest"
         self._versions_key = f"{namespace}:versions"  # sorted set: member = score = policy version
 
     def _record_key(self, policy_version: int) -> str:
@@ -83,7 +83,7 @@ class LoraStore:
         with self.client.pipeline(transaction=True) as pipe:
             pipe.hset(self._record_key(policy_version), mapping=record.to_hash())
             pipe.zadd(self._versions_key, {str(policy_version): policy_version})
-            pipe.set(self._latest_key, policy_version)
+            pipe.set(self.latest_key, policy_version)
             pipe.execute()
         self._prune()
         return record
@@ -108,7 +108,7 @@ class LoraStore:
 
     def latest_version(self) -> int | None:
         """The newest policy version's number (one GET): what a worker polls before every group."""
-        policy_version = self.client.get(self._latest_key)
+        policy_version = self.client.get(self.latest_key)
         return None if policy_version is None else int(policy_version)
 
     def latest(self) -> LoraVersion | None:

@@ -9,6 +9,7 @@ result, marks a done key and acks in one Lua script, and a second completion of 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -43,12 +44,10 @@ def _entries(raw) -> list[StreamEntry]:
 _COMPLETE_LUA = """
 local claimed = redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[3])
 if claimed then
-    local fields = {}
-    for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
     if tonumber(ARGV[4]) > 0 then
-        redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
+        redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 5))
     else
-        redis.call('XADD', KEYS[3], '*', unpack(fields))
+        redis.call('XADD', KEYS[3], '*', unpack(ARGV, 5))
     end
 end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
@@ -93,7 +92,6 @@ class WorkStream:
         self.group = group
         self.maxlen = maxlen
         self.dead_letter = dead_letter or f"{name}:dead"
-        self._complete = client.register_script(_COMPLETE_LUA)
         self._move_to_dead_letter = client.register_script(_DEAD_LETTER_LUA)
 
     def ensure_group(self, start_id: str = "0") -> None:
@@ -105,10 +103,16 @@ class WorkStream:
                 raise
 
     def publish(self, fields: Mapping[str, bytes | str | int | float]) -> str:
-        if not fields:
-            raise ValueError("a stream entry needs at least one field")
-        entry_id = self.client.xadd(self.name, dict(fields), maxlen=self.maxlen, approximate=True)
-        return as_str(entry_id)
+        return self.publish_many([fields])[0]
+
+    def publish_many(self, entries: list[Mapping[str, bytes | str | int | float]]) -> list[str]:
+        """Several entries, in order, in one round trip (a pipeline); their ids."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for fields in entries:
+                if not fields:
+                    raise ValueError("a stream entry needs at least one field")
+                pipe.xadd(self.name, dict(fields), maxlen=self.maxlen, approximate=True)
+            return [as_str(entry_id) for entry_id in pipe.execute()]
 
     def read(
         self, consumer: str, count: int | None = 1, block_ms: int | None = None, own_pending: bool = False
@@ -117,10 +121,25 @@ class WorkStream:
 
         own_pending: instead, the entries already delivered to `consumer` and not acked (what a
         restarted consumer of the same name left behind)."""
+        with self.client.pipeline(transaction=False) as pipe:
+            self.queue_read(pipe, consumer, count, block_ms, own_pending)
+            return self.entries_read(pipe.execute()[0])
+
+    def queue_read(
+        self,
+        pipe: redis.client.Pipeline,
+        consumer: str,
+        count: int | None = 1,
+        block_ms: int | None = None,
+        own_pending: bool = False,
+    ) -> None:
+        """read() queued on `pipe`: commands queued after it run once it returns; entries_read() parses
+        its reply."""
         start = "0" if own_pending else ">"
-        response = self.client.xreadgroup(
-            self.group, consumer, {self.name: start}, count=count, block=block_ms
-        )
+        pipe.xreadgroup(self.group, consumer, {self.name: start}, count=count, block=block_ms)
+
+    @staticmethod
+    def entries_read(response) -> list[StreamEntry]:
         # RESP2 reply: [[stream, entries]] for the one stream read.
         return _entries(response[0][1]) if response else []
 
@@ -135,12 +154,12 @@ class WorkStream:
         result_fields: Mapping[str, bytes | str | int | float],
         done_ttl_s: float = DEFAULT_DONE_TTL_S,
         result_maxlen: int | None = None,
+        pipe: redis.client.Pipeline | None = None,
     ) -> bool:
         """Atomically: publish `result_fields` to `result_stream` and mark `key` done unless it already
-        is, then ack `entry_id`. True if this call published the result."""
-        return self.complete_many([(entry_id, key, result_fields)], result_stream, done_ttl_s, result_maxlen)[
-            0
-        ]
+        is, then ack `entry_id`. True if this call published the result. `pipe`: as in complete_many."""
+        items = [(entry_id, key, result_fields)]
+        return self.complete_many(items, result_stream, done_ttl_s, result_maxlen, pipe)[0]
 
     def complete_many(
         self,
@@ -148,18 +167,24 @@ class WorkStream:
         result_stream: str,
         done_ttl_s: float = DEFAULT_DONE_TTL_S,
         result_maxlen: int | None = None,
+        pipe: redis.client.Pipeline | None = None,
     ) -> list[bool]:
         """`complete` for several (entry id, done key, result fields) in one round trip (a pipeline;
-        each completion is still its own atomic script)."""
-        with self.client.pipeline(transaction=False) as pipe:
+        each completion is still its own atomic script). `pipe`: a pipeline already holding writes the
+        results refer to (their blobs): they go first, in the same round trip."""
+        own = contextlib.nullcontext(pipe) if pipe is not None else self.client.pipeline(transaction=False)
+        with own as pipe:
             for entry_id, key, result_fields in items:
                 if not result_fields:
                     raise ValueError("a result entry needs at least one field")
                 args = [self.group, entry_id, int(done_ttl_s * 1000), result_maxlen or 0]
                 for field_name, value in result_fields.items():
                     args += [field_name, value]
-                self._complete(keys=[self.name, key, result_stream], args=args, client=pipe)
-            return [bool(done) for done in pipe.execute()]
+                # EVAL, not a registered script: in a pipeline that costs a SCRIPT EXISTS round trip per
+                # execute, while Redis finds EVAL's compiled body by its sha1
+                pipe.eval(_COMPLETE_LUA, 3, self.name, key, result_stream, *args)
+            replies = pipe.execute()
+        return [bool(done) for done in replies[len(replies) - len(items) :]]
 
     def dead_letter_exhausted(self, max_deliveries: int, min_idle_ms: int = 0, count: int = 100) -> list[str]:
         """Move pending entries delivered >= max_deliveries times (and idle >= min_idle_ms) to the

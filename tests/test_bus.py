@@ -6,7 +6,7 @@ import pytest
 import redis
 import torch
 
-from services.blobstore import BlobIntegrityError, BlobMissingError, BlobRef, BlobStore
+from services.blobstore import BlobIntegrityError, BlobMissingError, BlobRef, BlobStore, FetchedBlobs
 from services.codec import (
     CodecError,
     Message,
@@ -248,3 +248,75 @@ def test_complete_carries_binary_message_fields(client):
     decoded = decode_message(fields)
     assert decoded.meta == {"group_id": "g1", "totals": [0.25, 1.0]}
     assert torch.equal(decoded.images["edit"], torch.zeros(3, 4, 4))
+
+
+def round_trips(client, action) -> int:
+    """How many times `action` wrote a request to the server (a pipeline is one)."""
+    connection = client.connection_pool.get_connection()
+    client.connection_pool.release(connection)
+    sends, send = [0], connection.send_packed_command
+    connection.send_packed_command = lambda *a, **k: (sends.__setitem__(0, sends[0] + 1), send(*a, **k))[1]
+    try:
+        action()
+    finally:
+        del connection.send_packed_command
+    return sends[0]
+
+
+def test_a_completion_writes_its_blobs_first_in_the_same_round_trip(client):
+    stream, blobs = WorkStream(client, "tasks", "workers"), BlobStore(client, prefix="b:")
+    stream.ensure_group()
+    entry_ids = stream.publish_many([{"task": "a"}, {"task": "b"}])  # in order, one round trip
+    assert [fields for _, fields in client.xrange("tasks")] == [{b"task": b"a"}, {b"task": b"b"}]
+    (entry,) = stream.read("w1")
+    assert entry.id == entry_ids[0]
+    refs, observer = [], redis.Redis(port=client.connection_pool.connection_kwargs["port"])
+
+    def complete():
+        with client.pipeline(transaction=False) as pipe:
+            refs.append(blobs.queued(pipe).put(b"tensors", name="g1"))
+            assert observer.get("b:g1") is None  # queued, not written yet
+            published = stream.complete(entry.id, "done:g1", "rollouts", {"train": refs[0].key}, pipe=pipe)
+            assert published is True
+
+    assert round_trips(client, complete) == 1
+    assert blobs.get(refs[0]) == b"tensors" and 0 < client.pttl("b:g1") <= 3600_000
+    assert [fields for _, fields in client.xrange("rollouts")] == [{b"train": b"b:g1"}]
+    assert stream.pending_count() == 0  # acked in the same script
+    # a second completion of the same key acks only, after the same pipeline's writes
+    with client.pipeline(transaction=False) as pipe:
+        pipe.set("other", b"x")
+        assert stream.complete(entry.id, "done:g1", "rollouts", {"train": "again"}, pipe=pipe) is False
+    assert client.xlen("rollouts") == 1 and client.get("other") == b"x"
+
+
+def test_blobs_fetched_together_serve_only_the_refs_they_were_fetched_under(client):
+    blobs = BlobStore(client, prefix="b:")
+    first, second = blobs.put(b"one"), blobs.put(b"two")
+    fetched = FetchedBlobs(blobs, [first, second, first])
+    assert fetched.get_many([second, first]) == [b"two", b"one"]
+    forged = BlobRef(key=first.key, sha256=second.sha256, size=first.size)
+    with pytest.raises(BlobIntegrityError, match="not fetched under this ref"):
+        fetched.get_many([forged])
+    client.delete(second.key)
+    with pytest.raises(BlobMissingError):
+        FetchedBlobs(blobs, [first, second])
+
+
+def test_a_worker_takes_a_task_with_the_newest_version_and_the_stop_flag_in_one_round_trip(client, tmp_path):
+    from services.bus import RunBus
+    from services.config import RunConfig
+    from services.record import Task
+
+    port = client.connection_pool.connection_kwargs["port"]
+    bus = RunBus(RunConfig(name="take", runs_dir=tmp_path), f"redis://127.0.0.1:{port}")
+    bus.tasks.publish(Task("g1", 0, 1).to_fields())
+    assert bus.take_task("w1", block_ms=10)[1:] == (None, False)  # nothing published, no stop
+    bus.lora.publish({"w": torch.zeros(2)}, policy_version=4)
+    bus.tasks.publish(Task("g2", 1, 2).to_fields())
+    bus.request_stop()
+    result = []
+    assert round_trips(bus.client, lambda: result.append(bus.take_task("w1", block_ms=10))) == 1
+    (entries, version, stop) = result[0]
+    assert [Task.from_fields(e.fields).group_id for e in entries] == ["g2"] and (version, stop) == (4, True)
+    assert bus.take_task("w1", block_ms=10) == ([], 4, True)
