@@ -9,7 +9,8 @@ message rate: a conservative test).
 
     capacity  one client drives groups through the whole path back to back (control-plane messages,
               1 KiB blobs); Redis's own CPU seconds per group give the group messages per second one
-              Redis core sustains, and INFO commandstats the commands per group.
+              Redis core sustains, INFO commandstats the commands per group, and the requests the
+              client writes (a pipeline is one) the round trips per group.
               --per-item replays the per-item calls the components made before batching.
     scale     16 / 64 / 256 worker threads, reward consumers (one per 32 workers), a learner sized to keep
               up: group messages/s, p50/p99 latency from a worker's publish to the learner's read, bus
@@ -97,7 +98,8 @@ class Sim:
         if self.per_item or time.monotonic() >= self.next_reclaim:
             self.next_reclaim = time.monotonic() + 30_000 / 4000
             reclaimed = tasks.reclaim(consumer, 30_000, count=1, max_deliveries=3)
-            if reclaimed:
+            if reclaimed:  # the worker then asks for the version (one GET)
+                self.policy_version = self.bus.lora.latest_version()
                 return reclaimed
         if self.per_item:  # EXISTS stop, GET version, then the read
             self.bus.stop_requested()
@@ -328,8 +330,7 @@ def scale(url: str, workers: int, args) -> dict:
     def learner():
         bus = new_bus(url, name)
         sim = Sim(bus, args.payload_scale, args.per_item)
-        version = 0
-        sim.learner_publish(version)
+        version = 0  # published before any worker starts, as the driver does
         held_ids, held_groups = [], []
         while not stop.is_set():
             batch, bus_s = [], 0.0
@@ -377,6 +378,7 @@ def scale(url: str, workers: int, args) -> dict:
     ]
     threads += [threading.Thread(target=worker, args=(i,)) for i in range(workers)]
     threads += [threading.Thread(target=reward, args=(i,)) for i in range(consumers)]
+    Sim(new_bus(url, name), args.payload_scale, args.per_item).learner_publish(0)
     client = redis.Redis.from_url(url)
     cpu0 = redis_cpu(client)
     for t in threads:
