@@ -364,11 +364,11 @@ def test_bf16_base_weights_train_a_float32_lora_in_checkpointed_micro_batches(ti
 
 
 def test_twenty_steps_on_the_shipped_editor_raise_region_adherence_on_fresh_seeds():
-    """The default run's regime (RDP at s_in 1, neighbour-scaled distance, tau 0.5, 4 epochs, beta_bg
-    0.3), with B = K = 2 and lr 3e-3 so it takes seconds, on the shipped editor against the real
+    """The default run's regime (RDP at s_in 0.3, neighbour-scaled distance, tau 0.5, 4 epochs, beta_bg
+    0.45), with B = K = 2 and lr 3e-3 so it takes seconds, on the shipped editor against the real
     instruction reward, region adherence to the ground truth, on one ShapesEdit recolour edit: the
     policy moves (the ratio leaves 1) and the edit gets better on noise seeds never trained on.
-    Measured: adherence 0.137 -> 0.339, up on 15 of 16 fresh seeds."""
+    Measured: adherence 0.101 -> 0.265, up on 16 of 16 fresh seeds."""
     from rcgrpo.evaluate import load_samples
     from rcgrpo.group import sample_group
     from rcgrpo.rewards import region_adherence
@@ -376,13 +376,13 @@ def test_twenty_steps_on_the_shipped_editor_raise_region_adherence_on_fresh_seed
 
     sample = [s for s in load_samples("shapes", split="train", limit=64, seed=0) if s.kind == "recolour"][1]
     cfg = MethodConfig(
-        s_in=1.0,
+        s_in=0.3,
         anchors=2,
         timesteps_per_anchor=2,
         tau=0.5,
         distance_scale="neighbours",
         update_epochs=4,
-        background_anchor=0.3,
+        background_anchor=0.45,
         learning_rate=3e-3,
     )
     editor = load_editor(SHIPPED_EDITOR_DIR)
