@@ -90,10 +90,15 @@ class Sim:
         self.lora = torch.zeros(max(1024, int(LORA_BYTES * payload_scale)), dtype=torch.uint8)
         self.policy_version: int | None = None
         self.next_reclaim = 0.0
+        self.taken: list | None = None  # the task a worker asked for with its last completion
+        self.redelivered: set[str] = set()  # the reward consumer's reclaimed entries of its last take
 
     # rollout worker: find a task (with the policy version and the stop flag), store the group and
     # complete the task
     def worker_take(self, consumer: str, block_ms: int | None = 200) -> list:
+        if self.taken is not None:
+            taken, self.taken = self.taken, None
+            return taken
         tasks = self.bus.tasks
         if self.per_item or time.monotonic() >= self.next_reclaim:
             self.next_reclaim = time.monotonic() + 30_000 / 4000
@@ -108,7 +113,9 @@ class Sim:
         entries, self.policy_version, _ = self.bus.take_task(consumer, block_ms)
         return entries
 
-    def worker_publish(self, entry) -> None:
+    def worker_publish(self, entry, consumer: str = "w0", block_ms: int | None = 200) -> None:
+        """The group's blobs and completion; the worker's next task asked for in the same round trip
+        (unless a look for reclaimable tasks is due), as rollout_worker does."""
         bus, version = self.bus, self.policy_version
         task = Task.from_fields(entry.fields)
         key = GroupKey(run=bus.cfg.name, group_id=task.group_id, policy_version=version)
@@ -126,11 +133,17 @@ class Sim:
             bus.tasks.complete(entry.id, done_key, result, fields(train, refs))
             return
         # the worker's: the training blob and the codec's bundle (every large part in one blob) queued
-        # with the completion, one round trip
+        # with the completion and the next task's read, one round trip
+        take_next = time.monotonic() < self.next_reclaim
         with bus.client.pipeline(transaction=False) as pipe:
             train = bus.train_blobs.queued(pipe).put(self.train_bytes, name=key.id)
             refs = {"edit/bundle": bus.blobs.queued(pipe).put(b"".join(self.image_bytes))}
-            bus.tasks.complete(entry.id, done_key, result, fields(train, refs), pipe=pipe)
+            bus.tasks.queue_complete(pipe, entry.id, done_key, result, fields(train, refs))
+            if take_next:
+                bus.queue_take_task(pipe, consumer, block_ms)
+            replies = pipe.execute()
+        if take_next:
+            self.taken, self.policy_version, _ = bus.task_taken(replies)
 
     # reward consumer: read a batch, fetch the images, skip the scored, complete the rest
     def reward_take(self, consumer: str, count: int = 16, block_ms: int | None = 200) -> list:
@@ -138,6 +151,7 @@ class Sim:
         if self.per_item or time.monotonic() >= self.next_reclaim:
             self.next_reclaim = time.monotonic() + 30_000 / 4000
             entries = stream.reclaim(consumer, 30_000, count=count, max_deliveries=3)
+        self.redelivered = {entry.id for entry in entries}
         return entries + stream.read(consumer, count=count, block_ms=block_ms)
 
     def reward_fetch(self, entries) -> list:
@@ -156,9 +170,9 @@ class Sim:
         if self.per_item:
             for _, group in groups:
                 bus.client.exists(done_key(group))
-        else:
-            with bus.client.pipeline(transaction=False) as pipe:
-                for _, group in groups:
+        elif redelivered := [group for entry, group in groups if entry.id in self.redelivered]:
+            with bus.client.pipeline(transaction=False) as pipe:  # only what was delivered before
+                for group in redelivered:
                     pipe.exists(done_key(group))
                 pipe.execute()
         items = []
@@ -201,12 +215,14 @@ class Sim:
         else:
             self.bus.train_blobs.delete(*[g.train for g in groups])
 
-    def learner_observe(self) -> None:
+    def learner_observe(self, stats: dict) -> None:
+        """The stream gauges and the step's stats (one SET each, the earlier way)."""
         if self.per_item:
             for stream in self.bus.streams().values():
                 stream.length(), stream.pending_count(), stream.dead_letter_length()
+            self.bus.client.set(self.bus.cfg.key("learner:last"), json.dumps(stats))
         else:
-            self.bus.observe()
+            self.bus.observe(learner_stats=stats)
 
 
 def _image_refs(entry):
@@ -243,17 +259,18 @@ def capacity(url: str, groups: int, per_item: bool, groups_per_step: int = 8) ->
         else:  # the driver's: one round trip
             bus.tasks.publish_many(tasks)
         bus.set_task_cursor(done + groups_per_step)
-        for _ in range(groups_per_step):
+        worked = 0
+        while worked < groups_per_step:  # the last completion's take finds none: the next take asks again
             for entry in sim.worker_take("w0", block_ms=None):
-                sim.worker_publish(entry)
+                sim.worker_publish(entry, "w0", block_ms=None)
+                worked += 1
         entries = sim.reward_take("r0", count=groups_per_step, block_ms=None)
         sim.reward_complete(sim.reward_fetch(entries))
         scored = sim.learner_read("l0", count=groups_per_step, block_ms=None)
         groups_read = sim.learner_fetch(scored)
         version += 1
         sim.learner_publish(version)
-        sim.learner_observe()
-        bus.set_learner_stats({"step": version})
+        sim.learner_observe({"step": version})
         sim.learner_checkpoint([e.id for e in scored], groups_read)
         done += len(scored)
     wall = time.perf_counter() - t0
@@ -313,7 +330,7 @@ def scale(url: str, workers: int, args) -> dict:
             for entry in entries:
                 stop.wait(rollout_s * rng.uniform(0.75, 1.25))  # the rollout
                 t = time.perf_counter()
-                sim.worker_publish(entry)
+                sim.worker_publish(entry, f"w{i}")
                 with lock:
                     worker_bus_s.append(read_s + time.perf_counter() - t)
 
@@ -353,8 +370,7 @@ def scale(url: str, workers: int, args) -> dict:
             t = time.perf_counter()
             version += 1
             sim.learner_publish(version)
-            sim.learner_observe()
-            bus.set_learner_stats({"step": version})
+            sim.learner_observe({"step": version})
             held_ids += [e.id for e, _ in batch]
             held_groups += [g for _, g in batch]
             if version % args.checkpoint_every == 0:

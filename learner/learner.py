@@ -85,8 +85,8 @@ class Learner:
 
     def publish_lora(self) -> int:
         """Publish the current LoRA as the next policy version (after any a crashed predecessor published)."""
-        latest = self.bus.lora.latest()
-        version = max(self.state.policy_version, -1 if latest is None else latest.policy_version) + 1
+        latest = self.bus.lora.latest_version()
+        version = max(self.state.policy_version, -1 if latest is None else latest) + 1
         # in the model's dtype: what the workers' bf16 forward uses anyway, at half the fp32 bytes
         lora = lora_state_dict(self.editor.transformer, dtype=self.editor.dtype)
         self.bus.lora.publish(lora, policy_version=version)
@@ -223,8 +223,7 @@ class Learner:
             "publish_seconds": time.perf_counter() - updated,
             "groups": len(batch),
         }
-        self.bus.observe()
-        self.bus.set_learner_stats(result)  # what a driver follows when the learner is external
+        self.bus.observe(learner_stats=result)
         _export(result, len(groups), int(flat.sum()))
         return result
 

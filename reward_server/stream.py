@@ -94,9 +94,10 @@ class StreamConsumer:
                     entries = self.work.reclaim(s.consumer, min_idle_ms=s.reclaim_idle_ms, count=s.read_count)
                     if entries:
                         next_reclaim = 0.0  # there may be more
+                redelivered = {entry.id for entry in entries}
                 entries += self.work.read(s.consumer, count=s.read_count, block_ms=s.block_ms)
                 if entries:
-                    self.process(entries)
+                    self.process(entries, redelivered)
             except redis.RedisError as error:
                 log.warning("redis error in stream mode (retrying): %s", error)
                 self._stopping.wait(1.0)
@@ -104,23 +105,28 @@ class StreamConsumer:
     def done_key(self, key: GroupKey) -> str:
         return f"{self.settings.namespace}:done:{key.id}"
 
-    def process(self, entries: list[StreamEntry]) -> None:
-        """Score the groups of one read together, then complete each."""
+    def process(self, entries: list[StreamEntry], redelivered: set[str] | None = None) -> None:
+        """Score the groups of one read together, then complete each. `redelivered`: the ids of entries
+        delivered before (reclaimed; None: all may have been). Only those can have been scored already, so
+        only their done keys are looked up first; a first delivery of a group scored under another
+        entry is still published once, by its completion's done key."""
         keyed = []
         for entry in entries:
             try:
                 keyed.append((entry, group_key(entry.fields)))
             except ValueError as error:
                 self._leave_pending(entry, str(error))
-        with self.client.pipeline(transaction=False) as pipe:  # which were scored before: one round trip
-            for _, key in keyed:
-                pipe.exists(self.done_key(key))
-            done = pipe.execute()
-        duplicates = [entry.id for (entry, _), seen in zip(keyed, done, strict=True) if seen]
-        if duplicates:  # a re-delivery: one result only, and its images are not fetched again
-            self.work.ack(*duplicates)
-            self.metrics.stream_groups.labels(outcome="duplicate").inc(len(duplicates))
-        fresh = [entry for (entry, _), seen in zip(keyed, done, strict=True) if not seen]
+        asked = [(entry, key) for entry, key in keyed if redelivered is None or entry.id in redelivered]
+        seen = set()
+        if asked:
+            with self.client.pipeline(transaction=False) as pipe:  # which were scored before: one round trip
+                for _, key in asked:
+                    pipe.exists(self.done_key(key))
+                seen = {entry.id for (entry, _), done in zip(asked, pipe.execute(), strict=True) if done}
+        if seen:  # a re-delivery: one result only, and its images are not fetched again
+            self.work.ack(*seen)
+            self.metrics.stream_groups.labels(outcome="duplicate").inc(len(seen))
+        fresh = [entry for entry, _ in keyed if entry.id not in seen]
         images = self._fetch_images(fresh)
         todo = []
         for entry in fresh:

@@ -31,6 +31,7 @@ from services.record import (
 
 log = logging.getLogger("rcgrpo.rollout_worker")
 REJECTED_POLICY_POLL_S = 1.0  # how often a worker that refused the newest policy version looks for another
+TASK_BLOCK_MS = 200  # a worker's wait for a new task per read: how soon it sees the stop flag when idle
 
 
 class RolloutWorker:
@@ -48,6 +49,7 @@ class RolloutWorker:
         self.policy_version: int | None = None
         self._next_reclaim = 0.0  # monotonic time of the next look for tasks a dead worker left
         self._took_own_pending = False
+        self._taken: tuple[list, int | None, bool] | None = None  # next_entries()'s next answer
 
     def sync_lora(self, version: int | None = None) -> int:
         """Load policy `version` (default: the newest published; sha256-verified) unless it is already
@@ -78,20 +80,33 @@ class RolloutWorker:
         )
         return encode_rollout_group(record, blobs=blobs), group.acd
 
-    def process(self, entry, version: int | None = None) -> bool:
+    def process(self, entry, version: int | None = None, take_next: bool = False) -> bool:
         """Roll out one task entry with policy `version` (default: the newest) and complete it: its blobs,
-        then publish + mark done + ack atomically, in one round trip."""
+        then publish + mark done + ack atomically, in one round trip. take_next: the next task (with the
+        policy version and the stop flag) is asked for in the same round trip, unless a look for tasks
+        dead workers left is due; next_entries() hands it out."""
         started = time.perf_counter()
         task = Task.from_fields(entry.fields)
         # a version published since the last check may be corrupt: refused and reported, the verified
         # weights stay loaded and the group is tagged with their version
         if not self.synced_lora(version) and self.policy_version is None:
             return False  # no verified weights yet: the task stays pending, for a reclaim
+        take_next = (
+            take_next
+            and self._taken is None
+            and self._took_own_pending
+            and time.monotonic() < self._next_reclaim
+        )
         with self.bus.client.pipeline(transaction=False) as pipe:
             fields, acd = self.rollout_group(task, self.bus.blobs.queued(pipe))
-            published = self.bus.tasks.complete(
-                entry.id, self.bus.task_done_key(task.group_id), self.bus.rollouts.name, fields, pipe=pipe
-            )
+            done_key = self.bus.task_done_key(task.group_id)
+            self.bus.tasks.queue_complete(pipe, entry.id, done_key, self.bus.rollouts.name, fields)
+            if take_next:
+                self.bus.queue_take_task(pipe, self.worker_id, block_ms=TASK_BLOCK_MS)
+            replies = pipe.execute()
+        if take_next:
+            self._taken = self.bus.task_taken(replies)
+        published = bool(replies[-4 if take_next else -1])
         if published:
             metrics.ROLLOUT_GROUPS.labels(self.worker_id).inc()
             metrics.ROLLOUT_IMAGES.labels(self.worker_id).inc(self.cfg.method.group_size)
@@ -105,6 +120,9 @@ class RolloutWorker:
         one. A task is reclaimable only once idle for reclaim_idle_ms, so looking every quarter of that
         (not before every group) saves two commands per group and delays a takeover by at most a
         quarter."""
+        if self._taken is not None:  # asked for with the last completion
+            taken, self._taken = self._taken, None
+            return taken
         cfg = self.cfg.rollout
         if not self._took_own_pending:
             self._took_own_pending = True
@@ -118,7 +136,7 @@ class RolloutWorker:
             if reclaimed:
                 self._next_reclaim = 0.0  # there may be more
                 return reclaimed, None, False
-        return self.bus.take_task(self.worker_id, block_ms=200)
+        return self.bus.take_task(self.worker_id, block_ms=TASK_BLOCK_MS)
 
     def synced_lora(self, version: int | None = None) -> bool:
         """sync_lora(version), reporting a version that fails verification instead of raising: the
@@ -141,6 +159,8 @@ class RolloutWorker:
             if stop:  # a task taken as the stop came stays pending: a resumed run's worker takes it
                 break
             for entry in entries:
-                published += self.process(entry, version)
+                # the last task of max_tasks takes no next one: it would stay pending until reclaimed
+                last = max_tasks is not None and published + 1 >= max_tasks
+                published += self.process(entry, version, take_next=not last)
         log.info("%s stopping after %d groups", self.worker_id, published)
         return published

@@ -201,5 +201,8 @@ class DirectoryBlobStore:
         return found
 
     def delete(self, *refs: BlobRef) -> None:
-        for ref in refs:
-            self._path(ref.key).unlink(missing_ok=True)
+        self.delete_keys(*(ref.key for ref in refs))
+
+    def delete_keys(self, *keys: str) -> None:
+        for key in keys:
+            self._path(key).unlink(missing_ok=True)

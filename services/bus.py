@@ -49,6 +49,7 @@ class RunBus:
         # and kept meanwhile as long as the reward server's done keys
         self.train_blobs = BlobStore(self.client, prefix=cfg.key("train:"), ttl_s=DEFAULT_DONE_TTL_S)
         self._stop_key = cfg.key("stop")
+        self._learner_stats_key = cfg.key("learner:last")
 
     # what a driver and a learner in separate processes tell each other (learner.external)
     def set_task_cursor(self, cursor: int) -> None:
@@ -57,11 +58,8 @@ class RunBus:
     def task_cursor(self) -> int:
         return int(self.client.get(self.cfg.key("tasks:cursor")) or 0)
 
-    def set_learner_stats(self, stats: dict) -> None:
-        self.client.set(self.cfg.key("learner:last"), json.dumps(stats))
-
     def learner_stats(self) -> dict | None:
-        raw = self.client.get(self.cfg.key("learner:last"))
+        raw = self.client.get(self._learner_stats_key)
         return None if raw is None else json.loads(raw)
 
     def set_groups_consumed(self, count: int) -> None:
@@ -111,18 +109,32 @@ class RunBus:
         """A new task for `consumer` (waiting up to block_ms), then the newest policy version and the
         stop flag as of its arrival: what a worker asks before every group, in one round trip."""
         with self.client.pipeline(transaction=False) as pipe:
-            self.tasks.queue_read(pipe, consumer, count=1, block_ms=block_ms)
-            response, version, stop = pipe.get(self.lora.latest_key).exists(self._stop_key).execute()
+            self.queue_take_task(pipe, consumer, block_ms)
+            return self.task_taken(pipe.execute())
+
+    def queue_take_task(self, pipe: redis.client.Pipeline, consumer: str, block_ms: int) -> None:
+        """take_task() queued on `pipe`, behind what it holds (a worker's completion of its last task):
+        task_taken() reads its answer from the pipeline's replies."""
+        self.tasks.queue_read(pipe, consumer, count=1, block_ms=block_ms)
+        pipe.get(self.lora.latest_key).exists(self._stop_key)
+
+    def task_taken(self, replies: list) -> tuple[list[StreamEntry], int | None, bool]:
+        """take_task()'s answer from the replies of a pipeline that ended with queue_take_task()."""
+        response, version, stop = replies[-3:]
         return self.tasks.entries_read(response), None if version is None else int(version), bool(stop)
 
     def streams(self) -> dict[str, WorkStream]:
         return {"tasks": self.tasks, "rollouts": self.rollouts, "scored": self.scored}
 
-    def observe(self) -> dict[str, int]:
-        """Update the stream gauges (length, pending, dead letters); returns the lengths."""
+    def observe(self, learner_stats: dict | None = None) -> dict[str, int]:
+        """Update the stream gauges (length, pending, dead letters); returns the lengths. learner_stats:
+        the learner's last step, stored in the same round trip for learner_stats() (what a driver follows
+        when the learner is external)."""
         with self.client.pipeline(transaction=False) as pipe:  # one round trip for the 9 numbers
             for stream in self.streams().values():
                 pipe.xlen(stream.name).xpending(stream.name, stream.group).xlen(stream.dead_letter)
+            if learner_stats is not None:
+                pipe.set(self._learner_stats_key, json.dumps(learner_stats))
             replies = pipe.execute()
         lengths = {}
         for i, name in enumerate(self.streams()):

@@ -43,6 +43,10 @@ class LoraVersion:
         )
 
 
+def _blob_name(policy_version: int) -> str:
+    return f"v{policy_version}"
+
+
 class LoraStore:
     def __init__(
         self,
@@ -65,38 +69,40 @@ class LoraStore:
         return f"{self.namespace}:version:{policy_version}"
 
     def publish(self, tensors: dict[str, torch.Tensor], policy_version: int | None = None) -> LoraVersion:
-        """Store `tensors` as `policy_version` (default: latest + 1). Versions must increase."""
+        """Store `tensors` as `policy_version` (default: latest + 1). Versions must increase. Two round
+        trips: the newest and the kept versions, then the blob (in Redis), the record and the pruning of
+        versions beyond keep_last in one transaction."""
         if not tensors:
             raise ValueError("refusing to publish an empty LoRA")
-        latest = self.latest()
+        with self.client.pipeline(transaction=False) as pipe:
+            latest, kept = pipe.get(self.latest_key).zrange(self._versions_key, 0, -1).execute()
+        latest = None if latest is None else int(latest)
         if policy_version is None:
-            policy_version = 0 if latest is None else latest.policy_version + 1
-        if latest is not None and policy_version <= latest.policy_version:
-            raise ValueError(
-                f"policy version {policy_version} is not newer than the latest, {latest.policy_version}"
-            )
-        # The blob is durable before any record points at it.
+            policy_version = 0 if latest is None else latest + 1
+        if latest is not None and policy_version <= latest:
+            raise ValueError(f"policy version {policy_version} is not newer than the latest, {latest}")
+        pruned = ([int(v) for v in kept] + [policy_version])[: -self.keep_last]
         data = encode_tensors(tensors, metadata={"policy_version": str(policy_version)})
-        record = LoraVersion(
-            policy_version, self.blobs.put(data, name=f"v{policy_version}"), created_at=time.time()
-        )
+        in_redis = isinstance(self.blobs, BlobStore)
         with self.client.pipeline(transaction=True) as pipe:
+            # the blob is durable before any record points at it: in the same transaction, or (a file)
+            # written before the transaction
+            blobs = self.blobs.queued(pipe) if in_redis else self.blobs
+            record = LoraVersion(
+                policy_version, blobs.put(data, name=_blob_name(policy_version)), time.time()
+            )
             pipe.hset(self._record_key(policy_version), mapping=record.to_hash())
             pipe.zadd(self._versions_key, {str(policy_version): policy_version})
             pipe.set(self.latest_key, policy_version)
+            for old in pruned:
+                pipe.delete(self._record_key(old))
+                pipe.zrem(self._versions_key, str(old))
+            if in_redis and pruned:
+                pipe.delete(*(self.blobs.key_for(_blob_name(old)) for old in pruned))
             pipe.execute()
-        self._prune()
+        if not in_redis:  # files no record points at any more
+            self.blobs.delete_keys(*(self.blobs.key_for(_blob_name(old)) for old in pruned))
         return record
-
-    def _prune(self):
-        for policy_version in self.versions()[: -self.keep_last]:
-            record = self.get(policy_version)
-            with self.client.pipeline(transaction=True) as pipe:
-                pipe.delete(self._record_key(policy_version))
-                pipe.zrem(self._versions_key, str(policy_version))
-                pipe.execute()
-            if record is not None:
-                self.blobs.delete(record.blob)
 
     def versions(self) -> list[int]:
         """The kept policy versions, oldest first."""

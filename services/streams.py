@@ -175,16 +175,31 @@ class WorkStream:
         own = contextlib.nullcontext(pipe) if pipe is not None else self.client.pipeline(transaction=False)
         with own as pipe:
             for entry_id, key, result_fields in items:
-                if not result_fields:
-                    raise ValueError("a result entry needs at least one field")
-                args = [self.group, entry_id, int(done_ttl_s * 1000), result_maxlen or 0]
-                for field_name, value in result_fields.items():
-                    args += [field_name, value]
-                # EVAL, not a registered script: in a pipeline that costs a SCRIPT EXISTS round trip per
-                # execute, while Redis finds EVAL's compiled body by its sha1
-                pipe.eval(_COMPLETE_LUA, 3, self.name, key, result_stream, *args)
+                self.queue_complete(
+                    pipe, entry_id, key, result_stream, result_fields, done_ttl_s, result_maxlen
+                )
             replies = pipe.execute()
         return [bool(done) for done in replies[len(replies) - len(items) :]]
+
+    def queue_complete(
+        self,
+        pipe: redis.client.Pipeline,
+        entry_id: str,
+        key: str,
+        result_stream: str,
+        result_fields: Mapping[str, bytes | str | int | float],
+        done_ttl_s: float = DEFAULT_DONE_TTL_S,
+        result_maxlen: int | None = None,
+    ) -> None:
+        """complete() queued on `pipe`: its reply, 1 if it published the result, is where it was queued."""
+        if not result_fields:
+            raise ValueError("a result entry needs at least one field")
+        args = [self.group, entry_id, int(done_ttl_s * 1000), result_maxlen or 0]
+        for field_name, value in result_fields.items():
+            args += [field_name, value]
+        # EVAL, not a registered script: in a pipeline that costs a SCRIPT EXISTS round trip per
+        # execute, while Redis finds EVAL's compiled body by its sha1
+        pipe.eval(_COMPLETE_LUA, 3, self.name, key, result_stream, *args)
 
     def dead_letter_exhausted(self, max_deliveries: int, min_idle_ms: int = 0, count: int = 100) -> list[str]:
         """Move pending entries delivered >= max_deliveries times (and idle >= min_idle_ms) to the

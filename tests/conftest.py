@@ -40,3 +40,22 @@ def tiny_editor(tiny_editor_dir):
     from rcgrpo.editor import load_editor
 
     return load_editor(tiny_editor_dir)
+
+
+def _count_round_trips(client, action) -> int:
+    """How many times `action` wrote a request to the server through `client` (a pipeline is one)."""
+    connection = client.connection_pool.get_connection()
+    client.connection_pool.release(connection)
+    sends, send = [0], connection.send_packed_command
+    connection.send_packed_command = lambda *a, **k: (sends.__setitem__(0, sends[0] + 1), send(*a, **k))[1]
+    try:
+        action()
+    finally:
+        del connection.send_packed_command
+    return sends[0]
+
+
+@pytest.fixture
+def round_trips():
+    """round_trips(client, action): the requests `action` wrote through `client` (a pipeline is one)."""
+    return _count_round_trips

@@ -250,20 +250,7 @@ def test_complete_carries_binary_message_fields(client):
     assert torch.equal(decoded.images["edit"], torch.zeros(3, 4, 4))
 
 
-def round_trips(client, action) -> int:
-    """How many times `action` wrote a request to the server (a pipeline is one)."""
-    connection = client.connection_pool.get_connection()
-    client.connection_pool.release(connection)
-    sends, send = [0], connection.send_packed_command
-    connection.send_packed_command = lambda *a, **k: (sends.__setitem__(0, sends[0] + 1), send(*a, **k))[1]
-    try:
-        action()
-    finally:
-        del connection.send_packed_command
-    return sends[0]
-
-
-def test_a_completion_writes_its_blobs_first_in_the_same_round_trip(client):
+def test_a_completion_writes_its_blobs_first_in_the_same_round_trip(client, round_trips):
     stream, blobs = WorkStream(client, "tasks", "workers"), BlobStore(client, prefix="b:")
     stream.ensure_group()
     entry_ids = stream.publish_many([{"task": "a"}, {"task": "b"}])  # in order, one round trip
@@ -303,7 +290,9 @@ def test_blobs_fetched_together_serve_only_the_refs_they_were_fetched_under(clie
         FetchedBlobs(blobs, [first, second])
 
 
-def test_a_worker_takes_a_task_with_the_newest_version_and_the_stop_flag_in_one_round_trip(client, tmp_path):
+def test_a_worker_takes_a_task_with_the_newest_version_and_the_stop_flag_in_one_round_trip(
+    client, tmp_path, round_trips
+):
     from services.bus import RunBus
     from services.config import RunConfig
     from services.record import Task

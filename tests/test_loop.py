@@ -387,6 +387,40 @@ def test_new_policy_version_reaches_every_worker_and_changes_its_samples(tmp_pat
     assert bus.rejected_lora() is None and workers[1].synced_lora() is True and workers[1].policy_version == 3
 
 
+def test_a_worker_completes_a_task_and_takes_the_next_in_one_round_trip(tmp_path, redis_url, round_trips):
+    cfg = run_config(tmp_path, redis_url, "chained")
+    bus = RunBus(cfg, redis_url)
+    worker = RolloutWorker(cfg, redis_url, "chained-0")
+    bus.lora.publish(lora_state_dict(worker.editor.transformer), policy_version=0)
+    publish_tasks(bus, [Task(f"chain-{i}", dataset_index=i, noise_seed=i) for i in range(3)])
+    [first], version, stop = worker.next_entries()  # its own pending, the look for reclaimable, a read
+    assert version == 0 and not stop
+    worker.sync_lora(version)
+    published, answers = [], []
+
+    def complete(entry, **kwargs):
+        published.append(worker.process(entry, version, **kwargs))
+
+    # blobs, completion and the next task's read (with the version and the stop flag): one request
+    assert round_trips(worker.bus.client, lambda: complete(first, take_next=True)) == 1
+    assert round_trips(worker.bus.client, lambda: answers.append(worker.next_entries())) == 0
+    [second], version, stop = answers[0]
+    assert Task.from_fields(second.fields).group_id == "chain-1" and (version, stop) == (0, False)
+    assert published == [True] and [g.meta.key.group_id for g in rollout_groups(bus)] == ["chain-0"]
+    assert bus.tasks.pending_count() == 1  # the second: taken, not completed
+    # a stop that comes with the next task ends the loop before it: that task stays pending
+    bus.request_stop()
+    complete(second, take_next=True)
+    assert worker.run() == 0 and bus.tasks.pending_count() == 1
+    assert [g.meta.key.group_id for g in rollout_groups(bus)] == ["chain-0", "chain-1"]
+    [left] = [e for e, f in bus.client.xrange(bus.tasks.name) if Task.from_fields(f).group_id == "chain-2"]
+    pending = bus.client.xpending_range(
+        bus.tasks.name, bus.tasks.group, "-", "+", 10, consumername="chained-0"
+    )
+    assert [p["message_id"] for p in pending] == [left]
+    bus.clear_stop()
+
+
 # ---------------------------------------------------------------------------------------------------
 # 3. a rollout worker process killed mid-task
 
