@@ -119,30 +119,34 @@ def sample_anchor_steps(
     return anchors, steps
 
 
+def reference_prediction(
+    editor: Editor, x_j: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, cond
+) -> torch.Tensor:
+    """x_ref: the base editor's one-step prediction (adapters disabled), without gradient."""
+    with torch.no_grad():
+        editor.transformer.disable_adapters()
+        try:
+            return one_step_prediction(editor, x_j, sigma, sigma_next, cond)
+        finally:
+            editor.transformer.enable_adapters()
+
+
 def background_anchor_loss(
-    editor: Editor,
-    x_j: torch.Tensor,
     x_theta: torch.Tensor,
+    x_ref: torch.Tensor,
     sigma: torch.Tensor,
     sigma_next: torch.Tensor,
-    cond,
     background_weights: torch.Tensor,
 ) -> torch.Tensor:
     """Per row: sum_u b(u) ||v_theta(u) - v_ref(u)||^2 / sum_u b(u), per-element mean over D, with b(u)
     the background share of token u (TrainGroup.background_weights): (M,).
 
     background_weights is (N,) or one row per (anchor, step) row, (M, N). v_ref is the base editor's
-    velocity (adapters disabled); v_theta is recovered from x_theta, so the anchor costs one extra
-    no-grad forward pass. Velocities, not states, so the term does not vanish as dt shrinks. A row
-    without background (the mask covers the image) contributes 0.
+    velocity (reference_prediction); v_theta and v_ref are recovered from the one-step predictions.
+    Velocities, not states, so the term does not vanish as dt shrinks. A row without background (the
+    mask covers the image) contributes 0.
     """
     dt = (sigma_next - sigma)[:, None, None]
-    with torch.no_grad():
-        editor.transformer.disable_adapters()
-        try:
-            x_ref = one_step_prediction(editor, x_j, sigma, sigma_next, cond)
-        finally:
-            editor.transformer.enable_adapters()
     per_token = ((x_theta.float() - x_ref.float()) / dt).pow(2).mean(dim=-1)  # (M, N)
     background = background_weights.float().expand_as(per_token)
     total = background.sum(dim=-1)
@@ -165,6 +169,47 @@ def _sample_rows(groups: list[TrainGroup], cfg: MethodConfig, generator: torch.G
         k = anchors.repeat_interleave(steps.shape[1])  # B x K rows: (B * K,)
         parts.append((torch.full_like(k, g), k, steps.reshape(-1)))
     return _Rows(*(torch.cat(p) for p in zip(*parts, strict=True)))
+
+
+def _row_inputs(groups: list[TrainGroup], position: list[dict[int, int]], g_rows: list[int], k, j, device):
+    """x^(k)_j (R, N, D), sigma_j, sigma_{j+1} (R,) and the edit conditions of rows (g, k, j)."""
+    now = [position[g][int(i)] for g, i in zip(g_rows, j, strict=True)]
+    x_j = torch.stack([groups[g].states[s, int(a)] for g, s, a in zip(g_rows, now, k, strict=True)])
+    sigma = torch.stack([groups[g].sigmas[int(i)] for g, i in zip(g_rows, j, strict=True)])
+    sigma_next = torch.stack([groups[g].sigmas[int(i) + 1] for g, i in zip(g_rows, j, strict=True)])
+    cond = EditCondition.cat([groups[g].cond for g in g_rows])
+    return x_j.to(device), sigma.to(device), sigma_next.to(device), cond
+
+
+def _reference_predictions(
+    editor: Editor,
+    groups: list[TrainGroup],
+    position: list[dict[int, int]],
+    epochs: list[_Rows],
+    chunk: int | None,
+) -> dict[tuple[int, int, int], torch.Tensor]:
+    """x_ref for every distinct (g, k, j) row the update's epochs sampled, `chunk` rows per forward: the
+    base editor does not change during the update, so each row's reference pass is made once, not once
+    per epoch that samples it."""
+    distinct = sorted(
+        {
+            (int(g), int(k), int(j))
+            for rows in epochs
+            for g, k, j in zip(rows.group, rows.anchor, rows.step, strict=True)
+        }
+    )
+    chunk = chunk or len(distinct)
+    found = {}
+    for start in range(0, len(distinct), chunk):
+        part = distinct[start : start + chunk]
+        g_rows, k, j = (
+            [r[0] for r in part],
+            torch.tensor([r[1] for r in part]),
+            torch.tensor([r[2] for r in part]),
+        )
+        x_ref = reference_prediction(editor, *_row_inputs(groups, position, g_rows, k, j, editor.device))
+        found.update(zip(part, x_ref, strict=True))
+    return found
 
 
 def rc_grpo_step(
@@ -195,8 +240,10 @@ def rc_grpo_step(
 
     losses, surrogates, anchor_terms, grad_norms, ratios, log_ratios, entropies = [], [], [], [], [], [], []
     scale_by_step: dict[int, list[float]] = {}
-    for _ in range(cfg.update_epochs):
-        rows = _sample_rows(groups, cfg, generator)
+    epochs = [_sample_rows(groups, cfg, generator) for _ in range(cfg.update_epochs)]
+    if cfg.background_anchor > 0:
+        x_refs = _reference_predictions(editor, groups, position, epochs, micro_batch_rows)
+    for rows in epochs:
         num_rows = len(rows.anchor)
         chunk = micro_batch_rows or num_rows
         optimizer.zero_grad(set_to_none=True)
@@ -205,16 +252,12 @@ def rc_grpo_step(
             g_rows = rows.group[start : start + chunk].tolist()
             k = rows.anchor[start : start + chunk].to(device)
             j = rows.step[start : start + chunk]
-            now = [position[g][int(i)] for g, i in zip(g_rows, j, strict=True)]
+            x_j, sigma, sigma_next, cond = _row_inputs(
+                groups, position, g_rows, k, j, device
+            )  # x^(k)_j: (R, N, D)
             nxt = [position[g][int(i) + 1] for g, i in zip(g_rows, j, strict=True)]
-            x_j = torch.stack([groups[g].states[s, int(a)] for g, s, a in zip(g_rows, now, k, strict=True)])
-            x_j = x_j.to(device)  # x^(k)_j: (R, N, D)
             candidates_next = torch.stack([groups[g].states[s] for g, s in zip(g_rows, nxt, strict=True)])
             candidates_next = candidates_next.to(device)  # x^(i)_{j+1} for all i: (R, G, N, D)
-            sigma = torch.stack([groups[g].sigmas[int(i)] for g, i in zip(g_rows, j, strict=True)]).to(device)
-            sigma_next = torch.stack([groups[g].sigmas[int(i) + 1] for g, i in zip(g_rows, j, strict=True)])
-            sigma_next = sigma_next.to(device)
-            cond = EditCondition.cat([groups[g].cond for g in g_rows])
             # w(u) per row; None: Neighbor GRPO's plain distance over all tokens
             weights = (
                 torch.stack([groups[g].token_weights for g in g_rows]).to(device) if cfg.mask_aware else None
@@ -242,7 +285,10 @@ def rc_grpo_step(
             if cfg.background_anchor > 0:
                 # beta_bg * mean_bg ||v_theta - v_ref||^2, in the same micro-batch as the surrogate
                 background = torch.stack([groups[g].anchor_weights() for g in g_rows]).to(device)
-                anchor = background_anchor_loss(editor, x_j, x_theta, sigma, sigma_next, cond, background)
+                x_ref = torch.stack(
+                    [x_refs[(g, int(a), int(i))] for g, a, i in zip(g_rows, k, j, strict=True)]
+                )
+                anchor = background_anchor_loss(x_theta, x_ref, sigma, sigma_next, background)
                 loss = loss + cfg.background_anchor * anchor
                 update_anchor += anchor.detach().sum().item() / num_rows
             (loss.sum() / num_rows).backward()

@@ -184,7 +184,7 @@ def test_thirty_steps_raise_the_in_mask_reward_on_fresh_seeds(tiny_editor_dir):
 def test_background_anchor_pulls_the_background_back_to_the_base_editor(tiny_editor_dir):
     """beta_bg * mean_bg ||v_theta - v_ref||^2: zero while the LoRA is the identity, positive once it
     moves the background, and a step on it alone brings the background velocity back toward the base."""
-    from rcgrpo.train_step import background_anchor_loss
+    from rcgrpo.train_step import background_anchor_loss, reference_prediction
 
     cfg = MethodConfig(num_steps=4, timesteps_per_anchor=2, background_anchor=1.0)
     editor, cond, mask_latent = _setup(tiny_editor_dir, cfg)
@@ -196,9 +196,8 @@ def test_background_anchor_pulls_the_background_back_to_the_base_editor(tiny_edi
         from rcgrpo.surrogate import one_step_prediction
 
         x_theta = one_step_prediction(editor, x_j, sigma, sigma_next, rows)
-        per_row = background_anchor_loss(
-            editor, x_j, x_theta, sigma, sigma_next, rows, group.anchor_weights()
-        )
+        x_ref = reference_prediction(editor, x_j, sigma, sigma_next, rows)
+        per_row = background_anchor_loss(x_theta, x_ref, sigma, sigma_next, group.anchor_weights())
         return per_row.mean()
 
     assert anchor().item() == 0.0  # lora_B starts at zero: theta is the base editor
@@ -303,6 +302,60 @@ def test_micro_batches_give_the_unbatched_gradient_and_update(tiny_editor_dir):
         assert torch.allclose(other_grad, grad, rtol=1e-4, atol=1e-7)
         assert all(torch.allclose(other_lora[n], lora[n], rtol=1e-5, atol=1e-7) for n in lora)
         assert other_stats.loss == pytest.approx(stats.loss, abs=1e-8)
+
+
+def test_the_anchor_reference_pass_is_made_once_per_distinct_row_and_gives_each_row_its_own(tiny_editor_dir):
+    """The base editor's x_ref does not change during an update: rc_grpo_step computes it once for every
+    distinct (group, anchor, step) row its epochs sample, and each row's anchor term is the one computed
+    row by row (the LoRA frozen at lr 0, so every epoch sees the same theta)."""
+    from rcgrpo.surrogate import one_step_prediction
+    from rcgrpo.train_step import _row_inputs, _sample_rows, background_anchor_loss, reference_prediction
+
+    cfg = MethodConfig(
+        group_size=4, num_steps=4, anchors=3, timesteps_per_anchor=3, background_anchor=1.0, update_epochs=3
+    )
+    torch.manual_seed(0)
+    editor = load_editor(tiny_editor_dir)
+    add_lora(editor.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    with torch.no_grad():
+        for name, p in editor.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+    groups = _two_scored_groups(editor, cfg)
+    params = [p for p in editor.transformer.parameters() if p.requires_grad]
+    reference_rows = []
+    disable = editor.transformer.disable_adapters
+
+    def counting_disable():
+        reference_rows.append(True)
+        disable()
+
+    editor.transformer.disable_adapters = counting_disable
+    try:
+        stats = rc_grpo_step(
+            editor, torch.optim.SGD(params, lr=0.0), groups, cfg, torch.Generator().manual_seed(7)
+        )
+    finally:
+        del editor.transformer.disable_adapters
+    generator = torch.Generator().manual_seed(7)
+    epochs = [_sample_rows(groups, cfg, generator) for _ in range(cfg.update_epochs)]
+    rows = [
+        (int(g), int(k), int(j)) for e in epochs for g, k, j in zip(e.group, e.anchor, e.step, strict=True)
+    ]
+    assert len(set(rows)) < len(rows)  # some rows repeat across epochs: those are not recomputed
+    assert len(reference_rows) == 1  # one no-grad reference pass (all distinct rows, no micro-batches)
+    position = [{index: s for s, index in enumerate(g.state_indices)} for g in groups]
+    expected = []
+    for g, k, j in rows:
+        x_j, sigma, sigma_next, cond = _row_inputs(
+            groups, position, [g], torch.tensor([k]), [j], editor.device
+        )
+        with torch.no_grad():
+            x_theta = one_step_prediction(editor, x_j, sigma, sigma_next, cond)
+        x_ref = reference_prediction(editor, x_j, sigma, sigma_next, cond)
+        weights = groups[g].anchor_weights()
+        expected.append(background_anchor_loss(x_theta, x_ref, sigma, sigma_next, weights).item())
+    assert stats.background_anchor_loss == pytest.approx(sum(expected) / len(expected), rel=1e-4)
 
 
 def test_update_epochs_move_the_ratio_off_one(tiny_editor_dir):
