@@ -345,6 +345,16 @@ def weight_bytes(arch: Architecture, dtype: torch.dtype, components: Sequence[st
     return sum(arch.params[c] for c in components) * dtype.itemsize
 
 
+def expected_distinct_rows(
+    group_size: int, trainable_steps: int, anchors: int, timesteps_per_anchor: int, epochs: int
+) -> float:
+    """The expected number of distinct (k, j) rows one group's update samples over its epochs: each epoch
+    draws B of the G anchors and K of the J steps, so a row is drawn with probability BK / (GJ) per epoch,
+    and the anchor's reference pass is made once per distinct row."""
+    pool = group_size * trainable_steps
+    return pool * (1 - (1 - anchors * timesteps_per_anchor / pool) ** epochs)
+
+
 def make_plan(
     arch: Architecture,
     calibration: Calibration,
@@ -355,6 +365,7 @@ def make_plan(
     group_size: int,
     num_steps: int,
     num_states: int,
+    trainable_steps: int,
     anchors: int,
     timesteps_per_anchor: int,
     groups_per_step: int,
@@ -379,6 +390,13 @@ def make_plan(
         "kept_states": math.prod(layout["states"][0]) * elem,
     }
     rows_per_update = anchors * timesteps_per_anchor * groups_per_step
+    anchor_rows = 0.0  # reference passes of one update: every group's distinct rows, once
+    if background_anchor:
+        distinct = expected_distinct_rows(
+            group_size, trainable_steps, anchors, timesteps_per_anchor, update_epochs
+        )
+        anchor_rows = groups_per_step * distinct
+    _, _, target_tokens, channels = layout["states"][0]
     learner = {}
     for rows in micro_batch_rows:
         r = rows_per_update if rows is None else min(rows, rows_per_update)
@@ -392,6 +410,8 @@ def make_plan(
             "lora_train_state": 4 * lora_fp32,  # parameter, gradient, AdamW's two moments
             "activations": int(saved),
             "anchor_pass": r * per_row_token * INFERENCE_WIDTH if background_anchor else 0,
+            # x_ref of every distinct row, kept through the epochs
+            "anchor_references": int(anchor_rows * target_tokens * channels * elem),
             "groups": groups_per_step * blob,
         }
     rollout_s = update_s = None
@@ -399,9 +419,10 @@ def make_plan(
     if forward is not None:
         rollout_s = num_steps * group_size * blocks * forward
     if forward is not None and train is not None:
-        # per row: forward + backward, one more forward with checkpointing, the anchor's no-grad forward
-        per_row = blocks * (train + forward * (int(gradient_checkpointing) + int(background_anchor)))
-        update_s = update_epochs * rows_per_update * per_row
+        # per row and epoch: forward + backward, one more forward with checkpointing; per distinct row:
+        # the anchor's no-grad forward
+        per_row = blocks * (train + forward * int(gradient_checkpointing))
+        update_s = update_epochs * rows_per_update * per_row + anchor_rows * blocks * forward
     return Plan(
         arch=arch,
         calibration=calibration,

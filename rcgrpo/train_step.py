@@ -186,7 +186,7 @@ def _reference_predictions(
     groups: list[TrainGroup],
     position: list[dict[int, int]],
     epochs: list[_Rows],
-    chunk: int | None,
+    chunk: int,
 ) -> dict[tuple[int, int, int], torch.Tensor]:
     """x_ref for every distinct (g, k, j) row the update's epochs sampled, `chunk` rows per forward: the
     base editor does not change during the update, so each row's reference pass is made once, not once
@@ -198,7 +198,6 @@ def _reference_predictions(
             for g, k, j in zip(rows.group, rows.anchor, rows.step, strict=True)
         }
     )
-    chunk = chunk or len(distinct)
     found = {}
     for start in range(0, len(distinct), chunk):
         part = distinct[start : start + chunk]
@@ -242,7 +241,10 @@ def rc_grpo_step(
     scale_by_step: dict[int, list[float]] = {}
     epochs = [_sample_rows(groups, cfg, generator) for _ in range(cfg.update_epochs)]
     if cfg.background_anchor > 0:
-        x_refs = _reference_predictions(editor, groups, position, epochs, micro_batch_rows)
+        # at most as many rows per no-grad forward as the epochs' forwards take (all of one epoch: None)
+        x_refs = _reference_predictions(
+            editor, groups, position, epochs, micro_batch_rows or len(epochs[0].anchor)
+        )
     for rows in epochs:
         num_rows = len(rows.anchor)
         chunk = micro_batch_rows or num_rows

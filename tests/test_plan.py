@@ -77,6 +77,7 @@ def _flux_plan(flux, checkpointing: bool):
         group_size=12,
         num_steps=8,
         num_states=5,
+        trainable_steps=4,
         anchors=4,
         timesteps_per_anchor=4,
         groups_per_step=8,
@@ -126,3 +127,28 @@ def test_kept_timesteps_must_train_k_steps_per_anchor():
         load_run_config(FLUX_CONFIG, ["rollout.keep_timesteps=[0, 1]"])
     with pytest.raises(ValueError, match=r"outside the 8-step grid"):
         load_run_config(FLUX_CONFIG, ["rollout.keep_timesteps=[0, 1, 2, 8]"])
+
+
+def test_the_anchor_passes_the_plan_counts_are_the_distinct_rows_the_update_samples():
+    """The plan's reference passes per group (rc_grpo_step makes one per distinct (k, j) row of its epochs)
+    match what the update's own row sampler draws, averaged over many updates."""
+    from rcgrpo.config import MethodConfig
+    from rcgrpo.editor import EditCondition
+    from rcgrpo.plan import expected_distinct_rows
+    from rcgrpo.train_step import TrainGroup, _sample_rows
+
+    cfg = MethodConfig(group_size=8, num_steps=8, anchors=4, timesteps_per_anchor=4, update_epochs=4)
+    cond = EditCondition(
+        torch.zeros(1, 2, 4), torch.zeros(1, 4), torch.zeros(2, 3), torch.ones(1, 2, dtype=torch.bool),
+        torch.zeros(1, 3, 4), torch.zeros(6, 3), None, 8, 8,
+    )  # fmt: skip
+    group = TrainGroup(cond, torch.linspace(1, 0, 9), list(range(9)), torch.zeros(9, 8, 3, 4),
+                       torch.zeros(3), torch.zeros(8))  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    counts = []
+    for _ in range(400):
+        epochs = [_sample_rows([group], cfg, generator) for _ in range(cfg.update_epochs)]
+        counts.append(len({(int(k), int(j)) for e in epochs for k, j in zip(e.anchor, e.step, strict=True)}))
+    expected = expected_distinct_rows(8, 8, 4, 4, 4)
+    assert expected == pytest.approx(64 * (1 - 0.75**4))  # 43.75 of the 64 rows the epochs process
+    assert sum(counts) / len(counts) == pytest.approx(expected, abs=0.3)

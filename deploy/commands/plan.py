@@ -86,6 +86,7 @@ def build_plan(
         group_size=method.group_size,
         num_steps=method.num_steps,
         num_states=len(kept),
+        trainable_steps=sum(j + 1 in kept for j in kept),
         anchors=method.anchors,
         timesteps_per_anchor=method.timesteps_per_anchor,
         groups_per_step=learner.groups_per_step,
