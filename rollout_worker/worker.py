@@ -103,6 +103,7 @@ class RolloutWorker:
             self.bus.tasks.queue_complete(pipe, entry.id, done_key, self.bus.rollouts.name, fields)
             if take_next:
                 self.bus.queue_take_task(pipe, self.worker_id, block_ms=TASK_BLOCK_MS)
+            rolled_out_s = time.perf_counter() - started  # not the round trip: it waits for the next task
             replies = pipe.execute()
         if take_next:
             self._taken = self.bus.task_taken(replies)
@@ -111,7 +112,7 @@ class RolloutWorker:
             metrics.ROLLOUT_GROUPS.labels(self.worker_id).inc()
             metrics.ROLLOUT_IMAGES.labels(self.worker_id).inc(self.cfg.method.group_size)
             metrics.ROLLOUT_ACD.labels(self.worker_id).set(float(acd.mean()))
-            metrics.ROLLOUT_GROUP_SECONDS.labels(self.worker_id).observe(time.perf_counter() - started)
+            metrics.ROLLOUT_GROUP_SECONDS.labels(self.worker_id).observe(rolled_out_s)
         return published
 
     def next_entries(self) -> tuple[list, int | None, bool]:

@@ -24,7 +24,7 @@ ROLLOUT_GROUPS = Counter("rcgrpo_rollout_groups_total", "Rollout groups publishe
 ROLLOUT_IMAGES = Counter("rcgrpo_rollout_images_total", "Candidate images generated", ["worker"])
 ROLLOUT_GROUP_SECONDS = Histogram(
     "rcgrpo_rollout_group_seconds",
-    "Wall time of one rollout group (noise, ODE, capture, publish)",
+    "Wall time of one rollout group (noise, ODE, capture, encoding; not the publish, whose round trip also waits for the next task)",
     ["worker"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
