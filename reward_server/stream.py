@@ -105,18 +105,18 @@ class StreamConsumer:
     def done_key(self, key: GroupKey) -> str:
         return f"{self.settings.namespace}:done:{key.id}"
 
-    def process(self, entries: list[StreamEntry], redelivered: set[str] | None = None) -> None:
+    def process(self, entries: list[StreamEntry], redelivered: set[str]) -> None:
         """Score the groups of one read together, then complete each. `redelivered`: the ids of entries
-        delivered before (reclaimed; None: all may have been). Only those can have been scored already, so
-        only their done keys are looked up first; a first delivery of a group scored under another
-        entry is still published once, by its completion's done key."""
+        delivered before (reclaimed). Only those can have been scored already, so only their done keys
+        are looked up first; a first delivery of a group scored under another entry is still published
+        once, by its completion's done key."""
         keyed = []
         for entry in entries:
             try:
                 keyed.append((entry, group_key(entry.fields)))
             except ValueError as error:
                 self._leave_pending(entry, str(error))
-        asked = [(entry, key) for entry, key in keyed if redelivered is None or entry.id in redelivered]
+        asked = [(entry, key) for entry, key in keyed if entry.id in redelivered]
         seen = set()
         if asked:
             with self.client.pipeline(transaction=False) as pipe:  # which were scored before: one round trip

@@ -100,6 +100,7 @@ class RolloutWorker:
         with self.bus.client.pipeline(transaction=False) as pipe:
             fields, acd = self.rollout_group(task, self.bus.blobs.queued(pipe))
             done_key = self.bus.task_done_key(task.group_id)
+            completion = len(pipe)  # where its reply will be
             self.bus.tasks.queue_complete(pipe, entry.id, done_key, self.bus.rollouts.name, fields)
             if take_next:
                 self.bus.queue_take_task(pipe, self.worker_id, block_ms=TASK_BLOCK_MS)
@@ -107,7 +108,7 @@ class RolloutWorker:
             replies = pipe.execute()
         if take_next:
             self._taken = self.bus.task_taken(replies)
-        published = bool(replies[-4 if take_next else -1])
+        published = bool(replies[completion])
         if published:
             metrics.ROLLOUT_GROUPS.labels(self.worker_id).inc()
             metrics.ROLLOUT_IMAGES.labels(self.worker_id).inc(self.cfg.method.group_size)

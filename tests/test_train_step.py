@@ -272,19 +272,26 @@ def _two_scored_groups(editor, cfg):
     return groups
 
 
+def _editor_with_a_moved_lora(editor_dir, cfg):
+    """The tiny editor with a LoRA that already moved (lora_B nonzero, the same every call), so the
+    background anchor's term and its gradient are not zero."""
+    torch.manual_seed(0)
+    editor = load_editor(editor_dir)
+    add_lora(editor.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    with torch.no_grad():
+        for name, p in editor.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+    return editor
+
+
 def test_micro_batches_give_the_unbatched_gradient_and_update(tiny_editor_dir):
     """Rows split into micro-batches (mixing both groups, anchor pass included) accumulate to the same
     gradient and the same updated LoRA as all rows in one batch, up to float32 rounding."""
     cfg = MethodConfig(group_size=4, num_steps=4, anchors=3, timesteps_per_anchor=3, background_anchor=1.0)
     results = {}
     for rows in (None, 5, 1):
-        torch.manual_seed(0)  # the same LoRA initialisation for every variant
-        editor = load_editor(tiny_editor_dir)
-        add_lora(editor.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-        with torch.no_grad():
-            for name, p in editor.transformer.named_parameters():
-                if "lora_B" in name:  # a LoRA that already moved, so the anchor term has a gradient too
-                    p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+        editor = _editor_with_a_moved_lora(tiny_editor_dir, cfg)  # the same LoRA for every variant
         groups = _two_scored_groups(editor, cfg)
         params = [p for p in editor.transformer.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=0.1)
@@ -315,20 +322,14 @@ def test_the_anchor_reference_pass_is_made_once_per_distinct_row_and_gives_each_
     cfg = MethodConfig(
         group_size=4, num_steps=4, anchors=3, timesteps_per_anchor=3, background_anchor=1.0, update_epochs=3
     )
-    torch.manual_seed(0)
-    editor = load_editor(tiny_editor_dir)
-    add_lora(editor.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-    with torch.no_grad():
-        for name, p in editor.transformer.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+    editor = _editor_with_a_moved_lora(tiny_editor_dir, cfg)
     groups = _two_scored_groups(editor, cfg)
     params = [p for p in editor.transformer.parameters() if p.requires_grad]
-    reference_rows = []
+    reference_passes = []
     disable = editor.transformer.disable_adapters
 
     def counting_disable():
-        reference_rows.append(True)
+        reference_passes.append(True)
         disable()
 
     editor.transformer.disable_adapters = counting_disable
@@ -346,7 +347,7 @@ def test_the_anchor_reference_pass_is_made_once_per_distinct_row_and_gives_each_
     assert len(set(rows)) < len(rows)  # some rows repeat across epochs: those are not recomputed
     # no-grad reference passes over the distinct rows, at most one epoch's rows at a time
     per_epoch = len(epochs[0].anchor)
-    assert len(reference_rows) == math.ceil(len(set(rows)) / per_epoch) < cfg.update_epochs
+    assert len(reference_passes) == math.ceil(len(set(rows)) / per_epoch) < cfg.update_epochs
     position = [{index: s for s, index in enumerate(g.state_indices)} for g in groups]
     expected = []
     for g, k, j in rows:
