@@ -40,6 +40,7 @@ from services.bus import RunBus
 from services.codec import Message, encode_message
 from services.config import RunConfig
 from services.record import GroupKey, GroupMeta, GroupScores, RolloutGroup, Task, decode_rollout_group
+from reward_server.settings import StreamSettings
 from services.redis_server import EmbeddedRedis
 
 MIB = 1024**2
@@ -50,6 +51,7 @@ IMAGE_PART_BYTES = int(2.5 * MIB)
 IMAGE_PARTS = 14  # source, 12 edits, mask
 LORA_BYTES = 104_595_456
 GROUP_SIZE = 12
+REWARD_READ_COUNT = StreamSettings().read_count  # groups a reward server takes per read
 
 
 def redis_cpu(client: redis.Redis) -> float:
@@ -137,7 +139,9 @@ class Sim:
         take_next = time.monotonic() < self.next_reclaim
         with bus.client.pipeline(transaction=False) as pipe:
             train = bus.train_blobs.queued(pipe).put(self.train_bytes, name=key.id)
-            refs = {"edit/bundle": bus.blobs.queued(pipe).put(b"".join(self.image_bytes))}
+            # every group's images differ (the blobs are content-addressed, and scoring one deletes it)
+            bundle = task.group_id.encode() + b"".join(self.image_bytes)
+            refs = {"edit/bundle": bus.blobs.queued(pipe).put(bundle)}
             bus.tasks.queue_complete(pipe, entry.id, done_key, result, fields(train, refs))
             if take_next:
                 bus.queue_take_task(pipe, consumer, block_ms)
@@ -237,7 +241,7 @@ def new_bus(url: str, name: str) -> RunBus:
 
 def capacity(url: str, groups: int, per_item: bool, groups_per_step: int = 8) -> dict:
     """One client, the whole path per group, back to back; Redis CPU and commands per group."""
-    bus = new_bus(url, f"cap-{'item' if per_item else 'batch'}")
+    bus = new_bus(url, f"cap-{'item' if per_item else 'batch'}-{groups_per_step}")
     sim = Sim(bus, payload_scale=0.0, per_item=per_item)  # 1 KiB blobs: the messages alone
     sim.learner_publish(0)
     client = bus.client
@@ -264,8 +268,11 @@ def capacity(url: str, groups: int, per_item: bool, groups_per_step: int = 8) ->
             for entry in sim.worker_take("w0", block_ms=None):
                 sim.worker_publish(entry, "w0", block_ms=None)
                 worked += 1
-        entries = sim.reward_take("r0", count=groups_per_step, block_ms=None)
-        sim.reward_complete(sim.reward_fetch(entries))
+        scored_now = 0
+        while scored_now < groups_per_step:  # the reward server's reads of read_count groups
+            entries = sim.reward_take("r0", count=REWARD_READ_COUNT, block_ms=None)
+            sim.reward_complete(sim.reward_fetch(entries))
+            scored_now += len(entries)
         scored = sim.learner_read("l0", count=groups_per_step, block_ms=None)
         groups_read = sim.learner_fetch(scored)
         version += 1
@@ -280,6 +287,7 @@ def capacity(url: str, groups: int, per_item: bool, groups_per_step: int = 8) ->
     calls = redis_calls(client) - calls0
     return {
         "mode": "per-item" if per_item else "batched",
+        "groups_per_step": groups_per_step,
         "groups": done,
         "client_groups_per_s": done / wall,
         "redis_cpu_ms_per_group": 1000 * cpu / done,
@@ -440,6 +448,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, nargs="*", default=[16, 64, 256], help="none: capacity only")
     parser.add_argument("--capacity-groups", type=int, default=800)
+    parser.add_argument(
+        "--capacity-groups-per-step",
+        type=int,
+        nargs="+",
+        default=[8, 64],
+        help="groups per learner update (and per reward read) in the capacity runs: the per-update "
+        "calls are shared by this many groups (8: the tiny run's batch; a 256-worker run's is hundreds)",
+    )
     parser.add_argument("--per-item", action="store_true", help="the per-item calls made before batching")
     parser.add_argument("--payload-scale", type=float, default=1 / 128)
     parser.add_argument("--rollout-s", type=float, default=40.0, help="one group on one worker (real)")
@@ -455,7 +471,8 @@ def main() -> None:
         results = {
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared)",
             "args": vars(args),
-            "capacity": [capacity(server.url, args.capacity_groups, per_item) for per_item in (True, False)],
+            "capacity": [capacity(server.url, args.capacity_groups, True)]
+            + [capacity(server.url, args.capacity_groups, False, n) for n in args.capacity_groups_per_step],
         }
         for row in results["capacity"]:
             print(json.dumps(row))
