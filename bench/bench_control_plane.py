@@ -35,12 +35,12 @@ import time
 import redis
 import torch
 
+from reward_server.settings import StreamSettings
 from services.blobstore import FetchedBlobs
 from services.bus import RunBus
 from services.codec import Message, encode_message
 from services.config import RunConfig
 from services.record import GroupKey, GroupMeta, GroupScores, RolloutGroup, Task, decode_rollout_group
-from reward_server.settings import StreamSettings
 from services.redis_server import EmbeddedRedis
 
 MIB = 1024**2
