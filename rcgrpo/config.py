@@ -27,6 +27,11 @@ class MethodConfig:
     # -- surrogate (sections 2 and 5) --
     anchors: int = 4  # B anchors sampled out of G
     timesteps_per_anchor: int = 4  # K training timesteps per anchor
+    # where on the T-step grid the trained steps begin, as a fraction of T: the surrogate (and the
+    # background anchor) train on steps j -> j+1 with j >= floor(train_steps_from T). 0 = every step;
+    # 0.5 = the late, low-noise half, where the edit's detail is decided (the early half sets the layout,
+    # and a LoRA trained there repaints the background: docs/EXPERIMENTS.md)
+    train_steps_from: float = 0.0
     tau: float = 1.0  # softmax temperature on the per-element mean distance (divided by c, see below)
     # c(k, j) that d_i is divided by before tau: "none" (c = 1, METHOD's plain form) or "neighbours" (the
     # mean distance of the other candidates to the anchor at that step), so tau is relative to the
@@ -74,9 +79,13 @@ class MethodConfig:
             problems.append(f"group_size must be >= 2 (got {self.group_size})")
         if not 1 <= self.anchors <= self.group_size:
             problems.append(f"anchors must be in 1..group_size={self.group_size} (got {self.anchors})")
-        if not 1 <= self.timesteps_per_anchor <= self.num_steps:
+        if not 0.0 <= self.train_steps_from < 1.0:
+            problems.append(f"train_steps_from must be in [0, 1) (got {self.train_steps_from})")
+        elif not 1 <= self.timesteps_per_anchor <= len(self.train_steps):
             problems.append(
-                f"timesteps_per_anchor must be in 1..num_steps={self.num_steps} (got {self.timesteps_per_anchor})"
+                f"timesteps_per_anchor must be in 1..{len(self.train_steps)}, the steps trained "
+                f"(num_steps={self.num_steps}, train_steps_from={self.train_steps_from}; "
+                f"got {self.timesteps_per_anchor})"
             )
         for name in ("s_in", "s_out"):
             if not 0.0 <= getattr(self, name) <= 1.0:
@@ -95,6 +104,11 @@ class MethodConfig:
             problems.append(f"adv_p must be > 0 (got {self.adv_p})")
         if problems:
             raise ValueError("invalid method config: " + "; ".join(problems))
+
+    @property
+    def train_steps(self) -> list[int]:
+        """Grid indices j whose step j -> j+1 the surrogate trains on (train_steps_from's late part)."""
+        return list(range(int(self.train_steps_from * self.num_steps), self.num_steps))
 
     @classmethod
     def check_fields(cls, values: dict) -> None:

@@ -106,11 +106,13 @@ def sample_anchor_steps(
     group_size = group.states.shape[1]
     if cfg.anchors > group_size:
         raise ValueError(f"cfg.anchors={cfg.anchors} exceeds the group size {group_size}")
-    valid = torch.tensor(group.training_indices(), dtype=torch.long)
+    trained = set(cfg.train_steps)
+    valid = torch.tensor([j for j in group.training_indices() if j in trained], dtype=torch.long)
     if len(valid) < cfg.timesteps_per_anchor:
         raise ValueError(
-            f"the group kept states {group.state_indices}, which give {len(valid)} trainable steps j -> j+1; "
-            f"cfg.timesteps_per_anchor={cfg.timesteps_per_anchor} needs at least that many"
+            f"the group kept states {group.state_indices}, which give {len(valid)} trainable steps j -> j+1 "
+            f"among the trained steps {cfg.train_steps}; cfg.timesteps_per_anchor={cfg.timesteps_per_anchor} "
+            "needs at least that many"
         )
     anchors = torch.randperm(group_size, generator=generator)[: cfg.anchors]
     steps = torch.stack(

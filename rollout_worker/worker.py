@@ -13,7 +13,6 @@ import torch
 from rcgrpo.evaluate import load_samples
 from rcgrpo.group import sample_group
 from rcgrpo.lora import load_lora_state_dict
-from rcgrpo.sampler import surrogate_state_indices
 from services import metrics
 from services.blobstore import BlobError, QueuedBlobStore
 from services.bus import RunBus
@@ -43,9 +42,7 @@ class RolloutWorker:
         self.samples = load_samples(
             cfg.data.source, split=cfg.data.split, limit=cfg.data.num_samples, seed=cfg.data.seed
         )
-        self.keep_states = None
-        if cfg.rollout.keep_timesteps is not None:
-            self.keep_states = surrogate_state_indices(cfg.method.num_steps, cfg.rollout.keep_timesteps)
+        self.keep_states = cfg.kept_states
         self.policy_version: int | None = None
         self._next_reclaim = 0.0  # monotonic time of the next look for tasks a dead worker left
         self._took_own_pending = False

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rcgrpo.config import MethodConfig
+from rcgrpo.sampler import surrogate_state_indices
 from rcgrpo.tiny_editor import SHIPPED_EDITOR_DIR
 from services.schemas import ID_PATTERN, Composition
 
@@ -152,12 +153,25 @@ class RunConfig(_Section):
                 raise ValueError(
                     f"rollout.keep_timesteps {bad} are outside the {steps}-step grid (0..{steps - 1})"
                 )
-            if len(set(kept)) < k:
+            if len(self.trained_steps) < k:
                 raise ValueError(
-                    f"rollout.keep_timesteps {kept} gives {len(set(kept))} trainable steps, but "
+                    f"rollout.keep_timesteps {kept} gives {len(self.trained_steps)} trainable steps among "
+                    f"method.train_steps_from's {self.method.train_steps}, but "
                     f"method.timesteps_per_anchor={k} samples that many per anchor"
                 )
         return self
+
+    @property
+    def trained_steps(self) -> list[int]:
+        """Grid indices j whose step j -> j+1 the learner trains on: method.train_steps, within
+        rollout.keep_timesteps when that is set."""
+        kept = self.rollout.keep_timesteps
+        return [j for j in self.method.train_steps if kept is None or j in kept]
+
+    @property
+    def kept_states(self) -> list[int]:
+        """Grid states a rollout worker keeps for the learner: x_j and x_{j+1} of every trained step."""
+        return surrogate_state_indices(self.method.num_steps, self.trained_steps)
 
     @property
     def rewards(self) -> dict[str, float]:

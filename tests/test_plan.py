@@ -17,7 +17,7 @@ from rcgrpo.plan import (
 )
 from rcgrpo.sampler import surrogate_state_indices
 from services.codec import decode_tensors, encode_tensors
-from services.config import load_run_config
+from services.config import DEFAULT_RUN_CONFIG, load_run_config
 from services.record import encode_train_tensors
 
 MIB = 1024**2
@@ -127,6 +127,18 @@ def test_kept_timesteps_must_train_k_steps_per_anchor():
         load_run_config(FLUX_CONFIG, ["rollout.keep_timesteps=[0, 1]"])
     with pytest.raises(ValueError, match=r"outside the 8-step grid"):
         load_run_config(FLUX_CONFIG, ["rollout.keep_timesteps=[0, 1, 2, 8]"])
+
+
+def test_a_worker_keeps_the_states_of_the_trained_steps_only():
+    late = load_run_config(DEFAULT_RUN_CONFIG, ["method.train_steps_from=0.5"])
+    assert late.trained_steps == [4, 5, 6, 7] and late.kept_states == [4, 5, 6, 7, 8]
+    every = load_run_config(DEFAULT_RUN_CONFIG, ["method.train_steps_from=0"])
+    assert every.kept_states == list(range(9))
+    # FLUX keeps the early half (x_0..x_4): a late half leaves it nothing to train on
+    with pytest.raises(
+        ValueError, match=r"gives 0 trainable steps among method.train_steps_from's \[4, 5, 6, 7\]"
+    ):
+        load_run_config(FLUX_CONFIG, ["method.train_steps_from=0.5"])
 
 
 def test_the_anchor_passes_the_plan_counts_are_the_distinct_rows_the_update_samples():

@@ -57,6 +57,23 @@ def test_anchor_and_step_sampling():
         sample_anchor_steps(group, MethodConfig(group_size=6, timesteps_per_anchor=4), torch.Generator())
 
 
+def test_train_steps_from_trains_the_late_part_of_the_grid_only():
+    late = MethodConfig(group_size=6, num_steps=6, anchors=4, timesteps_per_anchor=3, train_steps_from=0.5)
+    assert late.train_steps == [3, 4, 5]
+    group = _fake_group(group_size=6, kept=range(7), num_steps=6)
+    _, steps = sample_anchor_steps(group, late, torch.Generator().manual_seed(0))
+    assert all(sorted(row) == [3, 4, 5] for row in steps.tolist())
+    # the same fraction on a shorter grid
+    assert MethodConfig(num_steps=4, timesteps_per_anchor=2, train_steps_from=0.5).train_steps == [2, 3]
+    with pytest.raises(ValueError, match=r"timesteps_per_anchor must be in 1\.\.2, the steps trained"):
+        MethodConfig(num_steps=4, timesteps_per_anchor=4, train_steps_from=0.5)
+    with pytest.raises(ValueError, match=r"train_steps_from must be in \[0, 1\)"):
+        MethodConfig(train_steps_from=1.0)
+    # a group kept by an older config still trains only the late steps it has
+    with pytest.raises(ValueError, match=r"1 trainable steps j -> j\+1 among the trained steps \[3, 4, 5\]"):
+        sample_anchor_steps(_fake_group(group_size=6, kept=(0, 1, 2, 4, 5)), late, torch.Generator())
+
+
 def test_train_group_rejects_inconsistent_shapes():
     with pytest.raises(ValueError, match="advantages must be"):
         _fake_group(advantages=torch.zeros(5))

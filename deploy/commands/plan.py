@@ -13,7 +13,6 @@ import torch
 
 from rcgrpo.editor import DTYPES
 from rcgrpo.plan import Calibration, Plan, architecture, calibrate, fit_problems, format_plan, make_plan
-from rcgrpo.sampler import surrogate_state_indices
 from rcgrpo.tiny_editor import SHIPPED_EDITOR_DIR
 from services.config import DEFAULT_RUN_CONFIG, RunConfig, add_run_arguments, load_run_config
 
@@ -69,11 +68,7 @@ def build_plan(
     method, learner = cfg.method, cfg.learner
     size = image_size or default_image_size(cfg)
     arch = architecture(cfg.editor, method.lora_rank, method.lora_targets)
-    kept = (
-        surrogate_state_indices(method.num_steps, cfg.rollout.keep_timesteps)
-        if cfg.rollout.keep_timesteps is not None
-        else list(range(method.num_steps + 1))
-    )
+    kept = cfg.kept_states
     rows_per_update = method.anchors * method.timesteps_per_anchor * learner.groups_per_step
     sizes = sorted({r for r in (1, 2, 4, 8, 16) if r < rows_per_update} | {learner.micro_batch_rows or 1})
     sizes = [*sizes, None]
@@ -86,7 +81,7 @@ def build_plan(
         group_size=method.group_size,
         num_steps=method.num_steps,
         num_states=len(kept),
-        trainable_steps=sum(j + 1 in kept for j in kept),
+        trainable_steps=len(cfg.trained_steps),
         anchors=method.anchors,
         timesteps_per_anchor=method.timesteps_per_anchor,
         groups_per_step=learner.groups_per_step,
