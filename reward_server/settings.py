@@ -37,6 +37,8 @@ class StreamSettings(_Section):
     consumer: str = "reward-server-0"
     namespace: str = "rcgrpo:reward"  # prefix of the idempotency (done) keys
     blob_prefix: str = "rcgrpo:blob:"  # BlobStore prefix of image parts too large to inline
+    # the run's payload_dir when its payload_store is "directory": the image parts are files there
+    payload_dir: Path | None = None
     read_count: int = Field(8, ge=1)  # groups taken per read (scored concurrently, batched together)
     block_ms: int = Field(200, ge=1)
     reclaim_idle_ms: int = Field(60_000, ge=1)  # a pending group idle this long is taken over

@@ -25,7 +25,7 @@ from reward_server.batcher import QueueFullError
 from reward_server.metrics import RewardServerMetrics
 from reward_server.scoring import Scorer, items_from_group
 from reward_server.settings import StreamSettings
-from services.blobstore import BlobError, BlobStore, FetchedBlobs
+from services.blobstore import BlobError, BlobStore, DirectoryBlobStore, FetchedBlobs
 from services.codec import stored_blobs
 from services.record import (
     GroupKey,
@@ -61,7 +61,10 @@ class StreamConsumer:
             log.info("stream mode on %s", self.redis_url)
         self.client = redis.Redis.from_url(self.redis_url)
         self.work = WorkStream(self.client, settings.rollouts, settings.group)
-        self.blobs = BlobStore(self.client, prefix=settings.blob_prefix)
+        if settings.payload_dir is not None:
+            self.blobs = DirectoryBlobStore(settings.payload_dir)
+        else:
+            self.blobs = BlobStore(self.client, prefix=settings.blob_prefix)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="reward-stream", daemon=True)
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 import logging
 import time
 
+import redis
 import torch
 
 from rcgrpo.evaluate import load_samples
 from rcgrpo.group import sample_group
 from rcgrpo.lora import load_lora_state_dict
 from services import metrics
-from services.blobstore import BlobError, QueuedBlobStore
+from services.blobstore import BlobError
 from services.bus import RunBus
 from services.config import RunConfig
 from services.policy import start_component
@@ -63,19 +64,19 @@ class RolloutWorker:
         return self.policy_version
 
     @torch.no_grad()
-    def rollout_group(self, task: Task, blobs: QueuedBlobStore) -> tuple[dict[str, bytes], torch.Tensor]:
+    def rollout_group(self, task: Task, pipe: redis.client.Pipeline) -> tuple[dict[str, bytes], torch.Tensor]:
         """Sample `task`'s group with the loaded policy, its training tensors and large images queued on
-        `blobs` under the group key: (the record's stream fields, R_ACD per candidate)."""
+        `pipe` (or written to the payload directory) under the group key: (the record's stream fields,
+        R_ACD per candidate)."""
         sample = self.samples[task.dataset_index % len(self.samples)]
         group = sample_group(self.editor, self.cfg.method, sample, task.noise_seed, self.keep_states)
         key = GroupKey(run=self.cfg.name, group_id=task.group_id, policy_version=self.policy_version)
-        train_blobs = self.bus.train_blobs.queued(blobs.pipe)
         record = RolloutGroup(
             meta=group_meta(key, group, sample, self.cfg.rewards, self.cfg.composition),
-            train=train_blobs.put(encode_train_tensors(group), name=key.id),
+            train=self.bus.train_blobs.queued(pipe).put(encode_train_tensors(group), name=key.id),
             images=GroupImages(sample.source, sample.mask, list(group.rollout.images.cpu()), sample.target),
         )
-        return encode_rollout_group(record, blobs=blobs), group.acd
+        return encode_rollout_group(record, blobs=self.bus.blobs.queued(pipe)), group.acd
 
     def process(self, entry, version: int | None = None, take_next: bool = False) -> bool:
         """Roll out one task entry with policy `version` (default: the newest) and complete it: its blobs,
@@ -95,7 +96,7 @@ class RolloutWorker:
             and time.monotonic() < self._next_reclaim
         )
         with self.bus.client.pipeline(transaction=False) as pipe:
-            fields, acd = self.rollout_group(task, self.bus.blobs.queued(pipe))
+            fields, acd = self.rollout_group(task, pipe)
             done_key = self.bus.task_done_key(task.group_id)
             completion = len(pipe)  # where its reply will be
             self.bus.tasks.queue_complete(pipe, entry.id, done_key, self.bus.rollouts.name, fields)

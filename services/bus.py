@@ -43,11 +43,15 @@ class RunBus:
         if cfg.learner.weight_store == "directory":
             weights = DirectoryBlobStore(cfg.learner.weight_dir or cfg.run_dir / "weights", prefix="lora-")
         self.lora = LoraStore(self.client, namespace=cfg.key("lora"), blobs=weights)
-        # rollout-group images too large to inline (full-size edits): read once, by the reward server
-        self.blobs = BlobStore(self.client, prefix=cfg.key("blob:"))
+        # rollout-group images too large to inline (full-size edits): read once, by the reward server;
         # groups' training tensors, under their group key: deleted once a checkpoint holds their update,
-        # and kept meanwhile as long as the reward server's done keys
-        self.train_blobs = BlobStore(self.client, prefix=cfg.key("train:"), ttl_s=DEFAULT_DONE_TTL_S)
+        # and kept meanwhile as long as the reward server's done keys (in Redis; files stay until deleted)
+        if cfg.payload_store == "directory":
+            self.blobs = DirectoryBlobStore(cfg.payload_path, prefix="blob-")
+            self.train_blobs = DirectoryBlobStore(cfg.payload_path, prefix="train-")
+        else:
+            self.blobs = BlobStore(self.client, prefix=cfg.key("blob:"))
+            self.train_blobs = BlobStore(self.client, prefix=cfg.key("train:"), ttl_s=DEFAULT_DONE_TTL_S)
         self._stop_key = cfg.key("stop")
         self._learner_stats_key = cfg.key("learner:last")
 

@@ -125,6 +125,12 @@ class RunConfig(_Section):
     runs_dir: Path = Path("runs")
     redis_url: str | None = None  # None: REDIS_URL, else a private embedded redis-server
     ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray
+    # where rollout groups' payloads go (training tensors, image bundles; the messages that refer to them
+    # always travel through Redis): "redis" (keys with a TTL), or "directory" (payload_dir, a volume every
+    # rollout worker, the reward server and the learner mount). Out of Redis, 35 MB a group at Kontext
+    # 1024^2 leaves its memory, its append-only file and its one thread (bench/bench_control_plane.py)
+    payload_store: Literal["redis", "directory"] = "redis"
+    payload_dir: Path | None = None  # None: <run dir>/payloads
     metrics_host: str = "127.0.0.1"  # where workers and the learner serve /metrics (0.0.0.0 in containers)
     # the driver's Prometheus port (its recoveries, e.g. 9099); 0 = off
     driver_metrics_port: int = Field(0, ge=0)
@@ -193,6 +199,11 @@ class RunConfig(_Section):
     @property
     def run_dir(self) -> Path:
         return self.runs_dir / self.name
+
+    @property
+    def payload_path(self) -> Path:
+        """The directory of the run's payloads when payload_store is "directory"."""
+        return self.payload_dir or self.run_dir / "payloads"
 
     def key(self, suffix: str) -> str:
         """A Redis key or stream name of this run: every one lives under "rcgrpo:<run name>:"."""

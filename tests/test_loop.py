@@ -250,6 +250,7 @@ def test_an_external_reward_server_scores_the_runs_groups_with_the_runs_weights(
         "learner.total_steps=2",
         "eval.num_samples=0",
         "method.acd_weight=0.25",
+        "payload_store=directory",  # and the training tensors travel as files on the run's volume
     ]
     cfg = run_config(tmp_path, redis_url, "external", *overrides)
     # a shared reward server on the run's streams, started with its own, other weights
@@ -270,6 +271,18 @@ def test_an_external_reward_server_scores_the_runs_groups_with_the_runs_weights(
         for scores, total in zip(group.meta.scores.scores, group.meta.scores.totals, strict=True):
             assert total == pytest.approx(sum(w * scores[name] for name, w in cfg.rewards.items()), rel=1e-9)
             assert total != pytest.approx(sum(w * scores[name] for name, w in server_weights.items()))
+    # no payload in Redis; the final checkpoint freed the files of the groups it holds, and only those
+    bus = RunBus(cfg, redis_url)
+    assert not bus.client.keys(cfg.key("train:*")) and not bus.client.keys(cfg.key("blob:*"))
+    [final] = sorted((tmp_path / "external" / "checkpoints").iterdir())[-1:]
+    consumed = set(json.loads((final / "state.json").read_text())["consumed"])
+    assert consumed and {g.meta.key.id for g in scored} >= consumed
+    for group in scored:
+        assert group.train.key == f"train-{group.meta.key.id}"
+        held = (cfg.payload_path / group.train.key).exists()
+        assert held != (group.meta.key.id in consumed), group.meta.key.id
+        if held:
+            assert bus.train_blobs.get(group.train)  # verified against the ref's sha256
 
     # a server that does not serve one of the run's rewards: the run refuses to start, naming it
     with reward_server(cfg, redis_url, {"background_psnr": 0.02, "background_ssim": 1.0, "acd": 0.5}) as url:

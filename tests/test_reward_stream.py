@@ -9,10 +9,11 @@ import torch
 
 from rcgrpo.clip_scores import build_tiny_clip
 from rcgrpo.data.shapes import generate_shapes_edit
+from rcgrpo.rewards import background_psnr
 from reward_server.app import create_app
 from reward_server.settings import RewardServerSettings
 from services.auth import bearer_header
-from services.blobstore import BlobStore
+from services.blobstore import BlobStore, DirectoryBlobStore
 from services.http import serve_in_thread
 from services.record import (
     GroupImages,
@@ -254,6 +255,53 @@ def test_group_is_scored_with_the_rewards_and_weights_it_carries(stream_server, 
         lambda: work.dead_letter_length() == dead_before + 1, what="the unservable group's dead letter"
     )
     assert not scored_for(work.client, "grp-f")
+
+
+def test_images_in_the_payload_directory_are_read_from_it_and_freed_once_scored(
+    redis_server, tmp_path_factory
+):
+    """A run with payload_store "directory": the image bundle is a file, not a Redis key."""
+    payloads = tmp_path_factory.mktemp("payloads")
+    rollouts, scored_stream = "test-dir:rollouts", "test-dir:scored"
+    settings = RewardServerSettings(
+        insecure_no_auth=True,
+        rewards={"background_psnr": 0.02, "acd": 0.5},
+        stream={
+            "enabled": True,
+            "redis_url": redis_server.url,
+            "rollouts": rollouts,
+            "scored": scored_stream,
+            "block_ms": 50,
+            "payload_dir": payloads,
+        },
+    )
+    client = redis_server.client()
+    work = WorkStream(client, rollouts, "reward-server")
+    # photograph-like parts (noise compresses badly): each PNG is over the codec's 256 KiB inline limit
+    g = torch.Generator().manual_seed(3)
+    noise = lambda *shape: q(torch.rand(*shape, generator=g))  # noqa: E731
+    mask = torch.zeros(320, 320)
+    mask[100:200, 80:240] = 1.0
+    group = dict(source=noise(3, 320, 320), mask=mask, target=None, edits=noise(2, 3, 320, 320))
+    group |= dict(acd=[0.3, 0.6], caption="a red circle")
+    fields = encode_rollout_group(
+        record(work, "grp-dir", 0, group, rewards=settings.rewards), DirectoryBlobStore(payloads, "blob-")
+    )
+    [bundle] = [path.name for path in payloads.iterdir()]
+    assert bundle.startswith("blob-") and not client.keys("*blob-*")
+    with serve_in_thread(create_app(settings)) as url:
+        RewardClient(url).wait_ready(timeout_s=60)
+        work.publish(fields)
+        wait_until(lambda: client.xlen(scored_stream) == 1, what="the scored group")
+        [(_, scored)] = client.xrange(scored_stream)
+        meta = decode_rollout_group(scored).meta
+        # the same edits scored from memory: the file held the images
+        sources, masks = group["source"].expand(2, -1, -1, -1), mask.expand(2, -1, -1)
+        expected = background_psnr(group["edits"], sources, masks).tolist()
+        assert [s["background_psnr"] for s in meta.scores.scores] == pytest.approx(expected, abs=1e-4)
+        # scored and acked: the bundle is deleted
+        wait_until(lambda: not any(payloads.iterdir()), what="the bundle's deletion")
+    client.close()
 
 
 def test_unreachable_redis_shows_in_readyz():
