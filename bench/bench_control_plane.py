@@ -7,15 +7,21 @@ little memory runs the bytes scaled down; the bytes results are scaled back up a
 compute times drawn around the given ones, divided by --speedup (the bus sees --speedup times the real
 message rate: a conservative test).
 
-    capacity  one client drives groups through the whole path back to back (control-plane messages,
-              1 KiB blobs); Redis's own CPU seconds per group give the group messages per second one
-              Redis core sustains, INFO commandstats the commands per group, and the requests the
-              client writes (a pipeline is one) the round trips per group.
+    capacity  one client, then --capacity-clients concurrent ones (processes, a run each), drives
+              groups through the whole path back to back (control-plane messages, 1 KiB parts);
+              Redis's own CPU seconds per group give the group messages per second one Redis core
+              sustains, INFO commandstats the commands per group, and the requests the clients
+              write (a pipeline is one) the round trips per group. A lone client leaves Redis idle
+              between requests, so each round trip pays a wakeup; concurrent ones amortise it, as
+              a cluster's workers do.
               --per-item replays the per-item calls the components made before batching.
     scale     16 / 64 / 256 worker threads, reward consumers (one per 32 workers), a learner sized to keep
               up: group messages/s, p50/p99 latency from a worker's publish to the learner's read, bus
               time per group of a worker and of the learner (bookkeeping), Redis memory; the bus share
               of a worker's and of the learner's iteration at the real compute times.
+
+--payload-store directory puts the groups' payloads in files (payload_store "directory"): Redis then
+carries the messages alone.
 
     nice -n 10 .venv/bin/python bench/bench_control_plane.py --workers 16 64 256
 """
@@ -25,10 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import platform
 import random
 import statistics
+import tempfile
 import threading
 import time
 
@@ -235,16 +243,19 @@ def _image_refs(entry):
     return [ref for name, ref in decode_message(entry.fields).refs.items() if name.startswith("edit/")]
 
 
-def new_bus(url: str, name: str) -> RunBus:
-    return RunBus(RunConfig(name=name), url)
+def new_bus(url: str, name: str, payload_dir: str | None) -> RunBus:
+    """The run's bus; payload_dir: its payloads as files there (payload_store "directory")."""
+    if payload_dir is None:
+        return RunBus(RunConfig(name=name), url)
+    return RunBus(RunConfig(name=name, payload_store="directory", payload_dir=payload_dir), url)
 
 
-def capacity(url: str, groups: int, per_item: bool, groups_per_step: int = 8) -> dict:
-    """One client, the whole path per group, back to back; Redis CPU and commands per group."""
-    bus = new_bus(url, f"cap-{'item' if per_item else 'batch'}-{groups_per_step}")
-    sim = Sim(bus, payload_scale=0.0, per_item=per_item)  # 1 KiB blobs: the messages alone
+def drive(url, name, groups, per_item, groups_per_step, payload_dir, ready, results) -> None:
+    """Groups through the whole path back to back on run `name`, once `ready` lets every client start;
+    puts (groups done, requests written) on `results`."""
+    bus = new_bus(url, name, payload_dir)
+    sim = Sim(bus, payload_scale=0.0, per_item=per_item)  # 1 KiB parts: the messages, next to nothing
     sim.learner_publish(0)
-    client = bus.client
     sends, send = [0], redis.connection.Connection.send_packed_command
 
     def counted_send(connection, *args, **kwargs):  # one per request written: a pipeline is one
@@ -252,7 +263,7 @@ def capacity(url: str, groups: int, per_item: bool, groups_per_step: int = 8) ->
         return send(connection, *args, **kwargs)
 
     redis.connection.Connection.send_packed_command = counted_send
-    cpu0, calls0, t0 = redis_cpu(client), redis_calls(client), time.perf_counter()
+    ready.wait()
     done = 0
     version = 0
     while done < groups:
@@ -280,16 +291,47 @@ def capacity(url: str, groups: int, per_item: bool, groups_per_step: int = 8) ->
         sim.learner_observe({"step": version})
         sim.learner_checkpoint([e.id for e in scored], groups_read)
         done += len(scored)
-    wall = time.perf_counter() - t0
     redis.connection.Connection.send_packed_command = send
-    round_trips = sends[0]
-    cpu = redis_cpu(client) - cpu0
-    calls = redis_calls(client) - calls0
+    results.put((done, sends[0]))
+
+
+def capacity(
+    url: str, groups: int, per_item: bool, groups_per_step: int, payload_dir: str | None, clients: int = 1
+) -> dict:
+    """`clients` processes, each driving `groups` through the whole path on its own run; Redis CPU and
+    commands per group. One client leaves Redis idle between its requests, so that every round trip
+    pays for a wakeup; several keep it serving many ready connections per wakeup, as a cluster's
+    workers do (the requests are the same)."""
+    store = "redis" if payload_dir is None else "directory"
+    name = f"cap-{'item' if per_item else 'batch'}-{groups_per_step}-{store}-{clients}"
+    context = multiprocessing.get_context("fork")
+    ready, results = context.Barrier(clients + 1), context.Queue()
+    loops = [
+        context.Process(
+            target=drive,
+            args=(url, f"{name}-{i}", groups, per_item, groups_per_step, payload_dir, ready, results),
+        )
+        for i in range(clients)
+    ]
+    for loop in loops:
+        loop.start()
+    client = redis.Redis.from_url(url)
+    ready.wait()  # every client has set up its run
+    cpu0, calls0, t0 = redis_cpu(client), redis_calls(client), time.perf_counter()
+    finished = [results.get() for _ in loops]
+    wall = time.perf_counter() - t0
+    cpu, calls = redis_cpu(client) - cpu0, redis_calls(client) - calls0
+    for loop in loops:
+        loop.join()
+    done, round_trips = (sum(column) for column in zip(*finished, strict=True))
     return {
         "mode": "per-item" if per_item else "batched",
+        "payload_store": store,
+        "clients": clients,
         "groups_per_step": groups_per_step,
         "groups": done,
         "client_groups_per_s": done / wall,
+        "redis_busy_share": cpu / wall,
         "redis_cpu_ms_per_group": 1000 * cpu / done,
         "groups_per_s_per_redis_core": done / cpu,
         "commands_per_group": calls / done,
@@ -299,7 +341,7 @@ def capacity(url: str, groups: int, per_item: bool, groups_per_step: int = 8) ->
 
 def scale(url: str, workers: int, args) -> dict:
     """Workers, reward consumers and a learner as threads, for args.duration_s seconds."""
-    name = f"scale-{workers}"
+    name = f"scale-{workers}-{'redis' if args.payload_dir is None else 'directory'}"
     speed = args.speedup
     rollout_s, score_s, update_s = args.rollout_s / speed, args.score_s / speed, args.update_s / speed
     # a learner sized to keep up: every update takes the groups the workers made meanwhile
@@ -311,7 +353,7 @@ def scale(url: str, workers: int, args) -> dict:
     memory_peak = [0]
 
     def feeder():
-        bus = new_bus(url, name)
+        bus = new_bus(url, name, args.payload_dir)
         cursor = 0
         while not stop.is_set():
             # keep about two tasks per worker queued (the driver feeds ahead of the learner)
@@ -328,7 +370,7 @@ def scale(url: str, workers: int, args) -> dict:
             stop.wait(0.05)
 
     def worker(i: int):
-        bus = new_bus(url, name)
+        bus = new_bus(url, name, args.payload_dir)
         sim = Sim(bus, args.payload_scale, args.per_item)
         rng = random.Random(i)
         while not stop.is_set():
@@ -343,7 +385,7 @@ def scale(url: str, workers: int, args) -> dict:
                     worker_bus_s.append(read_s + time.perf_counter() - t)
 
     def reward(i: int):
-        bus = new_bus(url, name)
+        bus = new_bus(url, name, args.payload_dir)
         sim = Sim(bus, args.payload_scale, args.per_item)
         while not stop.is_set():
             entries = sim.reward_take(f"r{i}")
@@ -353,7 +395,7 @@ def scale(url: str, workers: int, args) -> dict:
                 sim.reward_complete(groups)
 
     def learner():
-        bus = new_bus(url, name)
+        bus = new_bus(url, name, args.payload_dir)
         sim = Sim(bus, args.payload_scale, args.per_item)
         version = 0  # published before any worker starts, as the driver does
         held_ids, held_groups = [], []
@@ -402,7 +444,7 @@ def scale(url: str, workers: int, args) -> dict:
     ]
     threads += [threading.Thread(target=worker, args=(i,)) for i in range(workers)]
     threads += [threading.Thread(target=reward, args=(i,)) for i in range(consumers)]
-    Sim(new_bus(url, name), args.payload_scale, args.per_item).learner_publish(0)
+    Sim(new_bus(url, name, args.payload_dir), args.payload_scale, args.per_item).learner_publish(0)
     client = redis.Redis.from_url(url)
     cpu0 = redis_cpu(client)
     for t in threads:
@@ -456,6 +498,13 @@ def main() -> None:
         help="groups per learner update (and per reward read) in the capacity runs: the per-update "
         "calls are shared by this many groups (8: the tiny run's batch; a 256-worker run's is hundreds)",
     )
+    parser.add_argument(
+        "--capacity-clients",
+        type=int,
+        nargs="+",
+        default=[1, 16],
+        help="concurrent clients (processes, each its own run) of the capacity runs",
+    )
     parser.add_argument("--per-item", action="store_true", help="the per-item calls made before batching")
     parser.add_argument("--payload-scale", type=float, default=1 / 128)
     parser.add_argument("--rollout-s", type=float, default=40.0, help="one group on one worker (real)")
@@ -465,14 +514,25 @@ def main() -> None:
     parser.add_argument("--speedup", type=float, default=8.0)
     parser.add_argument("--warmup-s", type=float, default=8.0)
     parser.add_argument("--duration-s", type=float, default=20.0)
+    parser.add_argument(
+        "--payload-store",
+        choices=["redis", "directory"],
+        default="redis",
+        help="where the groups' payloads go (payload_store); directory: a temporary one on this disk",
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    with EmbeddedRedis() as server:
+    with EmbeddedRedis() as server, tempfile.TemporaryDirectory(prefix="rcgrpo-payloads-") as payloads:
+        args.payload_dir = payloads if args.payload_store == "directory" else None
         results = {
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared)",
             "args": vars(args),
-            "capacity": [capacity(server.url, args.capacity_groups, True)]
-            + [capacity(server.url, args.capacity_groups, False, n) for n in args.capacity_groups_per_step],
+            "capacity": [capacity(server.url, args.capacity_groups, True, 8, args.payload_dir)]
+            + [
+                capacity(server.url, math.ceil(args.capacity_groups / c), False, n, args.payload_dir, c)
+                for c in args.capacity_clients
+                for n in args.capacity_groups_per_step
+            ],
         }
         for row in results["capacity"]:
             print(json.dumps(row))
