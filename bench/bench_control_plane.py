@@ -482,7 +482,9 @@ def scale(url: str, workers: int, args) -> dict:
         "worker_bus_share": worker_bus / (args.rollout_s + worker_bus),
         "learner_bus_share": learner_bus_per_step / (args.update_s + learner_bus_per_step),
         "redis_memory_peak_mib": memory_peak[0] / MIB,
-        "redis_memory_peak_real_gib": memory_peak[0] / args.payload_scale / 1024**3,
+        # the payloads' bytes are scaled, the messages' are not: in files, Redis holds the messages alone
+        "redis_memory_peak_real_gib": memory_peak[0] / (args.payload_scale if args.payload_dir is None else 1)
+        / 1024**3,
     }
 
 

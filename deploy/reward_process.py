@@ -38,7 +38,7 @@ def reward_server_settings(cfg: RunConfig, redis_url: str, port: int) -> dict:
             "group": ROLLOUTS_GROUP,
             "namespace": cfg.key("reward"),
             "blob_prefix": cfg.key("blob:"),
-            "payload_dir": str(cfg.payload_path.resolve()) if cfg.payload_store == "directory" else None,
+            "payload_dir": str(cfg.payload_path) if cfg.payload_store == "directory" else None,
             # the only consumer: what it left pending is its own, dead with a previous process of it
             "reclaim_idle_ms": 5_000,
         },

@@ -714,6 +714,13 @@ def test_k8s_reward_server_config_loads_and_serves_the_runs_rewards(tmp_path):
     assert {key: getattr(settings.stream, key) for key in STREAM_KEYS} == {
         key: expected["stream"][key] for key in STREAM_KEYS
     }
+    # the run's payload directory, relative to the job's working directory (the image's WORKDIR)
+    assert settings.stream.payload_dir == Path("/app") / expected["stream"]["payload_dir"]
+    pod = k8s_object("Deployment", "rcgrpo-reward-server")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    assert volumes[mounts["/app/runs"]]["persistentVolumeClaim"]["claimName"] == "rcgrpo-runs"
     for name in load_run_config(FLUX_CONFIG).rewards:  # the run's rewards, ACD included
         assert name in REWARDS, f"the run asks for unregistered reward {name!r}"
         assert name in settings.rewards, f"the run asks for {name!r}, which the server does not serve"
