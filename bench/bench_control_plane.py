@@ -71,6 +71,11 @@ def redis_calls(client: redis.Redis) -> int:
     return sum(stat["calls"] for stat in client.info("commandstats").values())
 
 
+def redis_command_us(client: redis.Redis) -> dict[str, int]:
+    """Microseconds Redis spent in each command so far (a script's commands count in it and alone)."""
+    return {name.removeprefix("cmdstat_"): stat["usec"] for name, stat in client.info("commandstats").items()}
+
+
 def meta(cfg: RunConfig, group_id: str, version: int, scored: bool) -> GroupMeta:
     scores = None
     if scored:
@@ -317,10 +322,15 @@ def capacity(
         loop.start()
     client = redis.Redis.from_url(url)
     ready.wait()  # every client has set up its run
-    cpu0, calls0, t0 = redis_cpu(client), redis_calls(client), time.perf_counter()
+    cpu0, calls0, us0, t0 = (
+        redis_cpu(client),
+        redis_calls(client),
+        redis_command_us(client),
+        time.perf_counter(),
+    )
     finished = [results.get() for _ in loops]
     wall = time.perf_counter() - t0
-    cpu, calls = redis_cpu(client) - cpu0, redis_calls(client) - calls0
+    cpu, calls, us = redis_cpu(client) - cpu0, redis_calls(client) - calls0, redis_command_us(client)
     for loop in loops:
         loop.join()
     done, round_trips = (sum(column) for column in zip(*finished, strict=True))
@@ -336,7 +346,41 @@ def capacity(
         "groups_per_s_per_redis_core": done / cpu,
         "commands_per_group": calls / done,
         "round_trips_per_group": round_trips / done,
+        "command_us_per_group": {
+            name: round((spent - us0.get(name, 0)) / done, 1)
+            for name, spent in sorted(us.items(), key=lambda item: us0.get(item[0], 0) - item[1])
+            if spent - us0.get(name, 0) >= 0.5 * done
+        },
     }
+
+
+def _ping(url: str, count: int, ready, results) -> None:
+    client = redis.Redis.from_url(url)
+    client.ping()
+    ready.wait()
+    for _ in range(count):
+        client.ping()
+    results.put(count)
+
+
+def round_trip_cost(url: str, clients: int, count: int = 40_000) -> dict:
+    """Redis CPU per PING round trip from `clients` concurrent processes: what a round trip costs
+    Redis beyond its commands, and how much of it concurrency amortises."""
+    context = multiprocessing.get_context("fork")
+    ready, results = context.Barrier(clients + 1), context.Queue()
+    pingers = [
+        context.Process(target=_ping, args=(url, count // clients, ready, results)) for _ in range(clients)
+    ]
+    for pinger in pingers:
+        pinger.start()
+    client = redis.Redis.from_url(url)
+    ready.wait()
+    cpu0 = redis_cpu(client)
+    done = sum(results.get() for _ in pingers)
+    cpu = redis_cpu(client) - cpu0
+    for pinger in pingers:
+        pinger.join()
+    return {"ping_clients": clients, "redis_cpu_us_per_round_trip": 1e6 * cpu / done}
 
 
 def scale(url: str, workers: int, args) -> dict:
@@ -483,7 +527,8 @@ def scale(url: str, workers: int, args) -> dict:
         "learner_bus_share": learner_bus_per_step / (args.update_s + learner_bus_per_step),
         "redis_memory_peak_mib": memory_peak[0] / MIB,
         # the payloads' bytes are scaled, the messages' are not: in files, Redis holds the messages alone
-        "redis_memory_peak_real_gib": memory_peak[0] / (args.payload_scale if args.payload_dir is None else 1)
+        "redis_memory_peak_real_gib": memory_peak[0]
+        / (args.payload_scale if args.payload_dir is None else 1)
         / 1024**3,
     }
 
@@ -536,7 +581,8 @@ def main() -> None:
                 for n in args.capacity_groups_per_step
             ],
         }
-        for row in results["capacity"]:
+        results["round_trips"] = [round_trip_cost(server.url, c) for c in sorted({1, *args.capacity_clients})]
+        for row in results["capacity"] + results["round_trips"]:
             print(json.dumps(row))
         results["scale"] = []
         for workers in args.workers:

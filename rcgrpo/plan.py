@@ -467,11 +467,13 @@ def fit_problems(plan: Plan, gpu_memory_gb: float, micro_batch_rows: int | None)
     return problems
 
 
+def format_bytes(b: float) -> str:
+    return f"{b / GIB:.2f} GiB" if b >= 0.1 * GIB else f"{b / MIB:.2f} MiB"
+
+
 def format_plan(plan: Plan) -> str:
     """The plan as the lines `rcgrpo plan` prints."""
-
-    def gib(b: float) -> str:
-        return f"{b / GIB:.2f} GiB" if b >= 0.1 * GIB else f"{b / MIB:.2f} MiB"
+    gib = format_bytes
 
     def count(n: int) -> str:
         return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M"

@@ -164,3 +164,14 @@ def test_the_anchor_passes_the_plan_counts_are_the_distinct_rows_the_update_samp
     expected = expected_distinct_rows(8, 8, 4, 4, 4)
     assert expected == pytest.approx(64 * (1 - 0.75**4))  # 43.75 of the 64 rows the epochs process
     assert sum(counts) / len(counts) == pytest.approx(expected, abs=0.3)
+
+
+def test_plan_says_where_the_payloads_wait_and_how_many_bytes(capsys):
+    assert cli_main(["plan", "--config", FLUX_CONFIG]) == 0
+    [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("payloads:")]
+    # 25 checkpoints' worth of 8 groups, 34.58 MiB each, as files on the runs volume
+    assert "= 200 training blobs (6.75 GiB)" in line
+    assert "runs/flux-kontext-compbench/payloads (payload_store directory)" in line
+    assert cli_main(["plan", "--set", "learner.checkpoint_every=3"]) == 0  # the tiny run (2 per step): Redis
+    [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("payloads:")]
+    assert "= 6 training blobs" in line and "in the run's Redis (payload_store redis)" in line

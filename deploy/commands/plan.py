@@ -12,7 +12,16 @@ from pathlib import Path
 import torch
 
 from rcgrpo.editor import DTYPES
-from rcgrpo.plan import Calibration, Plan, architecture, calibrate, fit_problems, format_plan, make_plan
+from rcgrpo.plan import (
+    Calibration,
+    Plan,
+    architecture,
+    calibrate,
+    fit_problems,
+    format_bytes,
+    format_plan,
+    make_plan,
+)
 from rcgrpo.tiny_editor import SHIPPED_EDITOR_DIR
 from services.config import DEFAULT_RUN_CONFIG, RunConfig, add_run_arguments, load_run_config
 
@@ -93,6 +102,21 @@ def build_plan(
     return plan, sizes
 
 
+def payload_line(cfg: RunConfig, plan: Plan) -> str:
+    """Where the groups' payloads wait, and how many bytes of training blobs a checkpoint frees at most."""
+    waiting = cfg.learner.checkpoint_every * cfg.learner.groups_per_step
+    where = (
+        f"files in {cfg.payload_path} (payload_store directory)"
+        if cfg.payload_store == "directory"
+        else "the run's Redis (payload_store redis): size its memory for them"
+    )
+    return (
+        f"payloads: up to checkpoint_every x groups_per_step = {waiting} training blobs "
+        f"({format_bytes(waiting * plan.train_blob_bytes)}) wait for a checkpoint, plus the groups in "
+        f"flight, in {where}"
+    )
+
+
 def check_fits(cfg: RunConfig, image_size: int | None = None) -> None:
     """Refuse a run whose estimated peak GPU memory exceeds gpu_memory_gb (no-op when it is unset)."""
     if cfg.gpu_memory_gb is None:
@@ -124,6 +148,7 @@ def main(args: argparse.Namespace) -> int:
     plan, _ = build_plan(cfg, args.image_size, args.calibration)
     print(f"run {cfg.name!r}")
     print(format_plan(plan))
+    print(payload_line(cfg, plan))
     if cfg.gpu_memory_gb is None:
         print("gpu_memory_gb is not set: no fit check")
         return 0
