@@ -15,7 +15,7 @@ Checks, per case: the run exits 0 having reached total_steps; metrics.jsonl has 
 no group id is trained twice (group_signal rows); no acknowledged group is lost (read back from the
 run's append-only file: every task a worker acknowledged has its rollout group, every group the reward
 server acknowledged has its scored group, every scored group the learner acknowledged is in its last
-checkpoint); the final LoRA, reward curves and summary exist; no process the run started is left.
+checkpoint, and every scored group not trained yet still has its training tensors); the final LoRA, reward curves and summary exist; no process the run started is left.
 Recovery time: from the fault to the first step line written after it (driver_sigterm: from the resume).
 
     .venv/bin/python bench/chaos.py [--faults reward_server learner ...] [--steps 12] [--fault-at 5]
@@ -217,6 +217,7 @@ def inject(fault: str, train: TrainProcess) -> str:
 
 def acknowledged_but_lost(run_dir: Path) -> list[str]:
     """Groups some stage acknowledged whose result the next stage never got, read from the run's AOF."""
+    from services.blobstore import BlobError
     from services.bus import RunBus
     from services.config import RunConfig
     from services.record import Task, decode_rollout_group
@@ -255,6 +256,15 @@ def acknowledged_but_lost(run_dir: Path) -> list[str]:
         for _, f in acked(bus.scored):
             if (key := decode_rollout_group(f).meta.key.id) not in trained:
                 lost.append(f"scored group {key}: acked by the learner, not in its last checkpoint")
+        for _, f in bus.client.xrange(bus.scored.name):  # still to be trained: its tensors must be there
+            group = decode_rollout_group(f)
+            if group.meta.key.id not in trained:
+                try:
+                    bus.train_blobs.get(group.train)
+                except BlobError as error:
+                    lost.append(
+                        f"scored group {group.meta.key.id}: not trained, its tensors are gone ({error})"
+                    )
         bus.client.close()
     return lost
 
