@@ -250,9 +250,8 @@ def _image_refs(entry):
 
 def new_bus(url: str, name: str, payload_dir: str | None) -> RunBus:
     """The run's bus; payload_dir: its payloads as files there (payload_store "directory")."""
-    if payload_dir is None:
-        return RunBus(RunConfig(name=name), url)
-    return RunBus(RunConfig(name=name, payload_store="directory", payload_dir=payload_dir), url)
+    store = "redis" if payload_dir is None else "directory"
+    return RunBus(RunConfig(name=name, payload_store=store, payload_dir=payload_dir), url)
 
 
 def drive(url, name, groups, per_item, groups_per_step, payload_dir, ready, results) -> None:
@@ -300,6 +299,36 @@ def drive(url, name, groups, per_item, groups_per_step, payload_dir, ready, resu
     results.put((done, sends[0]))
 
 
+def concurrently(url: str, target, client_args: list[tuple]) -> tuple[list, dict]:
+    """Run target(*args, ready, results) in one forked process per args tuple, all started together
+    once each has set up (`ready`); their results, and what Redis spent meanwhile: wall seconds, CPU
+    seconds, commands and microseconds per command."""
+    context = multiprocessing.get_context("fork")
+    ready, results = context.Barrier(len(client_args) + 1), context.Queue()
+    processes = [context.Process(target=target, args=(*args, ready, results)) for args in client_args]
+    for process in processes:
+        process.start()
+    client = redis.Redis.from_url(url)
+    ready.wait()
+    cpu0, calls0, us0, t0 = (
+        redis_cpu(client),
+        redis_calls(client),
+        redis_command_us(client),
+        time.perf_counter(),
+    )
+    finished = [results.get() for _ in processes]
+    us = redis_command_us(client)
+    spent = {
+        "wall": time.perf_counter() - t0,
+        "cpu": redis_cpu(client) - cpu0,
+        "calls": redis_calls(client) - calls0,
+        "command_us": {name: total - us0.get(name, 0) for name, total in us.items()},
+    }
+    for process in processes:
+        process.join()
+    return finished, spent
+
+
 def capacity(
     url: str, groups: int, per_item: bool, groups_per_step: int, payload_dir: str | None, clients: int = 1
 ) -> dict:
@@ -309,47 +338,29 @@ def capacity(
     workers do (the requests are the same)."""
     store = "redis" if payload_dir is None else "directory"
     name = f"cap-{'item' if per_item else 'batch'}-{groups_per_step}-{store}-{clients}"
-    context = multiprocessing.get_context("fork")
-    ready, results = context.Barrier(clients + 1), context.Queue()
-    loops = [
-        context.Process(
-            target=drive,
-            args=(url, f"{name}-{i}", groups, per_item, groups_per_step, payload_dir, ready, results),
-        )
-        for i in range(clients)
-    ]
-    for loop in loops:
-        loop.start()
-    client = redis.Redis.from_url(url)
-    ready.wait()  # every client has set up its run
-    cpu0, calls0, us0, t0 = (
-        redis_cpu(client),
-        redis_calls(client),
-        redis_command_us(client),
-        time.perf_counter(),
+    finished, spent = concurrently(
+        url,
+        drive,
+        [(url, f"{name}-{i}", groups, per_item, groups_per_step, payload_dir) for i in range(clients)],
     )
-    finished = [results.get() for _ in loops]
-    wall = time.perf_counter() - t0
-    cpu, calls, us = redis_cpu(client) - cpu0, redis_calls(client) - calls0, redis_command_us(client)
-    for loop in loops:
-        loop.join()
     done, round_trips = (sum(column) for column in zip(*finished, strict=True))
+    cpu = spent["cpu"]
     return {
         "mode": "per-item" if per_item else "batched",
         "payload_store": store,
         "clients": clients,
         "groups_per_step": groups_per_step,
         "groups": done,
-        "client_groups_per_s": done / wall,
-        "redis_busy_share": cpu / wall,
+        "client_groups_per_s": done / spent["wall"],
+        "redis_busy_share": cpu / spent["wall"],
         "redis_cpu_ms_per_group": 1000 * cpu / done,
         "groups_per_s_per_redis_core": done / cpu,
-        "commands_per_group": calls / done,
+        "commands_per_group": spent["calls"] / done,
         "round_trips_per_group": round_trips / done,
         "command_us_per_group": {
-            name: round((spent - us0.get(name, 0)) / done, 1)
-            for name, spent in sorted(us.items(), key=lambda item: us0.get(item[0], 0) - item[1])
-            if spent - us0.get(name, 0) >= 0.5 * done
+            name: round(us / done, 1)
+            for name, us in sorted(spent["command_us"].items(), key=lambda item: -item[1])
+            if us >= 0.5 * done
         },
     }
 
@@ -366,26 +377,13 @@ def _ping(url: str, count: int, ready, results) -> None:
 def round_trip_cost(url: str, clients: int, count: int = 40_000) -> dict:
     """Redis CPU per PING round trip from `clients` concurrent processes: what a round trip costs
     Redis beyond its commands, and how much of it concurrency amortises."""
-    context = multiprocessing.get_context("fork")
-    ready, results = context.Barrier(clients + 1), context.Queue()
-    pingers = [
-        context.Process(target=_ping, args=(url, count // clients, ready, results)) for _ in range(clients)
-    ]
-    for pinger in pingers:
-        pinger.start()
-    client = redis.Redis.from_url(url)
-    ready.wait()
-    cpu0 = redis_cpu(client)
-    done = sum(results.get() for _ in pingers)
-    cpu = redis_cpu(client) - cpu0
-    for pinger in pingers:
-        pinger.join()
-    return {"ping_clients": clients, "redis_cpu_us_per_round_trip": 1e6 * cpu / done}
+    finished, spent = concurrently(url, _ping, [(url, count // clients)] * clients)
+    return {"ping_clients": clients, "redis_cpu_us_per_round_trip": 1e6 * spent["cpu"] / sum(finished)}
 
 
 def scale(url: str, workers: int, args) -> dict:
     """Workers, reward consumers and a learner as threads, for args.duration_s seconds."""
-    name = f"scale-{workers}-{'redis' if args.payload_dir is None else 'directory'}"
+    name = f"scale-{workers}-{args.payload_store}"
     speed = args.speedup
     rollout_s, score_s, update_s = args.rollout_s / speed, args.score_s / speed, args.update_s / speed
     # a learner sized to keep up: every update takes the groups the workers made meanwhile

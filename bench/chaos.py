@@ -15,7 +15,8 @@ Checks, per case: the run exits 0 having reached total_steps; metrics.jsonl has 
 no group id is trained twice (group_signal rows); no acknowledged group is lost (read back from the
 run's append-only file: every task a worker acknowledged has its rollout group, every group the reward
 server acknowledged has its scored group, every scored group the learner acknowledged is in its last
-checkpoint, and every scored group not trained yet still has its training tensors); the final LoRA, reward curves and summary exist; no process the run started is left.
+checkpoint, and every scored group not trained yet still has its training tensors); the final LoRA,
+reward curves and summary exist; no process the run started is left.
 Recovery time: from the fault to the first step line written after it (driver_sigterm: from the resume).
 
     .venv/bin/python bench/chaos.py [--faults reward_server learner ...] [--steps 12] [--fault-at 5]
