@@ -80,8 +80,10 @@ class Learner:
         return self.state.step, self.state.task_cursor
 
     def groups_consumed(self) -> int:
-        """Distinct groups this learner has trained on or dropped: what the driver's task supply replaces."""
-        return len(self._consumed)
+        """Distinct groups this learner has trained on or dropped: what the driver's task supply replaces.
+        Groups collected for the next update are not counted yet: under staleness_policy "wait" a task
+        fed for them before the update would be sampled with the policy the update is about to replace."""
+        return len(self._consumed) - len(self._batch)
 
     def publish_lora(self) -> int:
         """Publish the current LoRA as the next policy version (after any a crashed predecessor published)."""
@@ -157,7 +159,9 @@ class Learner:
                     self._unfreed.append(group.train)
                     continue
                 self._batch.append((group, staleness))
-        batch, self._batch = self._batch, []
+        # in task order, not arrival order: which group is row 0 of the update must not depend on which
+        # worker finished first (group ids are zero-padded task indices)
+        batch, self._batch = sorted(self._batch, key=lambda item: item[0].meta.key.group_id), []
         return batch
 
     def step(self, timeout_s: float | None = None) -> dict:
