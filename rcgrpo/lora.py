@@ -53,6 +53,23 @@ def base_weights(transformer) -> Iterator[None]:
         transformer.enable_adapters()
 
 
+def lora_steps_callback(pipe, steps: Sequence[int]):
+    """The LoRA of a stock diffusers pipeline (`load_lora_weights` done) on the grid steps `steps` only,
+    as `method.lora_steps: trained` samples: switches it for step 0 now and returns the
+    `callback_on_step_end` that switches it for each next step.
+
+        pipe(..., num_inference_steps=8, callback_on_step_end=lora_steps_callback(pipe, range(4, 8)))
+    """
+    steps = set(steps)
+    (pipe.enable_lora if 0 in steps else pipe.disable_lora)()
+
+    def switch(pipe, i, t, callback_kwargs):
+        (pipe.enable_lora if i + 1 in steps else pipe.disable_lora)()
+        return callback_kwargs
+
+    return switch
+
+
 def lora_parameters(transformer) -> list[torch.nn.Parameter]:
     """The trainable (LoRA) parameters; raises if the transformer has none."""
     params = [p for p in transformer.parameters() if p.requires_grad]
