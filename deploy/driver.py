@@ -28,6 +28,7 @@ from typing import Protocol
 
 import torch
 
+from deploy.reaper import start_reaper
 from deploy.supervision import ProcessWatch, SignalStop, StallWatch, recovered
 from services import metrics
 from services.auth import TOKEN_ENV
@@ -409,6 +410,7 @@ def init_ray(cfg: RunConfig) -> None:
     import ray
 
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    start_reaper()  # a local Ray's processes are the driver's: they must not outlive it
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     except BaseException:
@@ -443,6 +445,7 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
             f"{cfg.runs_dir / asked} exists: this run is [bold]{run_dir}[/] (--resume continues it)"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
+    start_reaper()  # before Redis and the reward server start: nothing the run starts outlives the driver
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
     installed_signals, signals = signals is not None, signals or SignalStop()

@@ -13,8 +13,8 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 
+from deploy.reaper import descendants, kill
 from services import metrics
 
 WATCH_INTERVAL_S = 1.0  # how often the driver's child processes are checked
@@ -55,32 +55,10 @@ class SignalStop:
         )
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid`, parents before children, read from /proc (empty where there is none)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ")"
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    found, frontier = [], [pid]
-    while frontier:
-        below = children.get(frontier.pop(0), [])
-        found += below
-        frontier += below
-    return found
-
-
 def kill_descendants() -> None:
     """SIGKILL every process this one started, and theirs: the private redis-server, the reward server and
     a local Ray's GCS, raylet, agents and workers (Ray's own shutdown does not run on an immediate exit)."""
-    for pid in descendants(os.getpid()):  # one snapshot: a child reparented after its parent dies is in it
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+    kill(descendants(os.getpid()))  # one snapshot: a child reparented after its parent dies is in it
 
 
 def recovered(component: str, what: str) -> None:

@@ -3,7 +3,8 @@
 Fast: bad config refused in seconds before anything starts; a second run gets its own directory; the
 metrics log keeps each step once; the stall deadline names what is missing, then stops the run; a
 killed private Redis is restarted on its append-only file and the bus waits for it through the outage.
-Slow (the whole `rcgrpo train`, bench/chaos.py): the reward server SIGKILLed, the learner SIGKILLed.
+nothing a SIGKILLed driver started outlives it (its reaper). Slow (the whole `rcgrpo train`,
+bench/chaos.py): the reward server SIGKILLed, the learner SIGKILLed, the driver SIGKILLed and resumed.
 """
 
 import json
@@ -17,7 +18,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from deploy.driver import MetricsLog, check_before_start, choose_run
-from deploy.supervision import ProcessWatch, SignalStop, StallWatch, descendants
+from deploy.reaper import descendants
+from deploy.supervision import ProcessWatch, SignalStop, StallWatch
 from services.bus import RunBus
 from services.config import load_run_config
 from services.redis_server import EmbeddedRedis
@@ -141,6 +143,53 @@ def test_descendants_lists_children_and_grandchildren_parents_first():
         shell.wait()
 
 
+# a driver's stand-in: its reaper, a private Redis started by a thread that has ended (as the process
+# watch restarts it), and a grandchild left to init when its parent exits (as Ray's agents are)
+SIGKILLED_DRIVER = """
+import subprocess, sys, threading
+from deploy.reaper import start_reaper
+from services.redis_server import EmbeddedRedis
+start_reaper()
+servers = []
+thread = threading.Thread(target=lambda: servers.append(EmbeddedRedis().start()))
+thread.start()
+thread.join()
+orphan = subprocess.run(["sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $!"], capture_output=True, text=True)
+print(servers[0]._process.pid, orphan.stdout.strip(), flush=True)
+threading.Event().wait()
+"""
+
+
+def test_nothing_a_sigkilled_driver_started_outlives_it_whatever_started_it():
+    driver = subprocess.Popen(
+        [sys.executable, "-c", SIGKILLED_DRIVER], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    redis_pid, orphan_pid = map(int, driver.stdout.readline().split())
+    reaper_pid = next(pid for pid in descendants(driver.pid) if b"deploy.reaper" in cmdline(pid))
+    time.sleep(1.0)  # the reaper has seen them (it looks every 0.5 s)
+    assert alive(redis_pid) and alive(orphan_pid)  # the thread that started Redis ended: it runs on
+    driver.kill()
+    driver.wait()
+    killed = time.monotonic()
+    while any(map(alive, (redis_pid, orphan_pid, reaper_pid))) and time.monotonic() - killed < 10:
+        time.sleep(0.05)
+    assert not any(map(alive, (redis_pid, orphan_pid, reaper_pid)))
+    assert time.monotonic() - killed < 3
+
+
+def cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def alive(pid: int) -> bool:
+    """Running, and not a zombie waiting for its new parent to reap it."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
 def test_a_killed_private_redis_is_restarted_on_its_aof_and_the_bus_waits_through_the_outage(tmp_path):
     cfg = load_run_config(None, [f"runs_dir={tmp_path}", "name=outage"])
     before = recoveries("redis")
@@ -215,3 +264,13 @@ def test_a_run_whose_learner_is_killed_restarts_it_from_its_checkpoint_and_compl
     result = chaos_case("learner", tmp_path)
     assert result.passed, result.problems
     assert result.recoveries == {"learner": 1}
+
+
+@pytest.mark.slow
+def test_a_sigkilled_driver_leaves_nothing_running_and_its_resume_completes_every_step_once(tmp_path):
+    result = chaos_case("driver_sigkill", tmp_path)
+    assert result.passed, result.problems  # incl. nothing left 5 s after the kill, every step once
+    started = " ".join(result.started)
+    for process in ("redis-server", "deploy.cli reward-server", "raylet", "gcs_server"):
+        assert process in started  # the check above covered them
+    assert result.cleanup_s < 5
