@@ -56,6 +56,14 @@ FAULTS = (
 DRIVER_EXIT = {"driver_sigterm": 130, "driver_twice": 128 + signal.SIGTERM, "driver_sigkill": -signal.SIGKILL}
 DRIVER_SIGKILL_GRACE_S = 5.0  # how long what a SIGKILLed driver started may outlive it
 RUN_NAME = "chaos"
+# a run small enough for a 2-core CI machine (the test suite's whole-run cases)
+SMALL_RUN = [
+    "method.group_size=4",
+    "method.num_steps=4",
+    "method.anchors=2",
+    "method.timesteps_per_anchor=2",
+    "data.num_samples=16",
+]
 # the recovery counter (summary.json "recoveries", rcgrpo_recoveries_total) each fault must raise
 COUNTED = {
     "reward_server": "reward_server",

@@ -378,6 +378,23 @@ def checkpoint_due(cfg: RunConfig, step: int) -> bool:
     return step % cfg.learner.checkpoint_every == 0 or step == cfg.learner.total_steps
 
 
+def checkpoint(learner: LearnerHandle, task_cursor: int, last: bool) -> None:
+    """Have the learner checkpoint. One that cannot be written (a full volume) leaves the previous one
+    intact and is said in one line: the run goes on (the groups since stay unacknowledged, and the next
+    checkpoint tries again), unless it was the run's last, which stops the run with that line."""
+    from learner.checkpoint import CheckpointError
+
+    try:
+        learner.checkpoint(task_cursor)
+    except Exception as error:
+        cause = getattr(error, "cause", error)  # a Ray task's error carries the learner's
+        if not isinstance(cause, CheckpointError):
+            raise
+        if last:
+            raise RuntimeError(f"{cause}; `rcgrpo train --resume` continues from it") from None
+        print(f"rcgrpo: {cause}; training goes on, the next checkpoint tries again", flush=True)
+
+
 def _has_checkpoint(run_dir: Path) -> bool:
     return any(run_dir.glob("checkpoints/step_*"))
 
@@ -534,7 +551,7 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
                 try:
                     stats = learner.try_step(wait_s=LEARNER_POLL_S)
                     if stats is not None and checkpoint_due(cfg, stats["step"]):
-                        learner.checkpoint(feeder.cursor)
+                        checkpoint(learner, feeder.cursor, last=stats["step"] == cfg.learner.total_steps)
                 except ray.exceptions.RayActorError as error:
                     # the learner died: a new one continues from its checkpoint, redoing the steps after it
                     learner, step = actors.restart_learner(error)
@@ -549,6 +566,8 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
                     continue
                 stall.progress()
                 step = stats["step"]
+                if "publish_error" in stats:  # the workers go on with the latest version
+                    print(f"rcgrpo: {stats['publish_error']}", flush=True)
                 images = (step - start_step) * groups_per_step * cfg.method.group_size
                 stats |= {
                     "time": time.time(),  # wall clock (Unix seconds), so a run's pace reads from the log
@@ -570,7 +589,7 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
         # 5. stop the workers; on a signal, checkpoint what was trained and stop; else keep the final LoRA
         if signals.requested:
             console.print("[yellow]interrupted: checkpointing the learner and stopping the workers")
-            learner.checkpoint(feeder.cursor)
+            checkpoint(learner, feeder.cursor, last=True)
             actors.stop_workers(WORKER_STOP_S)
             raise KeyboardInterrupt(signal.Signals(signals.received).name)
         actors.stop_workers(WORKER_STOP_S)

@@ -242,14 +242,7 @@ def chaos_case(fault: str, tmp_path):
         import chaos
     finally:
         sys.path.remove(str(ROOT / "bench"))
-    small = [
-        "method.group_size=4",
-        "method.num_steps=4",
-        "method.anchors=2",
-        "method.timesteps_per_anchor=2",
-        "data.num_samples=16",
-    ]
-    return chaos.run_case(fault, tmp_path, steps=4, fault_at=2, overrides=small, timeout_s=300)
+    return chaos.run_case(fault, tmp_path, steps=4, fault_at=2, overrides=chaos.SMALL_RUN, timeout_s=300)
 
 
 @pytest.mark.slow
