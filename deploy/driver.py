@@ -523,6 +523,7 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
                 reward_server,
                 reward_client if reward_server is None else None,  # external: waited for, not restarted
                 cfg.learner.max_restarts,
+                redis_url if embedded_redis is None else None,  # the same
             )
         )
         stall = StallWatch(

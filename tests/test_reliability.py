@@ -212,6 +212,30 @@ def test_a_killed_private_redis_is_restarted_on_its_aof_and_the_bus_waits_throug
         assert int(server.client().get(cfg.key("tasks:cursor"))) == 42
 
 
+def test_an_external_redis_that_hangs_is_named_while_the_bus_waits_for_it_and_counted(tmp_path, capsys):
+    import signal
+
+    cfg = load_run_config(None, [f"runs_dir={tmp_path}", "name=hang"])
+    before = recoveries("redis")
+    with EmbeddedRedis(data_dir=tmp_path / "redis") as server:
+        url = server.url
+        bus = RunBus(cfg, url)
+        with ProcessWatch(redis_url=url) as watch:
+            server._process.send_signal(signal.SIGSTOP)  # alive, not answering: as behind a partition
+            time.sleep(5)
+            out = capsys.readouterr().out
+            assert f"rcgrpo: Redis {url} not answering; waiting" in out
+            server._process.send_signal(signal.SIGCONT)
+            bus.set_task_cursor(7)  # the components' connections were waiting, not failing
+            deadline = time.monotonic() + 20
+            while not watch.restarts["redis"] and time.monotonic() < deadline:
+                time.sleep(0.1)
+        assert bus.task_cursor() == 7
+        bus.client.close()
+    assert watch.restarts["redis"] == 1 and recoveries("redis") == before + 1
+    assert f"rcgrpo: recovered redis: {url} answers again after" in capsys.readouterr().out
+
+
 def test_an_external_reward_server_that_stops_answering_is_waited_for_and_counted(capsys):
     from services.reward_client import RewardClient
 
