@@ -240,8 +240,9 @@ def inject(fault: str, train: TrainProcess) -> str:
     return hit
 
 
-def acknowledged_but_lost(run_dir: Path) -> list[str]:
-    """Groups some stage acknowledged whose result the next stage never got, read from the run's AOF."""
+def acknowledged_but_lost(run_dir: Path, redis_dir: Path | None = None) -> list[str]:
+    """Groups some stage acknowledged whose result the next stage never got, read from the run's AOF (in
+    redis_dir; default: the private Redis's, in the run directory)."""
     from services.blobstore import BlobError
     from services.bus import RunBus
     from services.config import RunConfig
@@ -253,7 +254,7 @@ def acknowledged_but_lost(run_dir: Path) -> list[str]:
     trained = (
         set(json.loads((checkpoints[-1] / "state.json").read_text())["consumed"]) if checkpoints else set()
     )
-    with EmbeddedRedis(data_dir=run_dir / "redis") as server:
+    with EmbeddedRedis(data_dir=redis_dir or run_dir / "redis") as server:
         bus = RunBus(cfg, server.url)
 
         def acked(stream) -> list:
@@ -304,7 +305,7 @@ def _yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def check_run(run_dir: Path, steps: int) -> list[str]:
+def check_run(run_dir: Path, steps: int, redis_dir: Path | None = None) -> list[str]:
     problems = []
     lines = StepWatch(run_dir / "metrics.jsonl").lines()
     logged = [json.loads(line)["step"] for line in lines]
@@ -316,7 +317,7 @@ def check_run(run_dir: Path, steps: int) -> list[str]:
     for artefact in ("lora/pytorch_lora_weights.safetensors", "reward_curves.png", "summary.json"):
         if not (run_dir / artefact).exists():
             problems.append(f"no {artefact}")
-    problems += acknowledged_but_lost(run_dir)
+    problems += acknowledged_but_lost(run_dir, redis_dir)
     return problems
 
 

@@ -236,6 +236,40 @@ def test_an_external_redis_that_hangs_is_named_while_the_bus_waits_for_it_and_co
     assert f"rcgrpo: recovered redis: {url} answers again after" in capsys.readouterr().out
 
 
+def test_a_partition_between_the_bus_and_redis_is_waited_through_and_named(tmp_path, capsys):
+    import shutil
+    import threading
+
+    if os.geteuid() != 0 or shutil.which("nft") is None or shutil.which("ip") is None:
+        pytest.skip("needs root, iproute2 and nftables (a network namespace and its rules)")
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import netfault_chaos
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    cfg = load_run_config(None, [f"runs_dir={tmp_path}", "name=partition"])
+    with netfault_chaos.RedisInNamespace(tmp_path / "redis", index=0) as server:
+        bus = RunBus(cfg, server.url)
+        bus.set_task_cursor(4)
+        with ProcessWatch(redis_url=server.url) as watch:
+            server.drop()  # every packet to and from Redis
+            healing = threading.Timer(4.0, server.heal)
+            healing.start()
+            started = time.monotonic()
+            bus.set_task_cursor(5)  # its connection waits through the partition, then carries on
+            waited = time.monotonic() - started
+            assert bus.task_cursor() == 5
+            deadline = time.monotonic() + 20
+            while not watch.restarts["redis"] and time.monotonic() < deadline:
+                time.sleep(0.1)
+        healing.join()
+        bus.client.close()
+    assert 4.0 <= waited < 30
+    out = capsys.readouterr().out
+    assert f"rcgrpo: Redis {server.url} not answering; waiting" in out
+    assert f"rcgrpo: recovered redis: {server.url} answers again after" in out
+
+
 def test_an_external_reward_server_that_stops_answering_is_waited_for_and_counted(capsys):
     from services.reward_client import RewardClient
 
