@@ -113,12 +113,15 @@ def start_reaper() -> None:
 
 def main() -> int:
     driver = int(sys.argv[1])
-    known: dict[int, int] = {}  # pid -> start time of every process seen below the driver
+    known: dict[int, int] = {}  # pid -> start time of every live process seen below the driver
     while True:
         ready, _, _ = select.select([sys.stdin.fileno()], [], [], POLL_S)
         if ready and not os.read(sys.stdin.fileno(), 4096):  # the driver writes nothing: its end
             break
         table = process_table()
+        # the ones that ended are forgotten (a pid may be reused); the ones alive are kept even when no
+        # longer below the driver (the driver dying, its children already reparented)
+        known = {pid: started for pid, started in known.items() if table.get(pid, (0, None))[1] == started}
         known |= {pid: table[pid][1] for pid in descendants(driver, table) if pid in table}
     if killed := reap(known):
         print(
