@@ -164,12 +164,14 @@ def test_nothing_a_sigkilled_driver_started_outlives_it_whatever_started_it():
     driver = subprocess.Popen(
         [sys.executable, "-c", SIGKILLED_DRIVER], cwd=ROOT, stdout=subprocess.PIPE, text=True
     )
-    redis_pid, orphan_pid = map(int, driver.stdout.readline().split())
-    reaper_pid = next(pid for pid in descendants(driver.pid) if b"deploy.reaper" in cmdline(pid))
-    time.sleep(1.0)  # the reaper has seen them (it looks every 0.5 s)
-    assert alive(redis_pid) and alive(orphan_pid)  # the thread that started Redis ended: it runs on
-    driver.kill()
-    driver.wait()
+    try:
+        redis_pid, orphan_pid = map(int, driver.stdout.readline().split())
+        reaper_pid = next(pid for pid in descendants(driver.pid) if b"deploy.reaper" in cmdline(pid))
+        time.sleep(1.0)  # the reaper has seen them (it looks every 0.5 s)
+        assert alive(redis_pid) and alive(orphan_pid)  # the thread that started Redis ended: it runs on
+    finally:
+        driver.kill()  # also when an assertion failed: its reaper then cleans up after it
+        driver.wait()
     killed = time.monotonic()
     while any(map(alive, (redis_pid, orphan_pid, reaper_pid))) and time.monotonic() - killed < 10:
         time.sleep(0.05)
