@@ -116,12 +116,11 @@ class TrainProcess:
         except psutil.NoSuchProcess:
             found = []
         for process in found:
-            if process.pid not in self.started:
-                try:
-                    self.labels[process.pid] = " ".join(process.cmdline())[:80]
-                except psutil.Error:
-                    continue
-                self.started[process.pid] = process
+            try:  # read each time: a child between its fork and its exec still has its parent's
+                self.labels[process.pid] = " ".join(process.cmdline())[:80]
+            except psutil.Error:
+                continue
+            self.started.setdefault(process.pid, process)
         return found
 
     def find(self, match) -> psutil.Process | None:
