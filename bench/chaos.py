@@ -9,6 +9,7 @@ Faults (injected once the run has written --fault-at steps to metrics.jsonl):
   redis           SIGKILL the private redis-server
   driver_sigterm  SIGTERM the driver (as `ray job stop` / `docker stop` do), then `rcgrpo train --resume`
   driver_twice    SIGTERM the driver twice (it exits at once, no checkpoint of its own), then --resume
+  driver_sigkill  SIGKILL the driver (the OOM killer's way): its reaper kills what it started; then --resume
   corrupt_lora    flip a byte of the newest LoRA blob in Redis as soon as it is published
 
 Checks, per case: the run exits 0 having reached total_steps; metrics.jsonl has every step exactly once;
@@ -16,8 +17,9 @@ no group id is trained twice (group_signal rows); no acknowledged group is lost 
 run's append-only file: every task a worker acknowledged has its rollout group, every group the reward
 server acknowledged has its scored group, every scored group the learner acknowledged is in its last
 checkpoint, and every scored group not trained yet still has its training tensors); the final LoRA,
-reward curves and summary exist; no process the run started is left.
-Recovery time: from the fault to the first step line written after it (driver_sigterm: from the resume).
+reward curves and summary exist; no process the run started is left (after a SIGKILLed driver: within
+DRIVER_SIGKILL_GRACE_S, timed). Recovery time: from the fault to the first step line written after it
+(the driver faults: from the resume's start).
 
     .venv/bin/python bench/chaos.py [--faults reward_server learner ...] [--steps 12] [--fault-at 5]
 """
@@ -46,11 +48,22 @@ FAULTS = (
     "redis",
     "driver_sigterm",
     "driver_twice",
+    "driver_sigkill",
     "corrupt_lora",
 )
 # how the driver exits on each driver fault: 130 after a graceful stop, 128 + SIGTERM when told twice
-DRIVER_EXIT = {"driver_sigterm": 130, "driver_twice": 128 + signal.SIGTERM}
+# (a SIGKILLed one: Popen's -9)
+DRIVER_EXIT = {"driver_sigterm": 130, "driver_twice": 128 + signal.SIGTERM, "driver_sigkill": -signal.SIGKILL}
+DRIVER_SIGKILL_GRACE_S = 5.0  # how long what a SIGKILLed driver started may outlive it
 RUN_NAME = "chaos"
+# a run small enough for a 2-core CI machine (the test suite's whole-run cases)
+SMALL_RUN = [
+    "method.group_size=4",
+    "method.num_steps=4",
+    "method.anchors=2",
+    "method.timesteps_per_anchor=2",
+    "data.num_samples=16",
+]
 # the recovery counter (summary.json "recoveries", rcgrpo_recoveries_total) each fault must raise
 COUNTED = {
     "reward_server": "reward_server",
@@ -68,6 +81,8 @@ class CaseResult:
     recovery_s: float | None = None
     wall_s: float = 0.0
     recoveries: dict = field(default_factory=dict)
+    cleanup_s: float | None = None  # driver faults: from the driver's exit to no process of it left
+    started: list[str] = field(default_factory=list)  # the processes the faulted run had started
 
     @property
     def passed(self) -> bool:
@@ -93,6 +108,7 @@ class TrainProcess:
         )
         self.root = psutil.Process(self.process.pid)
         self.started: dict[int, psutil.Process] = {}
+        self.labels: dict[int, str] = {}  # pid -> its command line, read while it was alive
 
     def descendants(self) -> list[psutil.Process]:
         try:
@@ -100,6 +116,10 @@ class TrainProcess:
         except psutil.NoSuchProcess:
             found = []
         for process in found:
+            try:  # read each time: a child between its fork and its exec still has its parent's
+                self.labels[process.pid] = " ".join(process.cmdline())[:80]
+            except psutil.Error:
+                continue
             self.started.setdefault(process.pid, process)
         return found
 
@@ -127,7 +147,7 @@ class TrainProcess:
             for process in self.started.values():
                 try:
                     if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
-                        alive.append(f"{process.pid} {' '.join(process.cmdline())[:80]}")
+                        alive.append(f"{process.pid} {self.labels[process.pid]}")
                 except psutil.NoSuchProcess:
                     continue
             if not alive or time.monotonic() > deadline:
@@ -200,6 +220,9 @@ def inject(fault: str, train: TrainProcess) -> str:
         "learner": lambda cmd, name: cmd.startswith("ray::Learner"),
         "redis": lambda cmd, name: name == "redis-server",
     }
+    if fault == "driver_sigkill":
+        train.process.kill()
+        return f"driver {train.process.pid}"
     if fault in DRIVER_EXIT:
         train.process.send_signal(signal.SIGTERM)
         if fault == "driver_twice":
@@ -216,8 +239,9 @@ def inject(fault: str, train: TrainProcess) -> str:
     return hit
 
 
-def acknowledged_but_lost(run_dir: Path) -> list[str]:
-    """Groups some stage acknowledged whose result the next stage never got, read from the run's AOF."""
+def acknowledged_but_lost(run_dir: Path, redis_dir: Path | None = None) -> list[str]:
+    """Groups some stage acknowledged whose result the next stage never got, read from the run's AOF (in
+    redis_dir; default: the private Redis's, in the run directory)."""
     from services.blobstore import BlobError
     from services.bus import RunBus
     from services.config import RunConfig
@@ -229,7 +253,7 @@ def acknowledged_but_lost(run_dir: Path) -> list[str]:
     trained = (
         set(json.loads((checkpoints[-1] / "state.json").read_text())["consumed"]) if checkpoints else set()
     )
-    with EmbeddedRedis(data_dir=run_dir / "redis") as server:
+    with EmbeddedRedis(data_dir=redis_dir or run_dir / "redis") as server:
         bus = RunBus(cfg, server.url)
 
         def acked(stream) -> list:
@@ -280,7 +304,7 @@ def _yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def check_run(run_dir: Path, steps: int) -> list[str]:
+def check_run(run_dir: Path, steps: int, redis_dir: Path | None = None) -> list[str]:
     problems = []
     lines = StepWatch(run_dir / "metrics.jsonl").lines()
     logged = [json.loads(line)["step"] for line in lines]
@@ -292,7 +316,7 @@ def check_run(run_dir: Path, steps: int) -> list[str]:
     for artefact in ("lora/pytorch_lora_weights.safetensors", "reward_curves.png", "summary.json"):
         if not (run_dir / artefact).exists():
             problems.append(f"no {artefact}")
-    problems += acknowledged_but_lost(run_dir)
+    problems += acknowledged_but_lost(run_dir, redis_dir)
     return problems
 
 
@@ -333,11 +357,15 @@ def run_case(
         print(f"  {fault}: hit {hit} at step {watch.steps()}", flush=True)
         if fault in DRIVER_EXIT:
             rc = train.wait(timeout_s=120)
-            stopped_s = time.monotonic() - faulted
-            print(f"  {fault}: driver exited {rc} {stopped_s:.1f} s after the first SIGTERM", flush=True)
+            exited = time.monotonic()
+            print(f"  {fault}: driver exited {rc} {exited - faulted:.1f} s after the signal", flush=True)
             if rc != DRIVER_EXIT[fault]:
                 result.problems.append(f"driver exited {rc} on {fault}, not {DRIVER_EXIT[fault]}")
-            result.problems += [f"left behind after {fault}: {p}" for p in train.left_behind()]
+            left = train.left_behind(DRIVER_SIGKILL_GRACE_S if fault == "driver_sigkill" else 20.0)
+            result.problems += [f"left behind after {fault}: {p}" for p in left]
+            if not left:
+                result.cleanup_s = round(time.monotonic() - exited, 1)
+            result.started = sorted(train.labels.values())
             watch.new_lines()  # the step the stopping driver finished is not the resume's
             train = TrainProcess(runs_dir, overrides, resume=True, log_name="resume.log")
             trains.append(train)
@@ -383,14 +411,18 @@ def main() -> int:
         result = run_case(fault, workdir, args.steps, args.fault_at, args.overrides)
         results.append(result)
         print(f"  {fault}: {'PASS' if result.passed else 'FAIL'} recovery {result.recovery_s} s, "
-              f"wall {result.wall_s} s, recoveries {result.recoveries} {result.problems}", flush=True)  # fmt: skip
-    print("\n| fault | result | recovery (s) | run wall time (s) | recoveries counted | problems |")
-    print("|---|---|---|---|---|---|")
+              f"wall {result.wall_s} s, recoveries {result.recoveries}, cleanup {result.cleanup_s} s "
+              f"{result.problems}", flush=True)  # fmt: skip
+    print(
+        "\n| fault | result | recovery (s) | run wall time (s) | recoveries counted | cleanup (s) | problems |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         counted = ", ".join(f"{k} {v}" for k, v in r.recoveries.items()) or "-"
         problems = "; ".join(r.problems) or "-"
         print(
-            f"| {r.fault} | {'pass' if r.passed else 'FAIL'} | {r.recovery_s} | {r.wall_s} | {counted} | {problems} |"
+            f"| {r.fault} | {'pass' if r.passed else 'FAIL'} | {r.recovery_s} | {r.wall_s} | {counted} "
+            f"| {r.cleanup_s if r.cleanup_s is not None else '-'} | {problems} |"
         )
     return 0 if all(r.passed for r in results) else 1
 

@@ -28,6 +28,7 @@ from typing import Protocol
 
 import torch
 
+from deploy.reaper import start_reaper
 from deploy.supervision import ProcessWatch, SignalStop, StallWatch, recovered
 from services import metrics
 from services.auth import TOKEN_ENV
@@ -377,6 +378,23 @@ def checkpoint_due(cfg: RunConfig, step: int) -> bool:
     return step % cfg.learner.checkpoint_every == 0 or step == cfg.learner.total_steps
 
 
+def checkpoint(learner: LearnerHandle, task_cursor: int, last: bool) -> None:
+    """Have the learner checkpoint. One that cannot be written (a full volume) leaves the previous one
+    intact and is said in one line: the run goes on (the groups since stay unacknowledged, and the next
+    checkpoint tries again), unless it was the run's last, which stops the run with that line."""
+    from learner.checkpoint import CheckpointError
+
+    try:
+        learner.checkpoint(task_cursor)
+    except Exception as error:
+        cause = getattr(error, "cause", error)  # a Ray task's error carries the learner's
+        if not isinstance(cause, CheckpointError):
+            raise
+        if last:
+            raise RuntimeError(f"{cause}; `rcgrpo train --resume` continues from it") from None
+        print(f"rcgrpo: {cause}; training goes on, the next checkpoint tries again", flush=True)
+
+
 def _has_checkpoint(run_dir: Path) -> bool:
     return any(run_dir.glob("checkpoints/step_*"))
 
@@ -409,6 +427,7 @@ def init_ray(cfg: RunConfig) -> None:
     import ray
 
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    start_reaper()  # a local Ray's processes are the driver's: they must not outlive it
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     except BaseException:
@@ -443,6 +462,7 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
             f"{cfg.runs_dir / asked} exists: this run is [bold]{run_dir}[/] (--resume continues it)"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
+    start_reaper()  # before Redis and the reward server start: nothing the run starts outlives the driver
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
     installed_signals, signals = signals is not None, signals or SignalStop()
@@ -503,6 +523,7 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
                 reward_server,
                 reward_client if reward_server is None else None,  # external: waited for, not restarted
                 cfg.learner.max_restarts,
+                redis_url if embedded_redis is None else None,  # the same
             )
         )
         stall = StallWatch(
@@ -531,7 +552,7 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
                 try:
                     stats = learner.try_step(wait_s=LEARNER_POLL_S)
                     if stats is not None and checkpoint_due(cfg, stats["step"]):
-                        learner.checkpoint(feeder.cursor)
+                        checkpoint(learner, feeder.cursor, last=stats["step"] == cfg.learner.total_steps)
                 except ray.exceptions.RayActorError as error:
                     # the learner died: a new one continues from its checkpoint, redoing the steps after it
                     learner, step = actors.restart_learner(error)
@@ -546,6 +567,8 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
                     continue
                 stall.progress()
                 step = stats["step"]
+                if "publish_error" in stats:  # the workers go on with the latest version
+                    print(f"rcgrpo: {stats['publish_error']}", flush=True)
                 images = (step - start_step) * groups_per_step * cfg.method.group_size
                 stats |= {
                     "time": time.time(),  # wall clock (Unix seconds), so a run's pace reads from the log
@@ -567,7 +590,7 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
         # 5. stop the workers; on a signal, checkpoint what was trained and stop; else keep the final LoRA
         if signals.requested:
             console.print("[yellow]interrupted: checkpointing the learner and stopping the workers")
-            learner.checkpoint(feeder.cursor)
+            checkpoint(learner, feeder.cursor, last=True)
             actors.stop_workers(WORKER_STOP_S)
             raise KeyboardInterrupt(signal.Signals(signals.received).name)
         actors.stop_workers(WORKER_STOP_S)

@@ -13,8 +13,10 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 
+import redis
+
+from deploy.reaper import descendants, kill
 from services import metrics
 
 WATCH_INTERVAL_S = 1.0  # how often the driver's child processes are checked
@@ -55,32 +57,10 @@ class SignalStop:
         )
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid`, parents before children, read from /proc (empty where there is none)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ")"
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    found, frontier = [], [pid]
-    while frontier:
-        below = children.get(frontier.pop(0), [])
-        found += below
-        frontier += below
-    return found
-
-
 def kill_descendants() -> None:
     """SIGKILL every process this one started, and theirs: the private redis-server, the reward server and
     a local Ray's GCS, raylet, agents and workers (Ray's own shutdown does not run on an immediate exit)."""
-    for pid in descendants(os.getpid()):  # one snapshot: a child reparented after its parent dies is in it
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+    kill(descendants(os.getpid()))  # one snapshot: a child reparented after its parent dies is in it
 
 
 def recovered(component: str, what: str) -> None:
@@ -89,17 +69,72 @@ def recovered(component: str, what: str) -> None:
     print(f"rcgrpo: recovered {component}: {what}", flush=True)
 
 
+class Outage:
+    """A service the run does not start but waits for (an external reward server or Redis): probed every
+    WATCH_INTERVAL_S, and while it does not answer with backoff up to 30 s; one line when it stops
+    answering, a counted recovery when it answers again."""
+
+    def __init__(self, component: str, kind: str, url: str, ready: Callable[[], bool]):
+        self.component, self.kind, self.url, self.ready = component, kind, url, ready
+        self.down_since: float | None = None
+        self._next_probe = 0.0
+
+    def check(self, restarts: Counter[str]) -> None:
+        if time.monotonic() < self._next_probe:
+            return
+        if self.ready():
+            if self.down_since is not None:
+                down = time.monotonic() - self.down_since
+                self.down_since = None
+                restarts[self.component] += 1
+                recovered(self.component, f"{self.url} answers again after {down:.0f} s")
+            self._next_probe = time.monotonic() + WATCH_INTERVAL_S
+            return
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            print(f"rcgrpo: {self.kind} {self.url} not answering; waiting", flush=True)
+        backoff = min(30.0, 2.0 * max(1.0, time.monotonic() - self.down_since) ** 0.5)
+        self._next_probe = time.monotonic() + backoff
+
+
+def redis_answers(url: str) -> Callable[[], bool]:
+    """A probe of the Redis at `url`: PING on a connection of its own that gives up after 2 s, where the
+    components' connections wait (a partition blocks them without an error)."""
+    client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+
+    def ready() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+
+    return ready
+
+
 class ProcessWatch:
     """A thread that restarts the driver's own child processes (the private redis-server, the embedded
-    reward server) when they die, and waits with backoff for an external reward server that stops
-    answering. Components reconnect by themselves (services.bus retries Redis for about a minute)."""
+    reward server) when they die, and waits for an external reward server or an external Redis that
+    stops answering, saying so. Components reconnect by themselves (services.bus retries Redis for
+    about a minute)."""
 
-    def __init__(self, redis=None, reward_server=None, reward_client=None, max_restarts: int = 5):
-        self.redis, self.reward_server, self.reward_client = redis, reward_server, reward_client
+    def __init__(
+        self,
+        redis=None,
+        reward_server=None,
+        reward_client=None,
+        max_restarts: int = 5,
+        redis_url: str | None = None,
+    ):
+        self.redis, self.reward_server = redis, reward_server
         self.max_restarts = max_restarts
         self.restarts: Counter[str] = Counter()
         self.failure: str | None = None  # why watching gave up: the driver stops with it
-        self.reward_down_since: float | None = None  # an external reward server not answering
+        self.outages: list[Outage] = []
+        if reward_client is not None:
+            url = reward_client.http.base_url
+            self.outages.append(Outage("reward_server", "reward server", str(url), reward_client.ready))
+        if redis_url is not None:
+            self.outages.append(Outage("redis", "Redis", redis_url, redis_answers(redis_url)))
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="process-watch", daemon=True)
 
@@ -112,9 +147,7 @@ class ProcessWatch:
         self._thread.join()
 
     def _run(self) -> None:
-        backoff = WATCH_INTERVAL_S
-        while not self._stopping.wait(backoff):
-            backoff = WATCH_INTERVAL_S
+        while not self._stopping.wait(WATCH_INTERVAL_S):
             try:
                 if self.redis is not None and not self.redis.running:
                     self._restart("redis", f"redis-server on {self.redis.url} died", self.redis.restart)
@@ -125,8 +158,8 @@ class ProcessWatch:
                         f"reward server {self.reward_server.url} exited with {code}",
                         self.reward_server.restart,
                     )
-                elif self.reward_client is not None:
-                    backoff = self._wait_for_external_reward_server()
+                for outage in self.outages:
+                    outage.check(self.restarts)
             except Exception as error:  # a restart that failed: the driver stops with the reason
                 self.failure = f"{type(error).__name__}: {error}"
                 return
@@ -138,24 +171,6 @@ class ProcessWatch:
         restart()
         self.restarts[component] += 1
         recovered(component, f"{why}; restarted in {time.monotonic() - started:.1f} s")
-
-    def _wait_for_external_reward_server(self) -> float:
-        """Probe; while it does not answer, back off up to 30 s between probes. The next probe's delay."""
-        if self.reward_client.ready():
-            if self.reward_down_since is not None:
-                down = time.monotonic() - self.reward_down_since
-                self.reward_down_since = None
-                self.restarts["reward_server"] += 1
-                recovered(
-                    "reward_server", f"{self.reward_client.http.base_url} answers again after {down:.0f} s"
-                )
-            return WATCH_INTERVAL_S
-        if self.reward_down_since is None:
-            self.reward_down_since = time.monotonic()
-            print(
-                f"rcgrpo: reward server {self.reward_client.http.base_url} not answering; waiting", flush=True
-            )
-        return min(30.0, 2.0 * max(1.0, time.monotonic() - self.reward_down_since) ** 0.5)
 
 
 class StallWatch:

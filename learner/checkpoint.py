@@ -1,6 +1,7 @@
 """Learner checkpoints: LoRA, optimiser, step, RNG state, data cursor, policy version and the groups
 already trained on. Tensors as safetensors, the rest as JSON (no pickle); written to a temporary
-directory and renamed, so a crash mid-write leaves the previous checkpoint intact."""
+directory, fsynced and renamed, so a crash or a full volume mid-write leaves the previous checkpoint
+intact."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from services.blobstore import fsync_directory, write_durably
 
 CHECKPOINT_PREFIX = "step_"
 
@@ -43,21 +46,42 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+class CheckpointError(OSError):
+    """A checkpoint that could not be written (a full volume): no part of it is left, and the previous
+    checkpoint is intact."""
+
+
 def save_checkpoint(
     directory: Path, state: LearnerState, lora: dict[str, torch.Tensor], optimizer, generator
 ) -> Path:
+    """Write the checkpoint of `state.step`: each file fsynced in a temporary directory, then the directory
+    renamed into place and the rename fsynced. Raises CheckpointError, in one line, if it cannot."""
     directory = Path(directory)
     final = directory / f"{CHECKPOINT_PREFIX}{state.step:06d}"
     partial = directory / f".partial-{state.step:06d}"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    save_file(lora, partial / "lora.safetensors")
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-    save_file(opt_tensors, partial / "optimizer.safetensors")
-    save_file({"generator": generator.get_state()}, partial / "rng.safetensors")
-    (partial / "state.json").write_text(json.dumps({**asdict(state), "optimizer": opt_meta}))
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
+    files = {  # serialised here, so a write error is an OSError naming its errno
+        "lora.safetensors": save(lora),
+        "optimizer.safetensors": save(opt_tensors),
+        "rng.safetensors": save({"generator": generator.get_state()}),
+        "state.json": json.dumps({**asdict(state), "optimizer": opt_meta}).encode(),
+    }
+    try:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        for name, data in files.items():
+            write_durably(partial / name, data)
+        fsync_directory(partial)
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        fsync_directory(directory)
+    except OSError as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        previous = latest_checkpoint(directory)
+        kept = f"{previous.name} is intact" if previous else "there is no earlier checkpoint"
+        raise CheckpointError(
+            f"checkpoint of step {state.step} not written to {directory}: {error}; {kept}"
+        ) from None
     return final
 
 

@@ -24,6 +24,7 @@ from services import metrics
 from services.blobstore import BlobRef
 from services.bus import RunBus
 from services.config import RunConfig
+from services.lora_store import LoraPublishError
 from services.policy import start_component
 from services.record import RolloutGroup, decode_rollout_group, load_train_group
 from services.streams import StreamEntry
@@ -197,8 +198,12 @@ class Learner:
         )
         self.state.step += 1
         updated = time.perf_counter()
+        publish_error = None
         if self.state.step % cfg.publish_every == 0:
-            self.publish_lora()
+            try:
+                self.publish_lora()
+            except LoraPublishError as error:  # workers keep the latest version; the next publish retries
+                publish_error = str(error)
         self._unfreed += [group.train for group, _ in batch]
         signal = reward_term_diagnostics(
             terms,
@@ -256,6 +261,8 @@ class Learner:
             "publish_seconds": time.perf_counter() - updated,
             "groups": len(batch),
         }
+        if publish_error is not None:
+            result["publish_error"] = publish_error
         self.bus.observe(learner_stats=result)
         _export(result, len(groups), int(flat.sum()))
         return result

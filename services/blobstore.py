@@ -51,6 +51,36 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def fsync_directory(path: Path) -> None:
+    """Make the names in a directory (a rename into it) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write `data` to `path` and fsync it; on failure (a full volume) remove what was written and raise."""
+    try:
+        with open(path, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+    except OSError:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` all at once: written to a temporary name, fsynced, renamed, the rename
+    fsynced. A crash or a full volume leaves the previous file as it was, and no partial one."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    write_durably(partial, data)
+    partial.replace(path)
+    fsync_directory(path.parent)
+
+
 class BlobStore:
     """Blobs as Redis keys `{prefix}{sha256 or name}`, expiring ttl_s after they are written (None: never).
 
@@ -147,9 +177,9 @@ class QueuedBlobStore:
 
 class DirectoryBlobStore:
     """The BlobStore interface on a directory (a volume every worker mounts): each blob a file, written
-    to a temporary name and renamed, so a reader never sees a partial blob. No TTL: blobs stay until
-    deleted. For payloads every worker reads (policy versions), the readers share the filesystem's
-    bandwidth instead of one Redis thread's (docs/SCALE.md, bench/bench_weight_fanout.py)."""
+    atomically (write_atomically), so neither a reader nor a crash nor a full volume leaves a partial
+    blob. No TTL: blobs stay until deleted. For payloads every worker reads (policy versions), the
+    readers share the filesystem's bandwidth instead of one Redis thread's (docs/SCALE.md, bench/bench_weight_fanout.py)."""
 
     def __init__(self, root: str | os.PathLike, prefix: str = ""):
         self.root = Path(root)
@@ -173,10 +203,7 @@ class DirectoryBlobStore:
             data = bytes(data)
             digest = sha256_hex(data)
             ref = BlobRef(key=self.key_for(name or digest), sha256=digest, size=len(data))
-            path = self._path(ref.key)
-            partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-            partial.write_bytes(data)
-            partial.replace(path)
+            write_atomically(self._path(ref.key), data)
             refs.append(ref)
         return refs
 

@@ -43,6 +43,11 @@ class LoraVersion:
         )
 
 
+class LoraPublishError(OSError):
+    """A policy version whose LoRA could not be written (a full volume): nothing points at it, and the
+    latest version is still the one before."""
+
+
 def _blob_name(policy_version: int) -> str:
     return f"v{policy_version}"
 
@@ -88,9 +93,13 @@ class LoraStore:
             # the blob is durable before any record points at it: in the same transaction, or (a file)
             # written before the transaction
             blobs = self.blobs.queued(pipe) if in_redis else self.blobs
-            record = LoraVersion(
-                policy_version, blobs.put(data, name=_blob_name(policy_version)), time.time()
-            )
+            try:
+                ref = blobs.put(data, name=_blob_name(policy_version))
+            except OSError as error:  # the transaction is not executed: the previous latest stands
+                raise LoraPublishError(
+                    f"policy version v{policy_version} not published: {error}; the latest is still v{latest}"
+                ) from None
+            record = LoraVersion(policy_version, ref, time.time())
             pipe.hset(self._record_key(policy_version), mapping=record.to_hash())
             pipe.zadd(self._versions_key, {str(policy_version): policy_version})
             pipe.set(self.latest_key, policy_version)

@@ -3,7 +3,8 @@
 Fast: bad config refused in seconds before anything starts; a second run gets its own directory; the
 metrics log keeps each step once; the stall deadline names what is missing, then stops the run; a
 killed private Redis is restarted on its append-only file and the bus waits for it through the outage.
-Slow (the whole `rcgrpo train`, bench/chaos.py): the reward server SIGKILLed, the learner SIGKILLed.
+nothing a SIGKILLed driver started outlives it (its reaper). Slow (the whole `rcgrpo train`,
+bench/chaos.py): the reward server SIGKILLed, the learner SIGKILLed, the driver SIGKILLed and resumed.
 """
 
 import json
@@ -17,7 +18,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from deploy.driver import MetricsLog, check_before_start, choose_run
-from deploy.supervision import ProcessWatch, SignalStop, StallWatch, descendants
+from deploy.reaper import descendants
+from deploy.supervision import ProcessWatch, SignalStop, StallWatch
 from services.bus import RunBus
 from services.config import load_run_config
 from services.redis_server import EmbeddedRedis
@@ -141,6 +143,55 @@ def test_descendants_lists_children_and_grandchildren_parents_first():
         shell.wait()
 
 
+# a driver's stand-in: its reaper, a private Redis started by a thread that has ended (as the process
+# watch restarts it), and a grandchild left to init when its parent exits (as Ray's agents are)
+SIGKILLED_DRIVER = """
+import subprocess, sys, threading
+from deploy.reaper import start_reaper
+from services.redis_server import EmbeddedRedis
+start_reaper()
+servers = []
+thread = threading.Thread(target=lambda: servers.append(EmbeddedRedis().start()))
+thread.start()
+thread.join()
+orphan = subprocess.run(["sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $!"], capture_output=True, text=True)
+print(servers[0]._process.pid, orphan.stdout.strip(), flush=True)
+threading.Event().wait()
+"""
+
+
+def test_nothing_a_sigkilled_driver_started_outlives_it_whatever_started_it():
+    driver = subprocess.Popen(
+        [sys.executable, "-c", SIGKILLED_DRIVER], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        redis_pid, orphan_pid = map(int, driver.stdout.readline().split())
+        reaper_pid = next(pid for pid in descendants(driver.pid) if b"deploy.reaper" in cmdline(pid))
+        time.sleep(1.0)  # the reaper has seen them (it looks every 0.5 s)
+        assert alive(redis_pid) and alive(orphan_pid)  # the thread that started Redis ended: it runs on
+    finally:
+        driver.kill()  # also when an assertion failed: its reaper then cleans up after it
+        driver.wait()
+    killed = time.monotonic()
+    while any(map(alive, (redis_pid, orphan_pid, reaper_pid))) and time.monotonic() - killed < 10:
+        time.sleep(0.05)
+    assert not any(map(alive, (redis_pid, orphan_pid, reaper_pid)))
+    assert time.monotonic() - killed < 3
+
+
+def cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def alive(pid: int) -> bool:
+    """Running, and not a zombie waiting for its new parent to reap it."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
 def test_a_killed_private_redis_is_restarted_on_its_aof_and_the_bus_waits_through_the_outage(tmp_path):
     cfg = load_run_config(None, [f"runs_dir={tmp_path}", "name=outage"])
     before = recoveries("redis")
@@ -161,6 +212,64 @@ def test_a_killed_private_redis_is_restarted_on_its_aof_and_the_bus_waits_throug
     # the AOF kept what was written before and after the crash
     with EmbeddedRedis(data_dir=tmp_path / "redis") as server:
         assert int(server.client().get(cfg.key("tasks:cursor"))) == 42
+
+
+def test_an_external_redis_that_hangs_is_named_while_the_bus_waits_for_it_and_counted(tmp_path, capsys):
+    import signal
+
+    cfg = load_run_config(None, [f"runs_dir={tmp_path}", "name=hang"])
+    before = recoveries("redis")
+    with EmbeddedRedis(data_dir=tmp_path / "redis") as server:
+        url = server.url
+        bus = RunBus(cfg, url)
+        with ProcessWatch(redis_url=url) as watch:
+            server._process.send_signal(signal.SIGSTOP)  # alive, not answering: as behind a partition
+            time.sleep(5)
+            out = capsys.readouterr().out
+            assert f"rcgrpo: Redis {url} not answering; waiting" in out
+            server._process.send_signal(signal.SIGCONT)
+            bus.set_task_cursor(7)  # the components' connections were waiting, not failing
+            deadline = time.monotonic() + 20
+            while not watch.restarts["redis"] and time.monotonic() < deadline:
+                time.sleep(0.1)
+        assert bus.task_cursor() == 7
+        bus.client.close()
+    assert watch.restarts["redis"] == 1 and recoveries("redis") == before + 1
+    assert f"rcgrpo: recovered redis: {url} answers again after" in capsys.readouterr().out
+
+
+def test_a_partition_between_the_bus_and_redis_is_waited_through_and_named(tmp_path, capsys):
+    import shutil
+    import threading
+
+    if os.geteuid() != 0 or shutil.which("nft") is None or shutil.which("ip") is None:
+        pytest.skip("needs root, iproute2 and nftables (a network namespace and its rules)")
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import netfault_chaos
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    cfg = load_run_config(None, [f"runs_dir={tmp_path}", "name=partition"])
+    with netfault_chaos.RedisInNamespace(tmp_path / "redis", index=0) as server:
+        bus = RunBus(cfg, server.url)
+        bus.set_task_cursor(4)
+        with ProcessWatch(redis_url=server.url) as watch:
+            server.drop()  # every packet to and from Redis
+            healing = threading.Timer(4.0, server.heal)
+            healing.start()
+            started = time.monotonic()
+            bus.set_task_cursor(5)  # its connection waits through the partition, then carries on
+            waited = time.monotonic() - started
+            assert bus.task_cursor() == 5
+            deadline = time.monotonic() + 20
+            while not watch.restarts["redis"] and time.monotonic() < deadline:
+                time.sleep(0.1)
+        healing.join()
+        bus.client.close()
+    assert 4.0 <= waited < 30
+    out = capsys.readouterr().out
+    assert f"rcgrpo: Redis {server.url} not answering; waiting" in out
+    assert f"rcgrpo: recovered redis: {server.url} answers again after" in out
 
 
 def test_an_external_reward_server_that_stops_answering_is_waited_for_and_counted(capsys):
@@ -193,14 +302,7 @@ def chaos_case(fault: str, tmp_path):
         import chaos
     finally:
         sys.path.remove(str(ROOT / "bench"))
-    small = [
-        "method.group_size=4",
-        "method.num_steps=4",
-        "method.anchors=2",
-        "method.timesteps_per_anchor=2",
-        "data.num_samples=16",
-    ]
-    return chaos.run_case(fault, tmp_path, steps=4, fault_at=2, overrides=small, timeout_s=300)
+    return chaos.run_case(fault, tmp_path, steps=4, fault_at=2, overrides=chaos.SMALL_RUN, timeout_s=300)
 
 
 @pytest.mark.slow
@@ -215,3 +317,13 @@ def test_a_run_whose_learner_is_killed_restarts_it_from_its_checkpoint_and_compl
     result = chaos_case("learner", tmp_path)
     assert result.passed, result.problems
     assert result.recoveries == {"learner": 1}
+
+
+@pytest.mark.slow
+def test_a_sigkilled_driver_leaves_nothing_running_and_its_resume_completes_every_step_once(tmp_path):
+    result = chaos_case("driver_sigkill", tmp_path)
+    assert result.passed, result.problems  # incl. nothing left 5 s after the kill, every step once
+    started = " ".join(result.started)
+    for process in ("redis-server", "deploy.cli reward-server", "raylet", "gcs_server"):
+        assert process in started  # the check above covered them
+    assert result.cleanup_s < 5
