@@ -72,6 +72,16 @@ class RewardConfig(_Section):
     gate_floor: float = Field(0.1, ge=0)  # a
     gate_slope: float = Field(1.0, ge=0)  # b
 
+    @model_validator(mode="after")
+    def _instruction_terms_scored(self):
+        missing = [name for name in self.instruction_terms if name not in self.rewards]
+        if missing:
+            raise ValueError(
+                f"instruction_terms {missing} are not among the run's rewards {sorted(self.rewards)}: "
+                "the learner measures the instruction's spread on them"
+            )
+        return self
+
     @field_validator("rewards")
     @classmethod
     def _no_acd(cls, rewards: dict[str, float]) -> dict[str, float]:

@@ -176,3 +176,10 @@ def test_plan_says_where_the_payloads_wait_and_how_many_bytes(capsys):
     assert cli_main(["plan", "--set", "learner.checkpoint_every=3"]) == 0  # the tiny run (2 per step): Redis
     [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("payloads:")]
     assert "= 6 training blobs" in line and "in the run's Redis (payload_store redis)" in line
+
+
+def test_the_instruction_terms_must_be_among_the_runs_rewards():
+    """The learner measures the instruction's spread (diagnostics, noise floor) on these terms."""
+    assert load_run_config(FLUX_CONFIG).reward.instruction_terms == ["lc_t"]
+    with pytest.raises(ValueError, match=r"reward: .*instruction_terms \['region_adherence'\] are not among"):
+        load_run_config(FLUX_CONFIG, ["reward.instruction_terms=[region_adherence]"])
