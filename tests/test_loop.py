@@ -594,3 +594,33 @@ def test_groups_older_than_max_staleness_are_dropped_and_counted(tmp_path, redis
     assert bus.scored.pending_count() == 0  # dropped groups are acknowledged too, never re-read
     for group_id, version in (("v0-0", 0), ("v0-1", 0), ("v0-2", 0), ("v1-0", 1)):
         assert not train_blob_exists(bus, group_id, version)
+
+
+def test_the_same_seed_gives_the_same_run(tmp_path, redis_url, monkeypatch):
+    """Under staleness_policy "wait" (the tiny run's) which groups form an update, in which order and with
+    which policy version is fixed by the task order, so two runs of one seed match number for number."""
+    from deploy.driver import run
+
+    for variable in ("RCGRPO_REWARD_URL", "RAY_ADDRESS", "REDIS_URL"):
+        monkeypatch.delenv(variable, raising=False)
+    timing = {"time", "wait_seconds", "update_seconds", "publish_seconds", "images_per_s", "streams"}
+    runs = []
+    for name in ("same-a", "same-b"):
+        cfg = run_config(
+            tmp_path,
+            redis_url,
+            name,
+            "rollout.num_workers=2",
+            "learner.total_steps=3",
+            "learner.groups_per_step=2",
+            "learner.staleness_policy=wait",
+            "eval.num_samples=4",
+        )
+        run(cfg)
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        evaluation = json.loads((tmp_path / name / "eval.json").read_text())
+        runs.append(([{k: v for k, v in row.items() if k not in timing} for row in rows], evaluation))
+    (rows_a, eval_a), (rows_b, eval_b) = runs
+    assert [r["step"] for r in rows_a] == [1, 2, 3]
+    assert rows_a == rows_b  # rewards, losses, ratios, gradients: every number of every step
+    assert eval_a["samples"] == eval_b["samples"] and eval_a["change"] == eval_b["change"]
