@@ -431,6 +431,7 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
     from deploy.evaluation import evaluate_base_vs_trained
     from deploy.report import save_curves
     from deploy.reward_process import RewardServerProcess
+    from services.model_card import write_model_card
 
     console = Console()
     check_fits(cfg)  # a run that cannot fit its GPUs fails here, before anything starts
@@ -585,6 +586,7 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
     }
     if cfg.eval.num_samples:
         summary["eval"] = evaluate_base_vs_trained(cfg, lora_dir, console)
+    write_model_card(cfg, lora_dir, step)  # after the evaluation: the card shows its table and grid
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -115,6 +115,33 @@ class EvalConfig(_Section):
     grid_samples: int = Field(6, ge=0)
 
 
+TRACKING_BACKENDS = ("jsonl", "tensorboard", "wandb", "mlflow")
+
+
+class LoggingConfig(_Section):
+    # where every step's scalars (those of metrics.jsonl), the evaluation's images and the resolved config
+    # go, besides <run dir>/metrics.jsonl which is always written (services/tracking.py, docs/TRACKING.md)
+    backends: list[Literal[TRACKING_BACKENDS]] = Field(default_factory=lambda: ["jsonl"])
+    project: str = "rcgrpo"  # the W&B project and the MLflow experiment
+    wandb_entity: str | None = None  # None: the W&B account's default entity
+    # None: MLFLOW_TRACKING_URI, else sqlite:///<runs_dir>/mlflow.db (every run of runs_dir in one store)
+    mlflow_tracking_uri: str | None = None
+
+    @field_validator("backends")
+    @classmethod
+    def _jsonl_first(cls, backends: list[str]) -> list[str]:
+        """jsonl is always on; each backend once."""
+        return list(dict.fromkeys(["jsonl", *backends]))
+
+
+class ModelCardConfig(_Section):
+    # the Hub id the card of lora/ names as base_model (e.g. black-forest-labs/FLUX.1-Kontext-dev);
+    # None: the editor's path
+    base_model: str | None = None
+    license: str = "apache-2.0"  # "other" with license_name for a license the Hub does not list
+    license_name: str | None = None
+
+
 class RunConfig(_Section):
     name: str = Field("tiny-shapes", max_length=64, pattern=ID_PATTERN)  # in every Redis key of the run
     editor: Path = SHIPPED_EDITOR_DIR
@@ -140,6 +167,8 @@ class RunConfig(_Section):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    model_card: ModelCardConfig = Field(default_factory=ModelCardConfig)
 
     @field_validator("method", mode="before")
     @classmethod
