@@ -13,13 +13,17 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+import rcgrpo
 from rcgrpo.config import MethodConfig
 from rcgrpo.sampler import surrogate_state_indices
 from rcgrpo.tiny_editor import SHIPPED_EDITOR_DIR
 from services.schemas import ID_PATTERN, Composition
 
-# What `rcgrpo train` runs without --config (a source checkout or an editable install has it).
-DEFAULT_RUN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_shapes.yaml"
+# The shipped run configs: package data of rcgrpo (rcgrpo/configs links to the checkout's configs/), so an
+# installed wheel has them too.
+CONFIGS_DIR = Path(rcgrpo.__file__).parent / "configs"
+# What `rcgrpo train` runs without --config.
+DEFAULT_RUN_CONFIG = CONFIGS_DIR / "tiny_shapes.yaml"
 
 
 class _Section(BaseModel):
@@ -255,11 +259,21 @@ def _set_dotted(values: dict, dotted: str, raw: str) -> None:
     node[keys[-1]] = yaml.safe_load(raw)
 
 
+def shipped_config(path: str | Path) -> Path:
+    """`path`, or, where no such file exists and it names a bare file or one under configs/, the shipped
+    config of that name: `--config configs/tiny_shapes.yaml` works from any directory of an installed package."""
+    path = Path(path)
+    if path.is_file() or path.parent not in (Path("."), Path("configs")):
+        return path
+    shipped = CONFIGS_DIR / path.name
+    return shipped if shipped.is_file() else path
+
+
 def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML run config (None: the defaults) and apply `key.sub=value` overrides."""
     values: dict = {}
     if path is not None:
-        path = Path(path)
+        path = shipped_config(path)
         if not path.is_file():
             raise FileNotFoundError(f"run config {str(path)!r} does not exist")
         values = yaml.safe_load(path.read_text()) or {}
