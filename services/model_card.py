@@ -66,6 +66,7 @@ def stamp_weights(weights: Path, extra: dict[str, str]) -> None:
         tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (not a dict)
     partial = weights.with_suffix(".partial")
     save_file(tensors, partial, metadata={**metadata, **extra})
+    partial.chmod(weights.stat().st_mode)  # save_file's file is private to its owner; keep the original's
     partial.replace(weights)  # never a half-written weights file
 
 
@@ -113,8 +114,8 @@ def _card_text(cfg: RunConfig, base_model: str, lora: dict, steps: int, config_s
 # {cfg.name}: RC-GRPO LoRA for {base_model}
 
 A LoRA (rank {lora["rank"]}, alpha {lora["alpha"]}) on the attention projections of `{base_model}`'s
-transformer, post-trained by rcgrpo {rcgrpo.__version__} with
-Region-Constrained GRPO for {steps} optimiser steps. Target modules: {", ".join(f"`{t}`" for t in lora["target_modules"])}.
+transformer, post-trained with Region-Constrained GRPO by rcgrpo {rcgrpo.__version__} for {steps} optimiser
+steps. Target modules: {", ".join(f"`{t}`" for t in lora["target_modules"])}.
 
 ## Use it
 

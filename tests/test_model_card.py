@@ -62,7 +62,9 @@ def test_the_lora_folder_has_a_hub_model_card_and_provenance_in_its_weights(trai
 
     cfg, trained = trained_run
     lora_dir = cfg.run_dir / "lora"
+    mode = (lora_dir / "pytorch_lora_weights.safetensors").stat().st_mode
     write_model_card(cfg, lora_dir, steps=3)
+    assert (lora_dir / "pytorch_lora_weights.safetensors").stat().st_mode == mode
 
     card = ModelCard.load(lora_dir / "README.md")
     assert card.data.base_model == str(tiny_editor_dir)
