@@ -9,6 +9,8 @@ import importlib
 import os
 import sys
 
+import rcgrpo
+
 SUBCOMMANDS = {
     "demo": (
         "deploy.commands.demo",
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rcgrpo", description="Region-Constrained GRPO for flow-based image editors"
     )
+    parser.add_argument("--version", action="version", version=f"rcgrpo {rcgrpo.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)

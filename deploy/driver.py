@@ -361,6 +361,7 @@ def check_before_start(cfg: RunConfig) -> None:
     """Refuse, in seconds and before any service starts, what can be checked without them."""
     from rcgrpo.editor import check_editor_dir
     from rcgrpo.evaluate import parse_data_spec
+    from services.tracking import check_backends
 
     try:
         check_editor_dir(cfg.editor)
@@ -372,6 +373,7 @@ def check_before_start(cfg: RunConfig) -> None:
         raise type(error)(f"data.source: {error}".replace("--data: ", "")) from None
     if cfg.learner.stall_abort_s < cfg.learner.stall_warn_s:
         raise ValueError("learner.stall_abort_s must be >= learner.stall_warn_s")
+    check_backends(cfg.logging)
 
 
 def checkpoint_due(cfg: RunConfig, step: int) -> bool:
@@ -450,6 +452,8 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
     from deploy.evaluation import evaluate_base_vs_trained
     from deploy.report import save_curves
     from deploy.reward_process import RewardServerProcess
+    from services.model_card import write_model_card
+    from services.tracking import Tracker
 
     console = Console()
     check_fits(cfg)  # a run that cannot fit its GPUs fails here, before anything starts
@@ -465,11 +469,12 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
     start_reaper()  # before Redis and the reward server start: nothing the run starts outlives the driver
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
+    tracker = Tracker(cfg)  # logging.backends beside metrics.jsonl; closed, marked failed, if the run fails
     installed_signals, signals = signals is not None, signals or SignalStop()
     if cfg.driver_metrics_port:  # rcgrpo_recoveries_total, counted here
         metrics.serve_metrics(cfg.driver_metrics_port, cfg.metrics_host)
 
-    with ExitStack() as stack:
+    with tracker.closed_on_error(), ExitStack() as stack:
         # 1. Redis: the given server, else a private one whose append-only file lives in the run dir
         redis_url, embedded_redis = cfg.resolved_redis_url(), None
         if redis_url is None:
@@ -576,6 +581,7 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
                     "images_per_s": images / (time.perf_counter() - started),
                 }
                 metrics_log.write(stats)
+                tracker.log_step(stats)
                 info = (
                     f"reward {stats['reward_mean']:.3f}±{stats['reward_std']:.3f}  "
                     f"instr {stats['instruction_reward_mean']:.3f} ({stats['instruction_share']:.0%} of A)  "
@@ -606,8 +612,11 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
         "seconds": round(time.perf_counter() - started, 1),
         "recoveries": recoveries,
     }
-    if cfg.eval.num_samples:
-        summary["eval"] = evaluate_base_vs_trained(cfg, lora_dir, console)
+    with tracker:
+        if cfg.eval.num_samples:
+            summary["eval"] = evaluate_base_vs_trained(cfg, lora_dir, console)
+        write_model_card(cfg, lora_dir, step)  # after the evaluation: the card shows its table and grid
+        tracker.log_evaluation(step, summary.get("eval"))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -34,9 +34,9 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from services.config import RunConfig, load_run_config
+from services.config import CONFIGS_DIR, RunConfig, load_run_config, shipped_config
 
-DEFAULT_STUDY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "study_tiny.yaml"
+DEFAULT_STUDY_CONFIG = CONFIGS_DIR / "study_tiny.yaml"
 EVAL_FILE = "study_eval.json"  # per run: held-out rows of every scored checkpoint
 GRID_DIR = "study_grid"  # per run: the final checkpoint's edits of the grid samples, PNG
 INVOCATIONS_FILE = "invocations.jsonl"  # one line per finished invocation: what a resumed study cost
@@ -153,7 +153,7 @@ def load_study(
 ) -> Study:
     """Read a study config, expand its variants, factors and sweeps, and check them before any run:
     every override valid, no two variants the same run, every variant at the same rollout budget."""
-    path = Path(path)
+    path = shipped_config(path)
     if not path.is_file():
         raise FileNotFoundError(f"--config: study config {str(path)!r} does not exist")
     raw = yaml.safe_load(path.read_text()) or {}

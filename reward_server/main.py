@@ -8,7 +8,7 @@ import logging
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML settings file (see configs/reward_server.yaml)")
+    parser.add_argument("--config", help="YAML settings file, e.g. the shipped configs/reward_server.yaml")
     parser.add_argument("--host", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default 8600)")
     parser.add_argument("--token-file", help="file holding the bearer token (else RCGRPO_REWARD_TOKEN)")
@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from reward_server.app import create_app
     from reward_server.settings import load_settings
+    from services.config import shipped_config
     from services.http import serve
 
     overrides = {}
@@ -34,7 +35,8 @@ def main(args: argparse.Namespace) -> int:
             overrides[name] = getattr(args, name)
     if args.insecure_no_auth:
         overrides["insecure_no_auth"] = True
-    settings = load_settings(args.config, **overrides)
+    config = None if args.config is None else shipped_config(args.config)
+    settings = load_settings(config, **overrides)
     # Nested sections replace whole: apply flags on the loaded values.
     if args.stream or args.redis_url:
         settings.stream = settings.stream.model_copy(

@@ -5,7 +5,8 @@
 # starts the cluster with `docker compose up --build --wait`, submits the tiny run through the Ray head exactly as docs/DEPLOY.md
 # does, and checks what a user would look at: the job succeeded; the LoRA and report are in the `runs`
 # volume; the reward server scored the job's groups with the run's reward weights; every Prometheus
-# target is up with learner, rollout and reward-server metrics; the published ports answer. Then the
+# target is up with learner, rollout and reward-server metrics; every Grafana panel's query has data
+# (scripts/check_grafana_panels.py); the published ports answer. Then the
 # `standalone` profile (learner and rollout worker in their own containers) runs a short job, and
 # `docker compose down` must leave nothing running.
 #
@@ -125,6 +126,10 @@ run_job() {
   submit "$log" "$@" &
   local submitter=$!
   check live "${live_args[@]}" || { wait "$submitter" || true; tail -30 "$log"; return 1; }
+  # while the job trains (its learner and workers are scrape targets only while they run): every
+  # Grafana panel's query has data on the live Prometheus
+  compose exec -T ray-head python scripts/check_grafana_panels.py --prometheus http://prometheus:9090 ||
+    { wait "$submitter" || true; tail -30 "$log"; return 1; }
   wait "$submitter" || { tail -40 "$log"; echo "FAIL: ray job submit exited non-zero"; return 1; }
   local job_id
   job_id=$(grep -o "raysubmit_[A-Za-z0-9]*" "$log" | head -1)
@@ -198,7 +203,7 @@ compose ps --format '{{.Service}}: {{.Status}}'
 published_ports_answer
 
 say "the tiny run through the Ray head (ray job submit)"
-timed "job through Ray + live Prometheus check" run_job ray --rollout-workers 2 -- \
+timed "job through Ray + live Prometheus/Grafana checks" run_job ray --rollout-workers 2 -- \
   --set learner.total_steps=30 --set eval.num_samples=8
 timed "checks: runs volume, reward weights" check run --run-dir runs/tiny-shapes
 copy_run_out ray
@@ -207,7 +212,7 @@ say "the standalone profile: learner and rollout worker in their own containers"
 compose down -v >/dev/null 2>&1
 timed "compose --profile standalone up --wait" compose --profile standalone up -d --wait --wait-timeout 300
 # the driver feeds tasks, follows the external learner and evaluates; one rollout actor besides the container
-timed "standalone job + live Prometheus check" run_job standalone --rollout-workers 2 -- \
+timed "standalone job + live Prometheus/Grafana checks" run_job standalone --rollout-workers 2 -- \
   --set learner.external=true --set rollout.num_workers=1 --set learner.total_steps=20 --set eval.num_samples=8
 compose --profile standalone ps -a --format '{{.Service}}: {{.Status}}'
 timed "checks: runs volume, reward weights" check run --run-dir runs/tiny-shapes

@@ -13,13 +13,17 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+import rcgrpo
 from rcgrpo.config import MethodConfig
 from rcgrpo.sampler import surrogate_state_indices
 from rcgrpo.tiny_editor import SHIPPED_EDITOR_DIR
 from services.schemas import ID_PATTERN, Composition
 
-# What `rcgrpo train` runs without --config (a source checkout or an editable install has it).
-DEFAULT_RUN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_shapes.yaml"
+# The shipped run configs: package data of rcgrpo (rcgrpo/configs links to the checkout's configs/), so an
+# installed wheel has them too.
+CONFIGS_DIR = Path(rcgrpo.__file__).parent / "configs"
+# What `rcgrpo train` runs without --config.
+DEFAULT_RUN_CONFIG = CONFIGS_DIR / "tiny_shapes.yaml"
 
 
 class _Section(BaseModel):
@@ -129,6 +133,33 @@ class EvalConfig(_Section):
     grid_samples: int = Field(6, ge=0)
 
 
+TRACKING_BACKENDS = ("jsonl", "tensorboard", "wandb", "mlflow")
+
+
+class LoggingConfig(_Section):
+    # where every step's scalars (those of metrics.jsonl), the evaluation's images and the resolved config
+    # go, besides <run dir>/metrics.jsonl which is always written (services/tracking.py, docs/TRACKING.md)
+    backends: list[Literal[TRACKING_BACKENDS]] = Field(default_factory=lambda: ["jsonl"])
+    project: str = "rcgrpo"  # the W&B project and the MLflow experiment
+    wandb_entity: str | None = None  # None: the W&B account's default entity
+    # None: MLFLOW_TRACKING_URI, else sqlite:///<runs_dir>/mlflow.db (every run of runs_dir in one store)
+    mlflow_tracking_uri: str | None = None
+
+    @field_validator("backends")
+    @classmethod
+    def _jsonl_first(cls, backends: list[str]) -> list[str]:
+        """jsonl is always on; each backend once."""
+        return list(dict.fromkeys(["jsonl", *backends]))
+
+
+class ModelCardConfig(_Section):
+    # the Hub id the card of lora/ names as base_model (e.g. black-forest-labs/FLUX.1-Kontext-dev);
+    # None: the editor's path
+    base_model: str | None = None
+    license: str = "apache-2.0"  # "other" with license_name for a license the Hub does not list
+    license_name: str | None = None
+
+
 class RunConfig(_Section):
     name: str = Field("tiny-shapes", max_length=64, pattern=ID_PATTERN)  # in every Redis key of the run
     editor: Path = SHIPPED_EDITOR_DIR
@@ -154,6 +185,8 @@ class RunConfig(_Section):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    model_card: ModelCardConfig = Field(default_factory=ModelCardConfig)
 
     @field_validator("method", mode="before")
     @classmethod
@@ -240,11 +273,21 @@ def _set_dotted(values: dict, dotted: str, raw: str) -> None:
     node[keys[-1]] = yaml.safe_load(raw)
 
 
+def shipped_config(path: str | Path) -> Path:
+    """`path`, or, where no such file exists and it names a bare file or one under configs/, the shipped
+    config of that name: `--config configs/tiny_shapes.yaml` works from any directory of an installed package."""
+    path = Path(path)
+    if path.is_file() or path.parent not in (Path("."), Path("configs")):
+        return path
+    shipped = CONFIGS_DIR / path.name
+    return shipped if shipped.is_file() else path
+
+
 def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML run config (None: the defaults) and apply `key.sub=value` overrides."""
     values: dict = {}
     if path is not None:
-        path = Path(path)
+        path = shipped_config(path)
         if not path.is_file():
             raise FileNotFoundError(f"run config {str(path)!r} does not exist")
         values = yaml.safe_load(path.read_text()) or {}

@@ -482,6 +482,25 @@ def test_promtool_accepts_the_config_and_rules():
 
 
 @needs_promtool
+def test_promtool_unit_tests_cover_every_alert_firing_and_silent():
+    rules = yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())
+    alerts = {rule["alert"] for group in rules["groups"] for rule in group["rules"] if "alert" in rule}
+    tests = yaml.safe_load((PROMETHEUS_DIR / "alerts_test.yml").read_text())
+    assert tests["rule_files"] == ["alerts.yml"]
+    cases = [case for test in tests["tests"] for case in test["alert_rule_test"]]
+    assert {case["alertname"] for case in cases if case["exp_alerts"]} == alerts  # each one fires
+    assert {case["alertname"] for case in cases if not case["exp_alerts"]} == alerts  # and stays silent
+    result = subprocess.run(
+        [PROMTOOL, "test", "rules", "alerts_test.yml"],
+        cwd=PROMETHEUS_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
+
+
+@needs_promtool
 def test_promtool_parses_every_dashboard_query(tmp_path):
     # Grafana's $__rate_interval becomes a concrete range; each query becomes a recording rule.
     rules = [

@@ -12,8 +12,14 @@ from pathlib import Path
 
 
 def add_arguments(parser):
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--editor", help="FluxKontextPipeline directory to sample edits with")
+    from rcgrpo.tiny_editor import SHIPPED_EDITOR_DIR
+
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--editor",
+        default=SHIPPED_EDITOR_DIR,
+        help="FluxKontextPipeline directory to sample edits with (default: the shipped tiny editor)",
+    )
     source.add_argument(
         "--edits",
         metavar="RESULTS_DIR",

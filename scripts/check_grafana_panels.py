@@ -1,0 +1,80 @@
+"""Run every query of the Grafana dashboard against a live Prometheus and fail, naming the panel, if
+one returns no data: what a user opening the dashboard during a run would see as "No data".
+
+    python scripts/check_grafana_panels.py --prometheus http://prometheus:9090 [--timeout 120]
+
+Grafana's interval variables become --rate-interval. Queries are retried until every one has data or
+the timeout passes (rates need two scrapes). Needs only httpx; scripts/compose-smoke.sh runs it inside
+the cluster while a job trains, tests/test_observability.py against its own Prometheus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "dashboards" / "rcgrpo.json"
+INTERVAL_VARIABLES = ("$__rate_interval", "$__interval", "$__range")
+
+
+def panel_queries(dashboard: Path, rate_interval: str) -> list[tuple[str, str]]:
+    """(panel title and query refId, PromQL) of every query of every panel, rows' panels included."""
+
+    def panels(items):
+        for panel in items:
+            yield panel
+            yield from panels(panel.get("panels", []))
+
+    queries = []
+    for panel in panels(json.loads(dashboard.read_text())["panels"]):
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for variable in INTERVAL_VARIABLES:
+                expr = expr.replace(variable, rate_interval)
+            queries.append((f"panel {panel['title']!r} {target.get('refId', '')}".rstrip(), expr))
+    return queries
+
+
+def series(prometheus: str, expr: str) -> int:
+    """How many series an instant query returns; a query Prometheus refuses is an error."""
+    reply = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr}, timeout=10).json()
+    if reply["status"] != "success":
+        raise SystemExit(f"FAIL: Prometheus refused {expr!r}: {reply.get('error', reply)}")
+    return len(reply["data"]["result"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prometheus", required=True, help="base URL, e.g. http://prometheus:9090")
+    parser.add_argument("--dashboard", type=Path, default=DASHBOARD, help=f"default: {DASHBOARD}")
+    parser.add_argument("--rate-interval", default="1m", help="what $__rate_interval becomes (default 1m)")
+    parser.add_argument("--timeout", type=float, default=120, help="seconds to wait for every panel's data")
+    args = parser.parse_args(argv)
+    queries = panel_queries(args.dashboard, args.rate_interval)
+    deadline = time.monotonic() + args.timeout
+    while True:  # two panels may share a title: queries are told apart by position
+        counts = [series(args.prometheus, expr) for _, expr in queries]
+        if all(counts) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    for (where, _), count in zip(queries, counts, strict=True):
+        print(f"  {'data' if count else 'NO DATA'}: {where}: {count} series")
+    empty = [(where, expr) for (where, expr), count in zip(queries, counts, strict=True) if not count]
+    if empty:
+        print(
+            f"FAIL: {len(empty)} of {len(queries)} dashboard queries have no data after {args.timeout:g} s:"
+        )
+        for where, expr in empty:
+            print(f"  {where}: {expr}")
+        return 1
+    print(f"OK: every one of the {len(queries)} dashboard queries has data")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
