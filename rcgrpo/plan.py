@@ -201,7 +201,7 @@ def train_tensor_layout(
         "cond.context_latents": ((1, n, d), dtype),
         "cond.image_ids": ((2 * n, 3), dtype),
         "sigmas": ((num_steps + 1,), torch.float32),
-        "states": ((num_states, group_size, n, d), dtype),
+        "states": ((num_states, group_size, n, d), torch.float32),  # the ODE state is float32 (euler_step)
         "token_weights": ((n,), torch.float32),
         "background_weights": ((n,), torch.float32),
     }
@@ -387,7 +387,7 @@ def make_plan(
         "lora": lora_fp32,
         "activations": group_size * length * dim * INFERENCE_WIDTH * elem,
         "vae_decode": group_size * VAE_DECODE_TENSORS * arch.vae_channels * height * width * elem,
-        "kept_states": math.prod(layout["states"][0]) * elem,
+        "kept_states": math.prod(layout["states"][0]) * 4,
     }
     rows_per_update = anchors * timesteps_per_anchor * groups_per_step
     anchor_rows = 0.0  # reference passes of one update: every group's distinct rows, once
@@ -411,7 +411,7 @@ def make_plan(
             "activations": int(saved),
             "anchor_pass": r * per_row_token * INFERENCE_WIDTH if background_anchor else 0,
             # x_ref of every distinct row, kept through the epochs
-            "anchor_references": int(anchor_rows * target_tokens * channels * elem),
+            "anchor_references": int(anchor_rows * target_tokens * channels * 4),  # float32, as the states
             "groups": groups_per_step * blob,
         }
     rollout_s = update_s = None
@@ -434,7 +434,7 @@ def make_plan(
         learner_memory=learner,
         train_blob_bytes=blob,
         image_bytes=image_bytes_bound(height, width, group_size, has_target),
-        weight_version_bytes=arch.lora_params * elem,
+        weight_version_bytes=lora_fp32,  # published as trained (rcgrpo.lora.lora_state_dict)
         rollout_seconds=rollout_s,
         update_seconds=update_s,
     )
@@ -505,8 +505,7 @@ def format_plan(plan: Plan) -> str:
         "",
         f"bytes per group: training blob {gib(plan.train_blob_bytes)}, images (PNG, at most) "
         f"{gib(plan.image_bytes)}",
-        f"bytes per weight version (LoRA in {str(plan.dtype).removeprefix('torch.')}): "
-        f"{gib(plan.weight_version_bytes)}",
+        f"bytes per weight version (LoRA in float32): {gib(plan.weight_version_bytes)}",
         f"time: rollout of one group {seconds(plan.rollout_seconds)} (transformer), one update "
         f"{seconds(plan.update_seconds)} ({plan.calibration.times_source})",
     ]
