@@ -55,6 +55,8 @@ FLUX_KONTEXT_CONFIGS = {
         "norm_num_groups": 32,
         "use_quant_conv": False,
         "use_post_quant_conv": False,
+        "scaling_factor": 0.3611,
+        "shift_factor": 0.1159,
     },
     "text_encoder": {  # CLIP ViT-L/14 text tower
         "model_type": "clip_text_model",
@@ -139,12 +141,12 @@ def _lora_params(transformer, rank: int, targets: Sequence[str]) -> int:
     return total
 
 
-def architecture(editor_dir: str | Path | None, lora_rank: int, lora_targets: Sequence[str]) -> Architecture:
-    """The architecture of a local FluxKontextPipeline directory (configs only; None or a missing
-    directory: the published FLUX.1 Kontext configs), its components instantiated on the meta device."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
+def editor_configs(
+    editor_dir: str | Path | None, transformer_overrides: dict | None = None
+) -> tuple[dict, int, str]:
+    """(component configs, T5 sequence length, source) of a local FluxKontextPipeline directory, or of
+    the published FLUX.1 Kontext configs where it is missing; `transformer_overrides` change the
+    transformer's (a reduced depth, for the dry run's tests). Private keys ("_class_name") dropped."""
     path = None if editor_dir is None else Path(editor_dir)
     if path is not None and (path / "transformer" / "config.json").is_file():
         configs = {
@@ -157,12 +159,33 @@ def architecture(editor_dir: str | Path | None, lora_rank: int, lora_targets: Se
     else:
         configs, max_len = FLUX_KONTEXT_CONFIGS, FLUX_KONTEXT_CONFIGS["max_sequence_length"]
         source = "published FLUX.1 Kontext configs"
-    drop = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    configs = {
+        name: {k: v for k, v in configs[name].items() if not k.startswith("_")}
+        for name in ("transformer", "vae", "text_encoder", "text_encoder_2")
+    }
+    if transformer_overrides:
+        configs["transformer"] = {**configs["transformer"], **transformer_overrides}
+        source += f" ({', '.join(f'{k}={v}' for k, v in transformer_overrides.items())})"
+    return configs, max_len, source
+
+
+def architecture(
+    editor_dir: str | Path | None,
+    lora_rank: int,
+    lora_targets: Sequence[str],
+    transformer_overrides: dict | None = None,
+) -> Architecture:
+    """The architecture of a local FluxKontextPipeline directory (configs only; None or a missing
+    directory: the published FLUX.1 Kontext configs), its components instantiated on the meta device."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    configs, max_len, source = editor_configs(editor_dir, transformer_overrides)
     with torch.device("meta"):
-        transformer = FluxTransformer2DModel.from_config(drop(configs["transformer"]))
-        vae = AutoencoderKL.from_config(drop(configs["vae"]))
-        clip = CLIPTextModel(CLIPTextConfig(**drop(configs["text_encoder"])))
-        t5 = T5EncoderModel(T5Config(**drop(configs["text_encoder_2"])))
+        transformer = FluxTransformer2DModel.from_config(configs["transformer"])
+        vae = AutoencoderKL.from_config(configs["vae"])
+        clip = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+        t5 = T5EncoderModel(T5Config(**configs["text_encoder_2"]))
     return Architecture(
         source=source,
         transformer=dict(transformer.config),
@@ -227,14 +250,12 @@ class Calibration:
     source: str
     # bytes autograd keeps per token per transformer block, in units of dim x element size
     saved_width: float
+    # the backward's working set on top of what the forward keeps, per token, same units (0: not measured)
+    backward_width: float = 0.0
     # seconds of one no-grad forward of one row of L tokens, per block (None: not measured)
     forward_s_per_row_block: float | None = None
     train_s_per_row_block: float | None = None  # forward + backward of one row with gradient
     times_source: str = "not measured for this editor: bench/gpu_flux.py measures them on a GPU"
-
-    def without_times(self) -> Calibration:
-        """The activation factor only (for planning another editor than the measured one)."""
-        return Calibration(self.source, self.saved_width)
 
 
 def _saved_bytes(module: torch.nn.Module, fn) -> tuple[int, object]:
@@ -402,9 +423,9 @@ def make_plan(
         r = rows_per_update if rows is None else min(rows, rows_per_update)
         per_row_token = length * dim * elem
         if gradient_checkpointing:  # every block's input, plus one block's activations while it recomputes
-            saved = r * per_row_token * (blocks + calibration.saved_width)
+            saved = r * per_row_token * (blocks + calibration.saved_width + calibration.backward_width)
         else:
-            saved = r * per_row_token * blocks * calibration.saved_width
+            saved = r * per_row_token * (blocks * calibration.saved_width + calibration.backward_width)
         learner[rows] = {
             "weights": all_weights,
             "lora_train_state": 4 * lora_fp32,  # parameter, gradient, AdamW's two moments

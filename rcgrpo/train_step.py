@@ -254,10 +254,11 @@ def rc_grpo_step(
         update_loss = update_surrogate = update_anchor = 0.0
         for start in range(0, num_rows, chunk):
             g_rows = rows.group[start : start + chunk].tolist()
-            k = rows.anchor[start : start + chunk].to(device)
+            k_host = rows.anchor[start : start + chunk]  # host copy for the lookups: no sync per row
+            k = k_host.to(device)
             j = rows.step[start : start + chunk]
             x_j, sigma, sigma_next, cond = _row_inputs(
-                groups, position, g_rows, k, j, device
+                groups, position, g_rows, k_host, j, device
             )  # x^(k)_j: (R, N, D)
             nxt = [position[g][int(i) + 1] for g, i in zip(g_rows, j, strict=True)]
             candidates_next = torch.stack([groups[g].states[s] for g, s in zip(g_rows, nxt, strict=True)])
@@ -290,7 +291,7 @@ def rc_grpo_step(
                 # beta_bg * mean_bg ||v_theta - v_ref||^2, in the same micro-batch as the surrogate
                 background = torch.stack([groups[g].anchor_weights() for g in g_rows]).to(device)
                 x_ref = torch.stack(
-                    [x_refs[(g, int(a), int(i))] for g, a, i in zip(g_rows, k, j, strict=True)]
+                    [x_refs[(g, int(a), int(i))] for g, a, i in zip(g_rows, k_host, j, strict=True)]
                 )
                 anchor = background_anchor_loss(x_theta, x_ref, sigma, sigma_next, background)
                 loss = loss + cfg.background_anchor * anchor
