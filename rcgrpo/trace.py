@@ -79,6 +79,7 @@ class DeviceTracker(TorchDispatchMode):
         self._tag: str | None = None
         self.tagged: Counter[str] = Counter()  # bytes live per tag now
         self.tagged_at_peak: Counter[str] = Counter()
+        self.tag_peaks: Counter[str] = Counter()  # the most bytes each tag held at once
         # FlopCounterMode's formulas, counted here: the mode itself tracks modules with hooks that keep
         # activations alive (a third more peak at 1 + 1 blocks) and costs more time than the meta kernels
         self.flops = 0
@@ -91,6 +92,7 @@ class DeviceTracker(TorchDispatchMode):
     def reset_peak(self) -> None:
         self.peak = self.current
         self.tagged_at_peak = Counter(self.tagged)
+        self.tag_peaks = Counter(self.tagged)
 
     @contextmanager
     def tagged_as(self, tag: str):
@@ -119,6 +121,7 @@ class DeviceTracker(TorchDispatchMode):
         self.current += size
         if self._tag is not None:
             self.tagged[self._tag] += size
+            self.tag_peaks[self._tag] = max(self.tag_peaks[self._tag], self.tagged[self._tag])
         weakref.finalize(storage, self._free, key)
         if self.current > self.peak:
             self.peak = self.current
@@ -200,6 +203,8 @@ class Phase:
     flops: int
     peak_bytes: int
     breakdown: dict[str, int]  # weights, lora_and_optimizer, captured_attention, activations (the rest)
+    # the most the ACD capture held at once (its float32 keys and score chunks), at the peak or not
+    captured_attention_peak_bytes: int = 0
 
     @property
     def roofline_s(self) -> float:
@@ -247,6 +252,7 @@ class ComponentTrace:
                     "roofline_s": p.roofline_s,
                     "peak_bytes": p.peak_bytes,
                     "breakdown": p.breakdown,
+                    "captured_attention_peak_bytes": p.captured_attention_peak_bytes,
                 }
                 for name, p in self.phases.items()
             },
@@ -286,11 +292,17 @@ class _Phases:
                 "captured_attention": captured,
                 "activations": peak - weights - lora - captured,
             },
+            captured_attention_peak_bytes=self.tracker.tag_peaks["captured_attention"],
         )
         earlier = self.phases.get(name)
         if earlier is not None:
             larger = phase if phase.peak_bytes >= earlier.peak_bytes else earlier
-            phase = Phase(earlier.flops + phase.flops, larger.peak_bytes, larger.breakdown)
+            phase = Phase(
+                earlier.flops + phase.flops,
+                larger.peak_bytes,
+                larger.breakdown,
+                max(earlier.captured_attention_peak_bytes, phase.captured_attention_peak_bytes),
+            )
         self.phases[name] = phase
 
 
@@ -491,7 +503,12 @@ def trace_update(
     finally:
         train_step._reference_predictions = reference_fn
     for name, phase in phases.phases.items():
-        phases.phases[name] = Phase(phase.flops * groups_per_step, phase.peak_bytes, phase.breakdown)
+        phases.phases[name] = Phase(
+            phase.flops * groups_per_step,
+            phase.peak_bytes,
+            phase.breakdown,
+            phase.captured_attention_peak_bytes,
+        )
     return ComponentTrace(phases.phases, dict(tracker.syncs))
 
 

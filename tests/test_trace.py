@@ -32,7 +32,7 @@ def test_the_reduced_depth_dry_run_matches_the_plan(capsys):
         assert t["flops"] > 0 and t["roofline_s"] == pytest.approx(t["flops"] / 989e12)
     rollout, learner = traced["rollout_worker"], traced["learner"]
     assert set(rollout["phases"]) == {"rollout", "vae_decode"}
-    assert rollout["phases"]["rollout"]["breakdown"]["captured_attention"] > 0
+    assert rollout["phases"]["rollout"]["captured_attention_peak_bytes"] > 0
     assert rollout["phases"]["rollout"]["flops"] > rollout["phases"]["vae_decode"]["flops"]
     assert learner["breakdown"]["lora_and_optimizer"] > 0
     assert any("rcgrpo/train_step.py" in place for place in learner["host_syncs"])

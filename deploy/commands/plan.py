@@ -205,6 +205,11 @@ def format_trace(size: int, traced: dict) -> list[str]:
             lines.append(
                 f"    {name}: {phase['flops'] / 1e12:,.0f} TFLOP = {phase['roofline_s']:.2f} s at the roofline "
                 f"(H100 dense bf16, {H100_DENSE_BF16_FLOPS / 1e12:.0f} TFLOP/s); peak {format_bytes(phase['peak_bytes'])}"
+                + (
+                    f", the ACD capture holding up to {format_bytes(phase['captured_attention_peak_bytes'])}"
+                    if phase["captured_attention_peak_bytes"]
+                    else ""
+                )
             )
         syncs = sum(t["host_syncs"].values())
         lines.append(f"    host syncs: {syncs} ({len(t['host_syncs'])} places; --json lists them)")
