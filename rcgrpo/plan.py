@@ -2,16 +2,18 @@
 model's architecture (no weights are loaded) and from numbers measured on the editor at hand.
 
     weights         parameter counts of every pipeline component, by instantiating them on the meta device
-    rollout worker  weights + the LoRA + the widest no-grad activations of G rows + the VAE decode of G images
+    rollout worker  weights + the LoRA + the widest no-grad activations of G rows, or the VAE decode of G
+                    images where that is larger (it runs after the transformer) + the kept states
     learner         weights + the LoRA with its gradient and AdamW moments (float32, 16 bytes a parameter)
-                    + the activations autograd keeps for one micro-batch of rows (measured per token on the
-                    tiny editor; `calibrate`) + the no-grad anchor pass
+                    + the activations autograd keeps for one micro-batch of rows and the backward's working
+                    set (per token and block: measured on a small editor in place, else traced at the run's
+                    width and dtype, `rcgrpo.trace.traced_calibration`)
     payloads        the training tensors of one group (the exact tensors `services.record` encodes) and the
                     bytes of one published policy version
 
-The activation terms are estimates: the per-token factors are measured on the shipped tiny editor (or
-given, from bench/gpu_flux.py on a GPU) and scaled by width, tokens and blocks. docs/SCALE.md shows
-them next to what was measured.
+The activation terms are estimates: per-token factors scaled by width, tokens and blocks.
+`rcgrpo plan --trace` runs the real code at full size on the meta device and sets its peaks beside
+these; docs/SCALE.md shows both.
 """
 
 from __future__ import annotations
@@ -85,9 +87,9 @@ FLUX_KONTEXT_CONFIGS = {
 # residual, the normed input, q/k/v (3), the attention output and the MLP's hidden layer before and
 # after its activation (2 x 4) -> 1 + 1 + 3 + 1 + 8 = 14.
 INFERENCE_WIDTH = 14
-# VAE decode of one image at full resolution: a few tensors of the first block's channels per pixel
-# (resnet input, normed, conv output, skip) -> 4 x C_0 x H x W.
-VAE_DECODE_TENSORS = 4
+# VAE decode of one image at full resolution: the tensors of the first block's channels per pixel live at
+# its peak, 6 x C_0 x H x W (traced: `rcgrpo plan --trace`, 18.2 GiB for 12 images at 1024^2).
+VAE_DECODE_TENSORS = 6
 # CUDA context, allocator fragmentation and workspace: kept free on every GPU.
 GPU_RESERVE_BYTES = 3 * GIB
 
@@ -403,11 +405,14 @@ def make_plan(
     lora_fp32 = 4 * arch.lora_params  # add_lora keeps the LoRA in float32 everywhere
     layout = train_tensor_layout(arch, height, width, group_size, num_steps, num_states, dtype)
     blob = layout_bytes(layout)
+    transformer_activations = group_size * length * dim * INFERENCE_WIDTH * elem
+    vae_decode = group_size * VAE_DECODE_TENSORS * arch.vae_channels * height * width * elem
     rollout = {
         "weights": all_weights,
         "lora": lora_fp32,
-        "activations": group_size * length * dim * INFERENCE_WIDTH * elem,
-        "vae_decode": group_size * VAE_DECODE_TENSORS * arch.vae_channels * height * width * elem,
+        "activations": transformer_activations,
+        # the decode runs once the transformer's activations are freed: it adds what it needs beyond them
+        "vae_decode_beyond": max(0, vae_decode - transformer_activations),
         "kept_states": math.prod(layout["states"][0]) * 4,
     }
     rows_per_update = anchors * timesteps_per_anchor * groups_per_step
@@ -430,7 +435,10 @@ def make_plan(
             "weights": all_weights,
             "lora_train_state": 4 * lora_fp32,  # parameter, gradient, AdamW's two moments
             "activations": int(saved),
-            "anchor_pass": r * per_row_token * INFERENCE_WIDTH if background_anchor else 0,
+            # the reference pass runs before the epochs, its no-grad activations freed before theirs
+            "anchor_pass": max(0, int(r * per_row_token * INFERENCE_WIDTH - saved))
+            if background_anchor
+            else 0,
             # x_ref of every distinct row, kept through the epochs
             "anchor_references": int(anchor_rows * target_tokens * channels * 4),  # float32, as the states
             "groups": groups_per_step * blob,

@@ -46,7 +46,7 @@ def run_calibration(cfg: RunConfig, image_size: int, calibration_file: Path | No
     load here, else traced at the run's full width in bf16 on the meta device (no times for the run's
     editor). A bf16 run's float32 upcasts (peft's LoRA inputs, RoPE) and its backward's working set
     are only seen at its own width and dtype: the tiny editor's float32 factor put the flagship's
-    learner at 46.5 GiB where the traced update needs more."""
+    learner at 46.5 GiB where the traced update needs 50.8 GiB."""
     from rcgrpo.editor import load_editor
     from rcgrpo.lora import add_lora
     from rcgrpo.trace import traced_calibration
