@@ -81,7 +81,8 @@ def rollout(
         )
     if cond.prompt_embeds.shape[0] == 1 and group_size > 1:
         cond = cond.repeat(group_size)
-    sigmas = editor.sigmas(num_steps, cond.height, cond.width).to(editor.device)
+    grid = editor.sigmas(num_steps, cond.height, cond.width)  # on the host: the record carries it
+    sigmas = grid.to(editor.device)
     keep = list(range(num_steps + 1)) if keep_states is None else sorted(set(keep_states))
     x = editor.pack(initial_latents.to(editor.device, torch.float32))
     kept = [x] if 0 in keep else []
@@ -91,6 +92,4 @@ def rollout(
         if j + 1 in keep:
             kept.append(x)
     images = editor.decode(x, cond.height, cond.width) if decode else torch.empty(0)
-    return Rollout(
-        sigmas=sigmas.cpu(), state_indices=keep, states=torch.stack(kept), final_latents=x, images=images
-    )
+    return Rollout(sigmas=grid, state_indices=keep, states=torch.stack(kept), final_latents=x, images=images)
