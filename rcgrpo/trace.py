@@ -12,14 +12,16 @@ strides and no data. `DeviceTracker`, a TorchDispatchMode, watches every op:
 - host syncs: `.item()` / `bool()` / `int()` on a device tensor and device -> host copies are counted per
   line; as meta has no data they return stand-ins (True, 1, 1.0, zeros), which is all a dry run needs.
 
-Why meta and not FakeTensorMode with device="cuda": on the CPU build of torch a fake CUDA tensor passes
-a matmul but nn.Linear aborts the process in the CUDA device guard ("PyTorch is not linked with support
-for cuda devices"); meta tensors need no device guard, have kernels for every op this path uses
-(peft, checkpointing, SDPA, AdamW, clip_grad_norm_) and storages whose nbytes are real.
+Why meta and not FakeTensorMode with device="cuda": on the CPU build of torch (2.13.0+cpu) a fake CUDA
+tensor takes a matmul and F.linear, but building nn.Linear(..., device="cuda") under the mode fails in
+its initialisation ("PyTorch is not linked with support for cuda devices": uniform_ wants the CUDA
+generator), as would every random op; meta tensors need no CUDA runtime, have kernels for every op this
+path uses (peft, checkpointing, the fused attention ops, AdamW, clip_grad_norm_) and storages whose
+nbytes are real.
 
 FLOPs are counted with torch.utils.flop_counter's formulas (FlopCounterMode's) from the shapes
-(matmuls, convolutions and attention; elementwise ops are not counted) and turned into the roofline time at an H100's dense
-bf16 peak.
+(matmuls, convolutions and attention; elementwise ops are not counted) and turned into the roofline
+time at an H100's dense bf16 peak.
 """
 
 from __future__ import annotations
@@ -145,10 +147,10 @@ class DeviceTracker(TorchDispatchMode):
                 host = torch.zeros(source.shape, dtype=dtype)
                 return args[0] if func is aten.copy_.default else host
             moves = func in (aten._to_copy.default, aten.copy_.default)
-            host = [t for t in tensors if t.device.type == "cpu" and t.dim() > 0]
-            if host and not moves:
+            on_host = [t for t in tensors if t.device.type == "cpu" and t.dim() > 0]
+            if on_host and not moves:
                 raise PlacementError(
-                    f"{func} mixes a CPU tensor of shape {tuple(host[0].shape)} with device tensors at "
+                    f"{func} mixes a CPU tensor of shape {tuple(on_host[0].shape)} with device tensors at "
                     f"{_caller()}"
                 )
         out = func(*args, **kwargs)
@@ -165,7 +167,7 @@ def fused_attention():
     """scaled_dot_product_attention on the device as the GPU runs it: a fused kernel that never holds
     the (S x S) scores (flash attention up to head_dim 256, FLUX's 128; memory-efficient attention for
     the VAE's one 512-wide head). On meta, PyTorch would pick the math path, whose scores at 8,704
-    tokens are 40 GiB a group the GPU never allocates. The function itself is swapped (not a
+    tokens are 40 GiB per attention call of a group, which the GPU never allocates. The function itself is swapped (not a
     TorchFunctionMode): checkpointing recomputes blocks in autograd's thread, where modes are not active."""
     stock = F.scaled_dot_product_attention
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -198,7 +200,7 @@ def fused_attention():
 
 @dataclass
 class Phase:
-    """One traced phase: its FLOPs (FlopCounterMode) and the peak of live device bytes while it ran."""
+    """One traced phase: its FLOPs (flop_counter's formulas) and the peak of live device bytes while it ran."""
 
     flops: int
     peak_bytes: int
