@@ -58,8 +58,10 @@ echo "gpu-check ($mode) $(date -u +%FT%TZ) on $(hostname), out $out"
 if [ "$mode" = gpu ]; then
   [ -d "$wheels" ] || { echo "gpu-check: $wheels is missing: run scripts/gpu-check.sh --download where an index is reachable, and carry it" >&2; exit 2; }
   # a venv over the system site-packages: the machine's CUDA torch stays, the carried wheels go on top
-  "$python" -m venv --system-site-packages "$out/venv"
-  python="$out/venv/bin/python"
+  # (outside --out, whose files are what comes back)
+  venv=$(mktemp -d)/venv
+  "$python" -m venv --system-site-packages "$venv"
+  python="$venv/bin/python"
   "$python" -m pip install -q --no-index --find-links "$wheels" "${packages[@]}"
   "$python" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('torch', torch.__version__, torch.cuda.get_device_name())"
   echo "installed in $((SECONDS - started)) s"
