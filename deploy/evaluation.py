@@ -10,6 +10,7 @@ import torch
 from rich.table import Table
 
 from deploy.report import save_before_after
+from rcgrpo.drift import velocity_drift
 from rcgrpo.editor import load_editor
 from rcgrpo.evaluate import evaluate, load_samples
 from services.config import RunConfig
@@ -17,6 +18,7 @@ from services.config import RunConfig
 HEADLINE = ("region_adherence", "background_psnr", "background_ssim")
 # what the run's summary.json keeps of eval.json (which also holds per-task means and per-sample rows)
 SUMMARY = ("base", "trained", "change", "change_standard_error")
+DRIFT_SAMPLES = 16  # held-out samples the velocity drift is measured on
 
 
 def paired_change(base_rows: list[dict], trained_rows: list[dict], metric: str) -> tuple[float, float]:
@@ -71,6 +73,17 @@ def evaluate_base_vs_trained(cfg: RunConfig, lora_dir, console) -> dict:
         results.setdefault("change_standard_error", {})[metric] = error
         table.add_row(metric, f"{base:.4f}", f"{trained:.4f}", f"{change:+.4f} ± {error:.4f}")
     console.print(table)
+    # the trained LoRA's velocity drift at every grid step (the editor holds it now), on a few samples
+    drift = velocity_drift(editor, samples[:DRIFT_SAMPLES], cfg.method, seed=cfg.eval.seed)
+    results["velocity_drift"] = drift
+    trained = set(drift["trained"])
+    console.print(
+        "velocity drift ||v_theta - v_ref||^2 per grid step, inside / outside the mask (* trained): "
+        + "  ".join(
+            f"{j}{'*' if j in trained else ''} {a:.2g}/{b:.2g}"
+            for j, (a, b) in enumerate(zip(drift["inside"], drift["outside"], strict=True))
+        )
+    )
     # per-sample rows too, so runs of several seeds can be compared paired per sample
     results["samples"] = {
         name: [{m: row[m] for m in ("id", "task", *metrics)} for row in rows[name]] for name in rows

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from learner.checkpoint import LearnerState, latest_checkpoint, load_checkpoint, save_checkpoint
-from rcgrpo.advantages import group_advantages, reward_term_diagnostics, zero_variance_groups
+from rcgrpo.advantages import group_advantages, groups_without_signal, reward_term_diagnostics
 from rcgrpo.lora import load_lora_state_dict, lora_state_dict, save_lora
 from rcgrpo.train_step import make_optimizer, rc_grpo_step
 from services import metrics
@@ -80,8 +80,10 @@ class Learner:
         return self.state.step, self.state.task_cursor
 
     def groups_consumed(self) -> int:
-        """Distinct groups this learner has trained on or dropped: what the driver's task supply replaces."""
-        return len(self._consumed)
+        """Distinct groups this learner has trained on or dropped: what the driver's task supply replaces.
+        Groups collected for the next update are not counted yet: under staleness_policy "wait" a task
+        fed for them before the update would be sampled with the policy the update is about to replace."""
+        return len(self._consumed) - len(self._batch)
 
     def publish_lora(self) -> int:
         """Publish the current LoRA as the next policy version (after any a crashed predecessor published)."""
@@ -157,7 +159,9 @@ class Learner:
                     self._unfreed.append(group.train)
                     continue
                 self._batch.append((group, staleness))
-        batch, self._batch = self._batch, []
+        # in task order, not arrival order: which group is row 0 of the update must not depend on which
+        # worker finished first (group ids are zero-padded task indices)
+        batch, self._batch = sorted(self._batch, key=lambda item: item[0].meta.key.group_id), []
         return batch
 
     def step(self, timeout_s: float | None = None) -> dict:
@@ -167,7 +171,17 @@ class Learner:
         batch = self.collect_groups(timeout_s)
         started = time.perf_counter()
         rewards = torch.tensor([group.meta.scores.totals for group, _ in batch])  # r_i: (groups, G)
-        flat = zero_variance_groups(rewards, method.zero_std_eps)
+        weights = batch[0][0].meta.rewards  # the run's rewards, which every group carries
+        terms = {
+            name: torch.tensor([[c[name] for c in group.meta.scores.scores] for group, _ in batch])
+            for name in weights
+        }
+        instruction = sum(terms[name] for name in self.cfg.reward.instruction_terms)  # unweighted
+        # a group whose candidates' instruction rewards differ by less than the reward's own noise has
+        # no outcome to select on: its advantages would rank rounding and background jitter
+        flat, below_floor = groups_without_signal(
+            rewards, instruction, method.zero_std_eps, self.cfg.reward.noise_floor, method.drop_noise_groups
+        )
         # A_i = sqrt(G) (r_i - mean) / max(||r - mean||_p, G^(1/p) sigma_min), clipped; zero for flat groups
         advantages = group_advantages(
             rewards, method.adv_p, method.adv_clip, method.zero_std_eps, method.adv_std_floor
@@ -186,12 +200,6 @@ class Learner:
         if self.state.step % cfg.publish_every == 0:
             self.publish_lora()
         self._unfreed += [group.train for group, _ in batch]
-        weights = batch[0][0].meta.rewards  # the run's rewards, which every group carries
-        terms = {
-            name: torch.tensor([[c[name] for c in group.meta.scores.scores] for group, _ in batch])
-            for name in weights
-        }
-        instruction = sum(terms[name] for name in self.cfg.reward.instruction_terms)  # unweighted
         signal = reward_term_diagnostics(
             terms,
             weights,
@@ -200,10 +208,36 @@ class Learner:
             method.adv_clip,
             method.zero_std_eps,
         )
+        # the update's gradient by group, back in batch order (0 for a group not trained on)
+        gradient_norm, gradient_share = [0.0] * len(batch), [0.0] * len(batch)
+        for (i, _), norm, share in zip(
+            kept, stats.group_gradient_norm, stats.group_gradient_share, strict=True
+        ):
+            gradient_norm[i], gradient_share[i] = norm, share
+        per_group = [
+            {
+                "group_id": group.meta.key.group_id,
+                "task": group.meta.task,
+                "reward_std": rewards[i].std(unbiased=False).item(),
+                "instruction_std": instruction[i].std(unbiased=False).item(),
+                "below_noise_floor": bool(below_floor[i]),
+                "trained": not bool(flat[i]),
+                "gradient_norm": gradient_norm[i],
+                "gradient_share": gradient_share[i],
+                **signal["per_group"][i],
+                **_hacks(group),
+            }
+            for i, (group, _) in enumerate(batch)
+        ]
+        stepped = {
+            name: value
+            for name, value in asdict(stats).items()
+            if name not in ("distance_scale", "group_gradient_norm", "group_gradient_share")
+        }
         result = {
             "step": self.state.step,
             "policy_version": self.state.policy_version,
-            **{name: value for name, value in asdict(stats).items() if name != "distance_scale"},
+            **stepped,
             # JSON keys are strings: the grid index j of each measured distance scale
             "distance_scale": {str(j): c for j, c in stats.distance_scale.items()},
             "reward_mean": rewards.mean().item(),
@@ -211,12 +245,11 @@ class Learner:
             "instruction_reward_mean": instruction.mean().item(),
             "acd_mean": terms["acd"].mean().item() if "acd" in terms else math.nan,
             **{name: value for name, value in signal.items() if name != "per_group"},
-            # per group, with its task: what a study aggregates per task kind
-            "group_signal": [
-                {"group_id": group.meta.key.group_id, "task": group.meta.task, **row, **_hacks(group)}
-                for (group, _), row in zip(batch, signal["per_group"], strict=True)
-            ],
+            "group_signal": per_group,  # per group, with its task: what a study aggregates per task kind
             "zero_variance_ratio": flat.float().mean().item(),
+            "noise_floor_groups": int(below_floor.sum()),
+            # the part of the update's gradient that groups below the noise floor carry
+            "noise_gradient_share": sum(row["gradient_share"] for row in per_group if row["below_noise_floor"]),
             "staleness_mean": sum(s for _, s in batch) / len(batch),
             "wait_seconds": started - waited,  # the learner idle, waiting for scored groups
             "update_seconds": updated - started,
@@ -288,5 +321,12 @@ def _export(result: dict, trained: int, zero_variance: int) -> None:
     metrics.LEARNER_INSTRUCTION_SHARE.set(result["instruction_share"])
     metrics.LEARNER_INSTRUCTION_DOMINANT.set(result["instruction_dominant"])
     metrics.LEARNER_ZERO_VARIANCE_RATIO.set(result["zero_variance_ratio"])
+    for row in result["group_signal"]:
+        if row["below_noise_floor"]:
+            metrics.LEARNER_NOISE_FLOOR_GROUPS.labels(row["task"] or "unknown").inc()
+    metrics.LEARNER_NOISE_GRADIENT_SHARE.set(result["noise_gradient_share"])
+    metrics.LEARNER_ANCHOR_SURROGATE_COSINE.set(result["anchor_surrogate_cosine"])
+    metrics.LEARNER_GRADIENT_NORM.labels("surrogate").set(result["surrogate_gradient_norm"])
+    metrics.LEARNER_GRADIENT_NORM.labels("anchor").set(result["anchor_gradient_norm"])
     metrics.LEARNER_GROUPS.labels("trained").inc(trained)
     metrics.LEARNER_GROUPS.labels("zero_variance").inc(zero_variance)

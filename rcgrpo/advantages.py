@@ -22,6 +22,18 @@ def zero_variance_groups(rewards: torch.Tensor, eps: float) -> torch.Tensor:
     return rewards.float().std(dim=-1, unbiased=False) < eps
 
 
+def groups_without_signal(
+    rewards: torch.Tensor, instruction: torch.Tensor, eps: float, noise_floor: float, drop_noise: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which groups carry no gradient: (flat, below_floor), bool (groups,) each, from the totals r_i and
+    the instruction rewards (groups, G). below_floor: the instruction reward's within-group std is under
+    `noise_floor` (its candidates differ by rounding and background jitter, not by following the
+    instruction); flat: the total's std is under eps, or (drop_noise) the group is below the floor."""
+    below_floor = instruction.float().std(dim=-1, unbiased=False) < noise_floor
+    flat = zero_variance_groups(rewards, eps)
+    return (flat | below_floor if drop_noise else flat), below_floor
+
+
 def group_advantages(
     rewards: torch.Tensor, p: float = 0.8, clip: float = 5.0, eps: float = 1e-6, std_floor: float = 0.0
 ) -> torch.Tensor:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-DISTANCE_SCALES = ("none", "neighbours")
+DISTANCE_SCALES = ("none", "neighbours", "batch")
+LORA_STEPS = ("all", "trained")
 
 
 @dataclass
@@ -33,10 +34,16 @@ class MethodConfig:
     # and a LoRA trained there repaints the background: docs/EXPERIMENTS.md)
     train_steps_from: float = 0.0
     tau: float = 1.0  # softmax temperature on the per-element mean distance (divided by c, see below)
-    # c(k, j) that d_i is divided by before tau: "none" (c = 1, METHOD's plain form) or "neighbours" (the
-    # mean distance of the other candidates to the anchor at that step), so tau is relative to the
-    # group's own spread and pi_old is neither one-hot nor uniform at any timestep
+    # c(k, j) that d_i is divided by before tau: "none" (c = 1, METHOD's plain form), "neighbours" (the
+    # mean distance of the other candidates to the anchor at that step: tau relative to the group's own
+    # spread), or "batch" (that distance averaged over the update's rows at the same grid index j: a
+    # group whose candidates collapsed onto each other keeps a near-uniform pi and a small gradient
+    # instead of one that grows like 1/sqrt(c))
     distance_scale: str = "none"
+    # where the LoRA acts when sampling (rollouts and evaluation): "all" grid steps, or only the
+    # "trained" ones (train_steps_from's), so no step runs weights its surrogate never saw; plain
+    # diffusers then needs the adapters switched on at those steps only (docs/METHOD.md)
+    lora_steps: str = "all"
     # optimiser steps per batch of groups, each on fresh anchors and steps, all against the same pi_old
     # (the rollout's policy): PPO's epochs. With 1 the ratio only leaves 1 through staleness.
     update_epochs: int = 1
@@ -51,6 +58,9 @@ class MethodConfig:
     adv_p: float = 0.8  # Lp quasi-norm; 2 gives the z-score
     adv_clip: float = 5.0
     zero_std_eps: float = 1e-6  # groups whose reward std is below this are dropped
+    # drop (no gradient) the groups whose instruction reward's within-group std is below the reward's
+    # noise floor (the run's reward.noise_floor); they are counted per task kind either way
+    drop_noise_groups: bool = False
     # sigma_min: the advantage norm is at least G^(1/p) sigma_min, so a group whose rewards differ by
     # less than sigma_min is not standardised up to the same weight as one with a real outcome spread
     adv_std_floor: float = 0.0
@@ -94,6 +104,8 @@ class MethodConfig:
             problems.append(f"background_anchor must be >= 0 (got {self.background_anchor})")
         if self.distance_scale not in DISTANCE_SCALES:
             problems.append(f"distance_scale must be one of {DISTANCE_SCALES} (got {self.distance_scale!r})")
+        if self.lora_steps not in LORA_STEPS:
+            problems.append(f"lora_steps must be one of {LORA_STEPS} (got {self.lora_steps!r})")
         if self.update_epochs < 1:
             problems.append(f"update_epochs must be >= 1 (got {self.update_epochs})")
         if self.tau <= 0:
@@ -109,6 +121,11 @@ class MethodConfig:
     def train_steps(self) -> list[int]:
         """Grid indices j whose step j -> j+1 the surrogate trains on (train_steps_from's late part)."""
         return list(range(int(self.train_steps_from * self.num_steps), self.num_steps))
+
+    @property
+    def lora_step_indices(self) -> list[int] | None:
+        """Grid indices j whose sampling step uses the LoRA; None: every step."""
+        return None if self.lora_steps == "all" else self.train_steps
 
     @classmethod
     def check_fields(cls, values: dict) -> None:

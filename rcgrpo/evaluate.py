@@ -201,7 +201,9 @@ def generate_edits(
                 for i in batch
             ]
         )
-        images = rollout(editor, cond, noise, cfg.num_steps, keep_states=[cfg.num_steps]).images.cpu()
+        images = rollout(
+            editor, cond, noise, cfg.num_steps, keep_states=[cfg.num_steps], lora_steps=cfg.lora_step_indices
+        ).images.cpu()
         for i, image in zip(batch, images, strict=True):
             edits[i] = quantize(resize(image, height, width))
         bar.update(len(batch))

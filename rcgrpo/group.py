@@ -88,6 +88,7 @@ def sample_group(
             cfg.num_steps,
             keep_states,
             capture.attention_kwargs(group_cond),
+            lora_steps=cfg.lora_step_indices,
         )
         attention = capture.attention_map()
     w = token_weights(start.mask_latent)  # w(u)

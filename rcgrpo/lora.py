@@ -8,7 +8,8 @@ between processes as a plain dict of tensors (learner -> rollout workers).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,6 +38,36 @@ def add_lora(transformer, rank: int = 8, alpha: int = 16, targets: Sequence[str]
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
     transformer.add_adapter(config)
     cast_training_params(transformer, dtype=torch.float32)
+
+
+@contextmanager
+def base_weights(transformer) -> Iterator[None]:
+    """The transformer without its LoRA adapters inside the block (a no-op when it has none)."""
+    if not getattr(transformer, "peft_config", None):
+        yield
+        return
+    transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        transformer.enable_adapters()
+
+
+def lora_steps_callback(pipe, steps: Sequence[int]):
+    """The LoRA of a stock diffusers pipeline (`load_lora_weights` done) on the grid steps `steps` only,
+    as `method.lora_steps: trained` samples: switches it for step 0 now and returns the
+    `callback_on_step_end` that switches it for each next step.
+
+        pipe(..., num_inference_steps=8, callback_on_step_end=lora_steps_callback(pipe, range(4, 8)))
+    """
+    steps = set(steps)
+    (pipe.enable_lora if 0 in steps else pipe.disable_lora)()
+
+    def switch(pipe, i, t, callback_kwargs):
+        (pipe.enable_lora if i + 1 in steps else pipe.disable_lora)()
+        return callback_kwargs
+
+    return switch
 
 
 def lora_parameters(transformer) -> list[torch.nn.Parameter]:

@@ -7,8 +7,9 @@ Two stages, both reproducible from one seed on CPU:
 2. the transformer learns the rectified flow from noise to the target's latents, conditioned on the
    source image's latents (Kontext context tokens) and the instruction: x_sigma = (1 - sigma) x_0 +
    sigma z, target velocity v = z - x_0 (the direction `rcgrpo.sampler.euler_step` integrates).
-The text encoders keep their random initialisation: their token features are distinct per word,
-which is all the transformer needs to read the instruction.
+By default the text encoders keep their random initialisation (their token features are distinct per
+word); with `train_text_encoders` the flow loss also trains them, so the instruction's colour and
+shape words get features the transformer can read.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ class PretrainConfig:
     # where sigma is drawn: "uniform" on [0, 1], or "logit_normal" (sigmoid of a standard normal), which
     # spends the steps on the middle of the path where the edit is decided
     sigma_sampling: str = "logit_normal"
+    # also train the CLIP and T5 text encoders with the flow loss (in eval mode: no dropout), at
+    # text_encoder_learning_rate; False keeps their features fixed
+    train_text_encoders: bool = False
+    text_encoder_learning_rate: float = 1e-3
     device: str = "cpu"
 
     def __post_init__(self):
@@ -143,7 +148,16 @@ def train_flow(
 
     transformer = editor.transformer
     transformer.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=cfg.flow_learning_rate, weight_decay=0.0)
+    param_groups = [{"params": list(transformer.parameters()), "lr": cfg.flow_learning_rate}]
+    instructions = [s.instruction for s in samples]
+    if cfg.train_text_encoders:
+        encoders = [editor.pipe.text_encoder, editor.pipe.text_encoder_2]
+        for encoder in encoders:
+            encoder.eval().requires_grad_(True)
+        encoder_params = [p for encoder in encoders for p in encoder.parameters()]
+        param_groups.append({"params": encoder_params, "lr": cfg.text_encoder_learning_rate})
+    trained = [p for group in param_groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)
     # each cycle: linear warm-up over its first 5% of steps, then cosine decay to zero (SGDR)
     cycle = cfg.flow_cycle_steps or cfg.flow_steps
     warmup = max(1, cycle // 20)
@@ -164,9 +178,17 @@ def train_flow(
         else:
             sigma = torch.rand(len(idx), generator=generator).to(x0.device)
         x_sigma = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * z
+        batch_prompt, batch_pooled = prompt_embeds[idx], pooled[idx]
+        if cfg.train_text_encoders:  # the instruction's features, with gradient into the encoders
+            batch_prompt, batch_pooled, _ = editor.pipe.encode_prompt(
+                prompt=[instructions[i] for i in idx.tolist()],
+                prompt_2=None,
+                device=x0.device,
+                max_sequence_length=editor.max_sequence_length,
+            )
         cond = EditCondition(
-            prompt_embeds=prompt_embeds[idx],
-            pooled_prompt_embeds=pooled[idx],
+            prompt_embeds=batch_prompt,
+            pooled_prompt_embeds=batch_pooled,
             text_ids=first.text_ids,
             text_mask=text_mask[idx],
             context_latents=context[idx],
@@ -181,7 +203,7 @@ def train_flow(
         loss = ((v - (z - x0)).pow(2).mean(dim=-1) * weight).sum() / weight.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
@@ -190,6 +212,9 @@ def train_flow(
             on_cycle_end(step, float(np.mean(losses[-50:])))
             transformer.train()
     transformer.eval().requires_grad_(False)
+    if cfg.train_text_encoders:
+        for encoder in encoders:
+            encoder.requires_grad_(False)
     return losses
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from rcgrpo.editor import EditCondition, Editor
+from rcgrpo.lora import base_weights
 
 
 @dataclass
@@ -64,12 +65,14 @@ def rollout(
     keep_states: Sequence[int] | None = None,
     attention_kwargs: dict | None = None,
     decode: bool = True,
+    lora_steps: Sequence[int] | None = None,
 ) -> Rollout:
     """Integrate G candidates from `initial_latents` (G, C, h, w, unpacked) under condition `cond`.
 
     `cond` is either one condition (batch 1, repeated for the group) or one per candidate.
     `keep_states` lists grid indices to keep (None: all). `attention_kwargs` are passed to the
-    transformer's attention processors (used by attention capture).
+    transformer's attention processors (used by attention capture). `lora_steps` lists the grid
+    indices j whose step j -> j+1 uses the LoRA (None: every step); the others use the base weights.
     """
     if initial_latents.ndim != 4:
         raise ValueError(f"initial latents must be (G, C, h, w), got {tuple(initial_latents.shape)}")
@@ -87,7 +90,11 @@ def rollout(
     x = editor.pack(initial_latents.to(editor.device, torch.float32))
     kept = [x] if 0 in keep else []
     for j in range(num_steps):
-        v = editor.velocity(x, sigmas[j], cond, attention_kwargs)
+        if lora_steps is None or j in lora_steps:
+            v = editor.velocity(x, sigmas[j], cond, attention_kwargs)
+        else:
+            with base_weights(editor.transformer):
+                v = editor.velocity(x, sigmas[j], cond, attention_kwargs)
         x = euler_step(x, v, sigmas[j], sigmas[j + 1])
         if j + 1 in keep:
             kept.append(x)

@@ -14,7 +14,7 @@ import torch
 
 from rcgrpo.config import MethodConfig
 from rcgrpo.editor import EditCondition, Editor
-from rcgrpo.lora import lora_parameters
+from rcgrpo.lora import base_weights, lora_parameters
 from rcgrpo.surrogate import (
     clipped_surrogate_loss,
     neighbour_distance_scale,
@@ -90,6 +90,14 @@ class StepStats:
     grad_norm: float = math.nan  # before clipping, mean over the updates
     # grid index j -> mean over the sampled (k, j) of the candidates' mean distance to the anchor
     distance_scale: dict[int, float] = field(default_factory=dict)
+    # Where the first update's gradient comes from (before clipping). Per group given, in order:
+    # ||g_group|| of its surrogate term, and its share <g_group, g> / ||g||^2 of the whole gradient g
+    # (the shares and the anchor's sum to 1; 0 for a group skipped for zero advantages)
+    group_gradient_norm: list[float] = field(default_factory=list)
+    group_gradient_share: list[float] = field(default_factory=list)
+    surrogate_gradient_norm: float = math.nan  # ||sum of the groups' surrogate gradients||
+    anchor_gradient_norm: float = math.nan  # ||beta_bg * gradient of the background anchor||
+    anchor_surrogate_cosine: float = math.nan  # cos(anchor gradient, surrogate gradient)
 
 
 def make_optimizer(transformer, cfg: MethodConfig) -> torch.optim.AdamW:
@@ -125,12 +133,8 @@ def reference_prediction(
     editor: Editor, x_j: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, cond
 ) -> torch.Tensor:
     """x_ref: the base editor's one-step prediction (adapters disabled), without gradient."""
-    with torch.no_grad():
-        editor.transformer.disable_adapters()
-        try:
-            return one_step_prediction(editor, x_j, sigma, sigma_next, cond)
-        finally:
-            editor.transformer.enable_adapters()
+    with torch.no_grad(), base_weights(editor.transformer):
+        return one_step_prediction(editor, x_j, sigma, sigma_next, cond)
 
 
 def background_anchor_loss(
@@ -162,6 +166,45 @@ class _Rows:
     group: torch.Tensor  # (M,) index into the batch of groups
     anchor: torch.Tensor  # (M,) k
     step: torch.Tensor  # (M,) j
+
+
+def _candidates_next(groups: list[TrainGroup], position: list[dict[int, int]], g_rows: list[int], j, device):
+    """x^(i)_{j+1} for all candidates i of rows (g, j): (R, G, N, D)."""
+    nxt = [position[g][int(i) + 1] for g, i in zip(g_rows, j, strict=True)]
+    return torch.stack([groups[g].states[s] for g, s in zip(g_rows, nxt, strict=True)]).to(device)
+
+
+def _token_weights(groups: list[TrainGroup], g_rows: list[int], cfg: MethodConfig, device):
+    """w(u) per row (R, N); None: Neighbor GRPO's plain distance over all tokens."""
+    return torch.stack([groups[g].token_weights for g in g_rows]).to(device) if cfg.mask_aware else None
+
+
+def _measured_scales(groups: list[TrainGroup], position: list[dict[int, int]], rows: _Rows, cfg, device):
+    """c(k, j) of every row of an epoch, from stored states only (a constant of the update): (M,)."""
+    g_rows = rows.group.tolist()
+    candidates = _candidates_next(groups, position, g_rows, rows.step, device)
+    return neighbour_distance_scale(candidates, rows.anchor.to(device), _token_weights(groups, g_rows, cfg, device))
+
+
+def _distance_scales(measured: torch.Tensor, steps: torch.Tensor, cfg: MethodConfig) -> torch.Tensor | None:
+    """The c each row's distances are divided by: None ("none"), the row's own ("neighbours"), or the
+    mean over the batch's rows at the same grid index ("batch"). A group whose candidates collapsed
+    onto each other (c ~ 1e-4 of its neighbours') gets gradients ~ 1/sqrt(c) under its own scale; under
+    the batch's its softmax stays near uniform and its gradient small."""
+    if cfg.distance_scale == "none":
+        return None
+    if cfg.distance_scale == "neighbours":
+        return measured
+    steps = steps.to(measured.device)
+    scales = torch.empty_like(measured)
+    for j in steps.unique():
+        at_j = steps == j
+        scales[at_j] = measured[at_j].mean()
+    return scales
+
+
+def _flat_grad(params: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in params])
 
 
 def _sample_rows(groups: list[TrainGroup], cfg: MethodConfig, generator: torch.Generator) -> _Rows:
@@ -220,87 +263,110 @@ def rc_grpo_step(
     cfg: MethodConfig,
     generator: torch.Generator,
     micro_batch_rows: int | None = None,
+    diagnose: bool = True,
 ) -> StepStats:
     """`cfg.update_epochs` policy updates on one batch of scored groups.
 
     Every update samples B anchors x K steps per group afresh; the loss is the mean over all rows of
     all groups (every group has B * K rows, so it is also the mean of the groups' losses). Rows go
-    through the transformer `micro_batch_rows` at a time (None: all at once) with gradients
-    accumulated, so peak memory is bounded by the micro-batch, not by B * K * groups; the result
-    equals the unbatched update up to float rounding.
+    through the transformer group by group, `micro_batch_rows` at a time (None: a group's rows at
+    once), with gradients accumulated, so peak memory is bounded by the micro-batch, not by
+    B * K * groups; the result equals the unbatched update up to float rounding. diagnose: on the
+    first update, also measure each group's and the background anchor's part of the gradient (one
+    extra backward per micro-batch and two copies of the LoRA's gradient).
     """
     if micro_batch_rows is not None and micro_batch_rows < 1:
         raise ValueError(f"micro_batch_rows must be >= 1 (got {micro_batch_rows})")
+    given = len(groups)
     # groups whose rewards were all equal have A = 0: no signal, skip their forward pass
-    groups = [g for g in groups if g.advantages.abs().max() > 0]
+    signal = [i for i, g in enumerate(groups) if g.advantages.abs().max() > 0]
+    groups = [groups[i] for i in signal]
     if not groups:
-        return StepStats(num_groups=0)
+        return StepStats(num_groups=0, group_gradient_norm=[0.0] * given, group_gradient_share=[0.0] * given)
     device = editor.device
     params = [p for param_group in optimizer.param_groups for p in param_group["params"]]
     position = [{index: s for s, index in enumerate(g.state_indices)} for g in groups]
 
     losses, surrogates, anchor_terms, grad_norms, ratios, log_ratios, entropies = [], [], [], [], [], [], []
     scale_by_step: dict[int, list[float]] = {}
+    group_grads: list[torch.Tensor] = []  # the first update's surrogate gradient of each group
+    anchor_grad = None  # and its background anchor's
     epochs = [_sample_rows(groups, cfg, generator) for _ in range(cfg.update_epochs)]
     if cfg.background_anchor > 0:
         # at most as many rows per no-grad forward as the epochs' forwards take (all of one epoch: None)
         x_refs = _reference_predictions(
             editor, groups, position, epochs, micro_batch_rows or len(epochs[0].anchor)
         )
-    for rows in epochs:
+    for epoch, rows in enumerate(epochs):
+        measuring = diagnose and epoch == 0
         num_rows = len(rows.anchor)
-        chunk = micro_batch_rows or num_rows
+        with torch.no_grad():
+            # c(k, j): the candidates' own distance scale at each row's step, always measured; the
+            # distances are divided by it (or by its batch mean) as cfg.distance_scale says
+            measured = _measured_scales(groups, position, rows, cfg, device)
+            scales = _distance_scales(measured, rows.step, cfg)
+        for i, c in zip(rows.step.tolist(), measured.tolist(), strict=True):
+            scale_by_step.setdefault(i, []).append(c)
         optimizer.zero_grad(set_to_none=True)
         update_loss = update_surrogate = update_anchor = 0.0
-        for start in range(0, num_rows, chunk):
-            g_rows = rows.group[start : start + chunk].tolist()
-            k_host = rows.anchor[start : start + chunk]  # host copy for the lookups: no sync per row
-            k = k_host.to(device)
-            j = rows.step[start : start + chunk]
-            x_j, sigma, sigma_next, cond = _row_inputs(
-                groups, position, g_rows, k_host, j, device
-            )  # x^(k)_j: (R, N, D)
-            nxt = [position[g][int(i) + 1] for g, i in zip(g_rows, j, strict=True)]
-            candidates_next = torch.stack([groups[g].states[s] for g, s in zip(g_rows, nxt, strict=True)])
-            candidates_next = candidates_next.to(device)  # x^(i)_{j+1} for all i: (R, G, N, D)
-            # w(u) per row; None: Neighbor GRPO's plain distance over all tokens
-            weights = (
-                torch.stack([groups[g].token_weights for g in g_rows]).to(device) if cfg.mask_aware else None
-            )
-            advantages = torch.stack([groups[g].advantages for g in g_rows]).to(device, torch.float32)
-
-            with torch.no_grad():
-                # c(k, j): the candidates' own distance scale at this step, always measured; the
-                # distances are divided by it only with distance_scale="neighbours"
-                measured = neighbour_distance_scale(candidates_next, k, weights)
-                for i, c in zip(j.tolist(), measured.tolist(), strict=True):
-                    scale_by_step.setdefault(i, []).append(c)
-                scale = measured if cfg.distance_scale == "neighbours" else None
-                # pi_old: theta_old's one-step prediction is the anchor's stored x^(k)_{j+1}
-                stored_next = candidates_next[torch.arange(len(k), device=device), k]
-                old_log_probs = policy_log_probs(candidates_next, stored_next, weights, cfg.tau, scale)
-                entropies.append(-(old_log_probs.exp() * old_log_probs).sum(dim=-1).cpu())
-            # x_theta = x^(k)_j + (sigma_{j+1} - sigma_j) v_theta(x^(k)_j, sigma_j, c): the only term with gradient
-            x_theta = one_step_prediction(editor, x_j, sigma, sigma_next, cond)
-            log_probs = policy_log_probs(candidates_next, x_theta, weights, cfg.tau, scale)  # log pi_theta
-            surrogate, ratio = clipped_surrogate_loss(
-                log_probs, old_log_probs, advantages, cfg.clip_eps, cfg.log_ratio_clamp
-            )
-            loss = surrogate
-            if cfg.background_anchor > 0:
-                # beta_bg * mean_bg ||v_theta - v_ref||^2, in the same micro-batch as the surrogate
-                background = torch.stack([groups[g].anchor_weights() for g in g_rows]).to(device)
-                x_ref = torch.stack(
-                    [x_refs[(g, int(a), int(i))] for g, a, i in zip(g_rows, k_host, j, strict=True)]
+        if measuring:
+            before = _flat_grad(params)  # zeros
+            group_grads = [torch.zeros_like(before) for _ in groups]
+            anchor_grad = torch.zeros_like(before) if cfg.background_anchor > 0 else None
+        for g in range(len(groups)):
+            of_group = (rows.group == g).nonzero().flatten().tolist()
+            chunk = micro_batch_rows or len(of_group)
+            for start in range(0, len(of_group), chunk):
+                index = of_group[start : start + chunk]
+                g_rows = rows.group[index].tolist()
+                k_host = rows.anchor[index]  # host copy for the lookups: no sync per row
+                k = k_host.to(device)
+                j = rows.step[index]
+                x_j, sigma, sigma_next, cond = _row_inputs(
+                    groups, position, g_rows, k_host, j, device
+                )  # x^(k)_j: (R, N, D)
+                candidates_next = _candidates_next(groups, position, g_rows, j, device)  # x^(i)_{j+1}: (R, G, N, D)
+                weights = _token_weights(groups, g_rows, cfg, device)
+                advantages = torch.stack([groups[i].advantages for i in g_rows]).to(device, torch.float32)
+                scale = None if scales is None else scales[index]
+                with torch.no_grad():
+                    # pi_old: theta_old's one-step prediction is the anchor's stored x^(k)_{j+1}
+                    stored_next = candidates_next[torch.arange(len(k), device=device), k]
+                    old_log_probs = policy_log_probs(candidates_next, stored_next, weights, cfg.tau, scale)
+                    entropies.append(-(old_log_probs.exp() * old_log_probs).sum(dim=-1).cpu())
+                # x_theta = x^(k)_j + (sigma_{j+1} - sigma_j) v_theta(x^(k)_j, sigma_j, c): the only term with gradient
+                x_theta = one_step_prediction(editor, x_j, sigma, sigma_next, cond)
+                log_probs = policy_log_probs(candidates_next, x_theta, weights, cfg.tau, scale)  # log pi_theta
+                surrogate, ratio = clipped_surrogate_loss(
+                    log_probs, old_log_probs, advantages, cfg.clip_eps, cfg.log_ratio_clamp
                 )
-                anchor = background_anchor_loss(x_theta, x_ref, sigma, sigma_next, background)
-                loss = loss + cfg.background_anchor * anchor
-                update_anchor += anchor.detach().sum().item() / num_rows
-            (loss.sum() / num_rows).backward()
-            update_loss += loss.detach().sum().item() / num_rows
-            update_surrogate += surrogate.detach().sum().item() / num_rows
-            ratios.append(ratio.detach().flatten().cpu())
-            log_ratios.append((log_probs - old_log_probs).detach().flatten().cpu())
+                anchor = None
+                if cfg.background_anchor > 0:
+                    # beta_bg * mean_bg ||v_theta - v_ref||^2, in the same micro-batch as the surrogate
+                    background = torch.stack([groups[i].anchor_weights() for i in g_rows]).to(device)
+                    x_ref = torch.stack(
+                        [x_refs[(i, int(a), int(t))] for i, a, t in zip(g_rows, k_host, j, strict=True)]
+                    )
+                    anchor = background_anchor_loss(x_theta, x_ref, sigma, sigma_next, background)
+                    update_anchor += anchor.detach().sum().item() / num_rows
+                loss = surrogate if anchor is None else surrogate + cfg.background_anchor * anchor
+                if measuring:
+                    # the group's surrogate and the anchor backward apart: what each adds to the gradient
+                    (surrogate.sum() / num_rows).backward(retain_graph=anchor is not None)
+                    accumulated = _flat_grad(params)
+                    group_grads[g] += accumulated - before
+                    if anchor is not None:
+                        (cfg.background_anchor * anchor.sum() / num_rows).backward()
+                        before = _flat_grad(params)
+                        anchor_grad += before - accumulated
+                    else:
+                        before = accumulated
+                else:
+                    (loss.sum() / num_rows).backward()
+                update_loss += loss.detach().sum().item() / num_rows
+                update_surrogate += surrogate.detach().sum().item() / num_rows
+                ratios.append(ratio.detach().flatten().cpu())
+                log_ratios.append((log_probs - old_log_probs).detach().flatten().cpu())
 
         grad_norms.append(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item())
         optimizer.step()
@@ -310,6 +376,7 @@ def rc_grpo_step(
 
     ratio, log_ratio, entropy = torch.cat(ratios), torch.cat(log_ratios), torch.cat(entropies)
     deviation = (ratio - 1.0).abs()
+    attribution = _gradient_attribution(group_grads, anchor_grad, signal, given) if diagnose else {}
     return StepStats(
         num_groups=len(groups),
         num_updates=cfg.update_epochs,
@@ -328,4 +395,30 @@ def rc_grpo_step(
         effective_neighbours=entropy.exp().mean().item(),
         grad_norm=sum(grad_norms) / len(grad_norms),
         distance_scale={i: sum(v) / len(v) for i, v in sorted(scale_by_step.items())},
+        **attribution,
     )
+
+
+def _gradient_attribution(
+    group_grads: list[torch.Tensor], anchor_grad: torch.Tensor | None, signal: list[int], given: int
+) -> dict:
+    """Norms and shares of the first update's gradient by group (all `given`, 0 for those skipped) and
+    the anchor's norm and cosine to the surrogate's."""
+    surrogate = torch.stack(group_grads).sum(dim=0)
+    total = surrogate + (anchor_grad if anchor_grad is not None else 0)
+    squared = total.pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
+    norms, shares = [0.0] * given, [0.0] * given
+    for i, grad in zip(signal, group_grads, strict=True):
+        norms[i] = grad.norm().item()
+        shares[i] = (grad @ total / squared).item()
+    found = {
+        "group_gradient_norm": norms,
+        "group_gradient_share": shares,
+        "surrogate_gradient_norm": surrogate.norm().item(),
+    }
+    if anchor_grad is not None:
+        found["anchor_gradient_norm"] = anchor_grad.norm().item()
+        found["anchor_surrogate_cosine"] = torch.nn.functional.cosine_similarity(
+            anchor_grad, surrogate, dim=0
+        ).item()
+    return found

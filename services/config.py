@@ -61,6 +61,10 @@ class RewardConfig(_Section):
     # the rewards that measure following the instruction (the rest preserve or are intrinsic): what the
     # learner's diagnostics compare the advantages with
     instruction_terms: list[str] = Field(default_factory=lambda: ["region_adherence"], min_length=1)
+    # the instruction reward's own noise: a group whose candidates' instruction rewards (unweighted sum)
+    # have a within-group std below it has no outcome to select on. Counted and reported per task kind
+    # always; with method.drop_noise_groups such a group carries no gradient. 0.004 ~ one 8-bit level
+    noise_floor: float = Field(0.004, ge=0)
     # weighted_sum: r_i = sum_j w_j r_j. gated (against reward hacking): r_i = E (gate_floor +
     # gate_slope P) + w_ACD R_ACD, E the weighted instruction terms, P the other weighted terms, so
     # background preservation earns nothing for an edit that ignores the instruction

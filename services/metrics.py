@@ -79,6 +79,22 @@ LEARNER_BACKGROUND_ANCHOR = Gauge(
 LEARNER_ZERO_VARIANCE_RATIO = Gauge(
     "rcgrpo_learner_zero_variance_ratio", "Share of groups dropped for zero reward std"
 )
+LEARNER_NOISE_FLOOR_GROUPS = Counter(
+    "rcgrpo_learner_noise_floor_groups_total",
+    "Scored groups whose instruction reward's within-group std was below reward.noise_floor, by task kind",
+    ["task"],
+)
+LEARNER_NOISE_GRADIENT_SHARE = Gauge(
+    "rcgrpo_learner_noise_gradient_share",
+    "Share of the last update's gradient carried by groups below the reward's noise floor",
+)
+LEARNER_GRADIENT_NORM = Gauge(
+    "rcgrpo_learner_gradient_norm", "Norm of a term's gradient in the last update (surrogate, anchor)", ["term"]
+)
+LEARNER_ANCHOR_SURROGATE_COSINE = Gauge(
+    "rcgrpo_learner_anchor_surrogate_cosine",
+    "Cosine between the background anchor's and the surrogate's gradients, last update",
+)
 LEARNER_POLICY_VERSION = Gauge("rcgrpo_learner_policy_version", "Newest published policy version")
 LEARNER_GROUPS = Counter("rcgrpo_learner_groups_total", "Scored groups consumed, by outcome", ["outcome"])
 LEARNER_STALENESS = Histogram(

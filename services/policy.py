@@ -18,5 +18,8 @@ def start_component(cfg: RunConfig, torch_threads: int, metrics_port: int) -> Ed
         metrics.serve_metrics(metrics_port, cfg.metrics_host)
     editor = load_editor(cfg.editor, dtype=cfg.dtype)
     method = cfg.method
+    # the LoRA's initial A matrices come from the global RNG: seeded, a run's first update (and so the
+    # whole run) is the same every time, and every component starts from the same weights
+    torch.manual_seed(cfg.learner.seed)
     add_lora(editor.transformer, method.lora_rank, method.lora_alpha, method.lora_targets)
     return editor

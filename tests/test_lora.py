@@ -123,3 +123,39 @@ def test_saved_lora_loads_into_a_stock_kontext_pipeline(tiny_editor_dir, editor,
         output_type="pt",
     ).images
     assert (stock - ours).abs().max().item() <= 1e-5
+
+
+def test_a_stock_pipeline_samples_with_the_lora_on_the_trained_steps_only(tiny_editor_dir, editor, tmp_path):
+    """method.lora_steps "trained": the few lines of lora_steps_callback give plain diffusers the rollout's edit."""
+    from diffusers import FluxKontextPipeline
+
+    from rcgrpo.lora import lora_steps_callback
+
+    add_lora(editor.transformer)
+    source, instruction, initial = _source(1), "turn the blue circle red", _latents(editor, 2, seed=5)
+    cond = editor.encode_condition(source, [instruction], 2.5)
+    _perturb(editor.transformer)
+    ours = rollout(editor, cond, initial, num_steps=4, lora_steps=[2, 3]).images
+    everywhere = rollout(editor, cond, initial, num_steps=4).images
+    assert (ours - everywhere).abs().max() > 1e-2
+
+    save_lora(editor, tmp_path / "lora")
+    pipe = FluxKontextPipeline.from_pretrained(tiny_editor_dir, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(tmp_path / "lora")
+    pil = Image.fromarray((source[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    stock = pipe(
+        image=pil,
+        prompt=[instruction] * 2,
+        latents=editor.pack(initial),
+        num_inference_steps=4,
+        guidance_scale=2.5,
+        height=SIZE,
+        width=SIZE,
+        max_area=SIZE * SIZE,
+        _auto_resize=False,
+        max_sequence_length=editor.max_sequence_length,
+        output_type="pt",
+        callback_on_step_end=lora_steps_callback(pipe, [2, 3]),
+    ).images
+    assert (stock - ours).abs().max().item() <= 1e-5

@@ -124,7 +124,7 @@ def test_train_refuses_a_run_that_cannot_fit_before_anything_starts(tmp_path, ca
 
 def test_kept_timesteps_must_train_k_steps_per_anchor():
     with pytest.raises(ValueError, match="rollout.keep_timesteps .* gives 2 trainable steps"):
-        load_run_config(FLUX_CONFIG, ["rollout.keep_timesteps=[0, 1]"])
+        load_run_config(FLUX_CONFIG, ["rollout.keep_timesteps=[4, 5]"])
     with pytest.raises(ValueError, match=r"outside the 8-step grid"):
         load_run_config(FLUX_CONFIG, ["rollout.keep_timesteps=[0, 1, 2, 8]"])
 
@@ -134,11 +134,12 @@ def test_a_worker_keeps_the_states_of_the_trained_steps_only():
     assert late.trained_steps == [4, 5, 6, 7] and late.kept_states == [4, 5, 6, 7, 8]
     every = load_run_config(DEFAULT_RUN_CONFIG, ["method.train_steps_from=0"])
     assert every.kept_states == list(range(9))
-    # FLUX keeps the early half (x_0..x_4): a late half leaves it nothing to train on
+    # FLUX trains the late half: its workers keep x_4..x_8, and kept early steps leave nothing to train on
+    assert load_run_config(FLUX_CONFIG).kept_states == [4, 5, 6, 7, 8]
     with pytest.raises(
         ValueError, match=r"gives 0 trainable steps among method.train_steps_from's \[4, 5, 6, 7\]"
     ):
-        load_run_config(FLUX_CONFIG, ["method.train_steps_from=0.5"])
+        load_run_config(FLUX_CONFIG, ["rollout.keep_timesteps=[0, 1, 2, 3]"])
 
 
 def test_the_anchor_passes_the_plan_counts_are_the_distinct_rows_the_update_samples():

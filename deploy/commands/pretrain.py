@@ -31,6 +31,14 @@ def add_arguments(parser):
     parser.add_argument(
         "--sigma-sampling", choices=("uniform", "logit_normal"), default=defaults.sigma_sampling
     )
+    parser.add_argument(
+        "--train-text-encoders",
+        action="store_true",
+        help="also train the CLIP and T5 text encoders with the flow loss",
+    )
+    parser.add_argument(
+        "--text-encoder-learning-rate", type=float, default=defaults.text_encoder_learning_rate
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument(
         "--threads",
@@ -62,6 +70,8 @@ def main(args) -> int:
         flow_cycle_steps=args.flow_cycle_steps,
         edit_loss_weight=args.edit_loss_weight,
         sigma_sampling=args.sigma_sampling,
+        train_text_encoders=args.train_text_encoders,
+        text_encoder_learning_rate=args.text_encoder_learning_rate,
         device=args.device,
     )
     path, facts = pretrain(args.out, cfg, args.eval_samples)
