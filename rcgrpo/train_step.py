@@ -195,11 +195,12 @@ def _distance_scales(measured: torch.Tensor, steps: torch.Tensor, cfg: MethodCon
         return None
     if cfg.distance_scale == "neighbours":
         return measured
-    steps = steps.to(measured.device)
-    scales = torch.empty_like(measured)
+    scales = torch.zeros_like(measured)
+    # unique() on the host's steps and masked sums: unique() or boolean indexing on the device would be
+    # data-dependent shapes, a host sync each (`rcgrpo plan --trace` finds them)
     for j in steps.unique():
-        at_j = steps == j
-        scales[at_j] = measured[at_j].mean()
+        at_j = (steps == j).to(measured.device, measured.dtype)
+        scales += at_j * ((measured * at_j).sum() / at_j.sum())
     return scales
 
 
