@@ -90,8 +90,8 @@ class Learner:
         """Publish the current LoRA as the next policy version (after any a crashed predecessor published)."""
         latest = self.bus.lora.latest_version()
         version = max(self.state.policy_version, -1 if latest is None else latest) + 1
-        # in the model's dtype: what the workers' bf16 forward uses anyway, at half the fp32 bytes
-        lora = lora_state_dict(self.editor.transformer, dtype=self.editor.dtype)
+        # float32, as trained (rcgrpo.lora.lora_state_dict): the workers' float32 adapters load it unrounded
+        lora = lora_state_dict(self.editor.transformer)
         self.bus.lora.publish(lora, policy_version=version)
         self.state.policy_version = version
         metrics.LEARNER_POLICY_VERSION.set(version)

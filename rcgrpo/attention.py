@@ -53,8 +53,11 @@ def text_to_target_attention(
     """Mean text -> target-image attention of one attention call: (B, N_target), each row summing to 1.
 
     `query` and `key` are the post-RoPE (B, S, H, D) tensors of the joint sequence [text (L) | target
-    (num_target) | rest]. Only the rows of instruction tokens are computed, `rows_per_chunk` at a time,
-    in float32; each row is a softmax over all S keys, restricted to the target columns, renormalised.
+    (num_target) | rest]. Every text row is computed, `rows_per_chunk` at a time, in float32, and padding
+    rows are weighted 0 (selecting the instruction rows would be a data-dependent shape: a host sync on
+    every attention call of the rollout, for rows that cost a few thousandths of the transformer's
+    FLOPs); each row is a softmax over all S keys, restricted to the target columns, renormalised.
+    Every sample needs an instruction token (`TextAttentionCapture.attention_kwargs` checks, once).
     """
     batch, seq, heads, head_dim = query.shape
     text_len = text_mask.shape[1]
@@ -62,21 +65,14 @@ def text_to_target_attention(
         raise ValueError(
             f"sequence of {seq} tokens is shorter than {text_len} text + {num_target} target-image tokens"
         )
-    text_mask = text_mask.to(query.device).expand(batch, -1)
-    tokens_per_sample = text_mask.sum(dim=1)
-    if (tokens_per_sample == 0).any():
-        raise ValueError(
-            "text_mask has a sample with no instruction token; attention cannot be averaged over it"
-        )
-    # instruction rows of any sample; rows that are padding in every sample are never computed
-    rows = text_mask.any(dim=0).nonzero().squeeze(1)
-    row_weights = text_mask[:, rows].float()  # (B, R): drops a row for samples where it is padding
+    row_weights = text_mask.to(query.device).expand(batch, -1).float()  # (B, L): 0 for padding
+    tokens_per_sample = row_weights.sum(dim=1)
     # (B, H, D, S) float32, laid out contiguously once (one copy) for every chunk's matmul
     keys_t = key.permute(0, 2, 3, 1).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-    queries = query[:, rows].float().transpose(1, 2)  # (B, H, R, D): the instruction rows only
+    queries = query[:, :text_len].float().transpose(1, 2)  # (B, H, L, D): the text rows
     scale = head_dim**-0.5  # scaled_dot_product_attention's default, as the stock processor uses
     total = torch.zeros(batch, num_target, device=query.device)
-    for start in range(0, rows.numel(), rows_per_chunk):
+    for start in range(0, text_len, rows_per_chunk):
         scores = torch.matmul(queries[:, :, start : start + rows_per_chunk], keys_t) * scale  # (B, H, r, S)
         probs = scores.softmax(dim=-1)[..., text_len : text_len + num_target]
         probs = probs / probs.sum(dim=-1, keepdim=True)  # renormalise over target-image tokens
@@ -96,6 +92,11 @@ class TextAttentionCapture:
     def attention_kwargs(self, cond: EditCondition) -> dict:
         """joint_attention_kwargs for `rollout(..., attention_kwargs=...)` or `editor.pipe(...)`."""
         num_target = cond.image_ids.shape[0] - cond.context_latents.shape[1]
+        # once per group (a host sync), not per attention call
+        if not cond.text_mask.any(dim=1).all():
+            raise ValueError(
+                "text_mask has a sample with no instruction token; attention cannot be averaged over it"
+            )
         return {ATTENTION_KWARG: TextAttentionQuery(text_mask=cond.text_mask.bool(), num_target=num_target)}
 
     def record(self, attention_map: torch.Tensor) -> None:

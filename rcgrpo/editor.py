@@ -46,17 +46,21 @@ class EditCondition:
     width: int
 
     def repeat(self, n: int) -> EditCondition:
-        """The same condition for n candidates of one group (B must be 1)."""
+        """The same condition for n candidates of one group (B must be 1).
+
+        The rows are copies, not stride-0 views: CPU and GPU matmul kernels take another path for a
+        broadcast batch and round bf16 differently, and a row must give the same velocity in the
+        rollout's group as in the learner's micro-batch (`EditCondition.cat`, contiguous)."""
         if self.prompt_embeds.shape[0] != 1:
             raise ValueError(f"repeat() needs a single condition, got batch {self.prompt_embeds.shape[0]}")
         return EditCondition(
-            prompt_embeds=self.prompt_embeds.expand(n, -1, -1),
-            pooled_prompt_embeds=self.pooled_prompt_embeds.expand(n, -1),
+            prompt_embeds=self.prompt_embeds.repeat(n, 1, 1),
+            pooled_prompt_embeds=self.pooled_prompt_embeds.repeat(n, 1),
             text_ids=self.text_ids,
-            text_mask=self.text_mask.expand(n, -1),
-            context_latents=self.context_latents.expand(n, -1, -1),
+            text_mask=self.text_mask.repeat(n, 1),
+            context_latents=self.context_latents.repeat(n, 1, 1),
             image_ids=self.image_ids,
-            guidance=None if self.guidance is None else self.guidance.expand(n),
+            guidance=None if self.guidance is None else self.guidance.repeat(n),
             height=self.height,
             width=self.width,
         )

@@ -78,20 +78,17 @@ def lora_parameters(transformer) -> list[torch.nn.Parameter]:
     return params
 
 
-def lora_state_dict(transformer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The adapter weights as peft names them (no adapter name), as contiguous CPU tensors.
-
-    dtype: cast to it (a published policy version travels in the model's dtype: bf16 halves the
-    bytes every worker loads); None keeps the float32 training weights (checkpoints)."""
+def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
+    """The adapter weights as peft names them (no adapter name), as contiguous CPU tensors in their
+    training dtype (float32): a published policy version is exactly what the learner trained, since a
+    bf16 cast would move each weight by up to 2^-9 of itself, more than one update moves it late in a
+    run (lr 1e-5), and the workers would sample with another policy than the one pi_old stands for."""
     from peft.utils import get_peft_model_state_dict
 
     if not getattr(transformer, "peft_config", None):
         raise ValueError("transformer has no LoRA adapter")
     state = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)
-    return {
-        name: tensor.detach().to("cpu", dtype=dtype or tensor.dtype, copy=True).contiguous()
-        for name, tensor in state.items()
-    }
+    return {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in state.items()}
 
 
 def load_lora_state_dict(transformer, state_dict: dict[str, torch.Tensor]) -> None:

@@ -2,16 +2,18 @@
 model's architecture (no weights are loaded) and from numbers measured on the editor at hand.
 
     weights         parameter counts of every pipeline component, by instantiating them on the meta device
-    rollout worker  weights + the LoRA + the widest no-grad activations of G rows + the VAE decode of G images
+    rollout worker  weights + the LoRA + the widest no-grad activations of G rows, or the VAE decode of G
+                    images where that is larger (it runs after the transformer) + the kept states
     learner         weights + the LoRA with its gradient and AdamW moments (float32, 16 bytes a parameter)
-                    + the activations autograd keeps for one micro-batch of rows (measured per token on the
-                    tiny editor; `calibrate`) + the no-grad anchor pass
+                    + the activations autograd keeps for one micro-batch of rows and the backward's working
+                    set (per token and block: measured on a small editor in place, else traced at the run's
+                    width and dtype, `rcgrpo.trace.traced_calibration`)
     payloads        the training tensors of one group (the exact tensors `services.record` encodes) and the
                     bytes of one published policy version
 
-The activation terms are estimates: the per-token factors are measured on the shipped tiny editor (or
-given, from bench/gpu_flux.py on a GPU) and scaled by width, tokens and blocks. docs/SCALE.md shows
-them next to what was measured.
+The activation terms are estimates: per-token factors scaled by width, tokens and blocks.
+`rcgrpo plan --trace` runs the real code at full size on the meta device and sets its peaks beside
+these; docs/SCALE.md shows both.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ FLUX_KONTEXT_CONFIGS = {
         "norm_num_groups": 32,
         "use_quant_conv": False,
         "use_post_quant_conv": False,
+        "scaling_factor": 0.3611,
+        "shift_factor": 0.1159,
     },
     "text_encoder": {  # CLIP ViT-L/14 text tower
         "model_type": "clip_text_model",
@@ -83,9 +87,9 @@ FLUX_KONTEXT_CONFIGS = {
 # residual, the normed input, q/k/v (3), the attention output and the MLP's hidden layer before and
 # after its activation (2 x 4) -> 1 + 1 + 3 + 1 + 8 = 14.
 INFERENCE_WIDTH = 14
-# VAE decode of one image at full resolution: a few tensors of the first block's channels per pixel
-# (resnet input, normed, conv output, skip) -> 4 x C_0 x H x W.
-VAE_DECODE_TENSORS = 4
+# VAE decode of one image at full resolution: the tensors of the first block's channels per pixel live at
+# its peak, 6 x C_0 x H x W (traced: `rcgrpo plan --trace`, 18.2 GiB for 12 images at 1024^2).
+VAE_DECODE_TENSORS = 6
 # CUDA context, allocator fragmentation and workspace: kept free on every GPU.
 GPU_RESERVE_BYTES = 3 * GIB
 
@@ -139,12 +143,12 @@ def _lora_params(transformer, rank: int, targets: Sequence[str]) -> int:
     return total
 
 
-def architecture(editor_dir: str | Path | None, lora_rank: int, lora_targets: Sequence[str]) -> Architecture:
-    """The architecture of a local FluxKontextPipeline directory (configs only; None or a missing
-    directory: the published FLUX.1 Kontext configs), its components instantiated on the meta device."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
+def editor_configs(
+    editor_dir: str | Path | None, transformer_overrides: dict | None = None
+) -> tuple[dict, int, str]:
+    """(component configs, T5 sequence length, source) of a local FluxKontextPipeline directory, or of
+    the published FLUX.1 Kontext configs where it is missing; `transformer_overrides` change the
+    transformer's (a reduced depth, for the dry run's tests). Private keys ("_class_name") dropped."""
     path = None if editor_dir is None else Path(editor_dir)
     if path is not None and (path / "transformer" / "config.json").is_file():
         configs = {
@@ -157,12 +161,33 @@ def architecture(editor_dir: str | Path | None, lora_rank: int, lora_targets: Se
     else:
         configs, max_len = FLUX_KONTEXT_CONFIGS, FLUX_KONTEXT_CONFIGS["max_sequence_length"]
         source = "published FLUX.1 Kontext configs"
-    drop = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    configs = {
+        name: {k: v for k, v in configs[name].items() if not k.startswith("_")}
+        for name in ("transformer", "vae", "text_encoder", "text_encoder_2")
+    }
+    if transformer_overrides:
+        configs["transformer"] = {**configs["transformer"], **transformer_overrides}
+        source += f" ({', '.join(f'{k}={v}' for k, v in transformer_overrides.items())})"
+    return configs, max_len, source
+
+
+def architecture(
+    editor_dir: str | Path | None,
+    lora_rank: int,
+    lora_targets: Sequence[str],
+    transformer_overrides: dict | None = None,
+) -> Architecture:
+    """The architecture of a local FluxKontextPipeline directory (configs only; None or a missing
+    directory: the published FLUX.1 Kontext configs), its components instantiated on the meta device."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    configs, max_len, source = editor_configs(editor_dir, transformer_overrides)
     with torch.device("meta"):
-        transformer = FluxTransformer2DModel.from_config(drop(configs["transformer"]))
-        vae = AutoencoderKL.from_config(drop(configs["vae"]))
-        clip = CLIPTextModel(CLIPTextConfig(**drop(configs["text_encoder"])))
-        t5 = T5EncoderModel(T5Config(**drop(configs["text_encoder_2"])))
+        transformer = FluxTransformer2DModel.from_config(configs["transformer"])
+        vae = AutoencoderKL.from_config(configs["vae"])
+        clip = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+        t5 = T5EncoderModel(T5Config(**configs["text_encoder_2"]))
     return Architecture(
         source=source,
         transformer=dict(transformer.config),
@@ -201,7 +226,7 @@ def train_tensor_layout(
         "cond.context_latents": ((1, n, d), dtype),
         "cond.image_ids": ((2 * n, 3), dtype),
         "sigmas": ((num_steps + 1,), torch.float32),
-        "states": ((num_states, group_size, n, d), dtype),
+        "states": ((num_states, group_size, n, d), torch.float32),  # the ODE state is float32 (euler_step)
         "token_weights": ((n,), torch.float32),
         "background_weights": ((n,), torch.float32),
     }
@@ -227,14 +252,12 @@ class Calibration:
     source: str
     # bytes autograd keeps per token per transformer block, in units of dim x element size
     saved_width: float
+    # the backward's working set on top of what the forward keeps, per token, same units (0: not measured)
+    backward_width: float = 0.0
     # seconds of one no-grad forward of one row of L tokens, per block (None: not measured)
     forward_s_per_row_block: float | None = None
     train_s_per_row_block: float | None = None  # forward + backward of one row with gradient
     times_source: str = "not measured for this editor: bench/gpu_flux.py measures them on a GPU"
-
-    def without_times(self) -> Calibration:
-        """The activation factor only (for planning another editor than the measured one)."""
-        return Calibration(self.source, self.saved_width)
 
 
 def _saved_bytes(module: torch.nn.Module, fn) -> tuple[int, object]:
@@ -382,12 +405,15 @@ def make_plan(
     lora_fp32 = 4 * arch.lora_params  # add_lora keeps the LoRA in float32 everywhere
     layout = train_tensor_layout(arch, height, width, group_size, num_steps, num_states, dtype)
     blob = layout_bytes(layout)
+    transformer_activations = group_size * length * dim * INFERENCE_WIDTH * elem
+    vae_decode = group_size * VAE_DECODE_TENSORS * arch.vae_channels * height * width * elem
     rollout = {
         "weights": all_weights,
         "lora": lora_fp32,
-        "activations": group_size * length * dim * INFERENCE_WIDTH * elem,
-        "vae_decode": group_size * VAE_DECODE_TENSORS * arch.vae_channels * height * width * elem,
-        "kept_states": math.prod(layout["states"][0]) * elem,
+        "activations": transformer_activations,
+        # the decode runs once the transformer's activations are freed: it adds what it needs beyond them
+        "vae_decode_beyond": max(0, vae_decode - transformer_activations),
+        "kept_states": math.prod(layout["states"][0]) * 4,
     }
     rows_per_update = anchors * timesteps_per_anchor * groups_per_step
     anchor_rows = 0.0  # reference passes of one update: every group's distinct rows, once
@@ -402,16 +428,19 @@ def make_plan(
         r = rows_per_update if rows is None else min(rows, rows_per_update)
         per_row_token = length * dim * elem
         if gradient_checkpointing:  # every block's input, plus one block's activations while it recomputes
-            saved = r * per_row_token * (blocks + calibration.saved_width)
+            saved = r * per_row_token * (blocks + calibration.saved_width + calibration.backward_width)
         else:
-            saved = r * per_row_token * blocks * calibration.saved_width
+            saved = r * per_row_token * (blocks * calibration.saved_width + calibration.backward_width)
         learner[rows] = {
             "weights": all_weights,
             "lora_train_state": 4 * lora_fp32,  # parameter, gradient, AdamW's two moments
             "activations": int(saved),
-            "anchor_pass": r * per_row_token * INFERENCE_WIDTH if background_anchor else 0,
+            # the reference pass runs before the epochs, its no-grad activations freed before theirs
+            "anchor_pass": max(0, int(r * per_row_token * INFERENCE_WIDTH - saved))
+            if background_anchor
+            else 0,
             # x_ref of every distinct row, kept through the epochs
-            "anchor_references": int(anchor_rows * target_tokens * channels * elem),
+            "anchor_references": int(anchor_rows * target_tokens * channels * 4),  # float32, as the states
             "groups": groups_per_step * blob,
         }
     rollout_s = update_s = None
@@ -434,7 +463,7 @@ def make_plan(
         learner_memory=learner,
         train_blob_bytes=blob,
         image_bytes=image_bytes_bound(height, width, group_size, has_target),
-        weight_version_bytes=arch.lora_params * elem,
+        weight_version_bytes=lora_fp32,  # published as trained (rcgrpo.lora.lora_state_dict)
         rollout_seconds=rollout_s,
         update_seconds=update_s,
     )
@@ -505,8 +534,7 @@ def format_plan(plan: Plan) -> str:
         "",
         f"bytes per group: training blob {gib(plan.train_blob_bytes)}, images (PNG, at most) "
         f"{gib(plan.image_bytes)}",
-        f"bytes per weight version (LoRA in {str(plan.dtype).removeprefix('torch.')}): "
-        f"{gib(plan.weight_version_bytes)}",
+        f"bytes per weight version (LoRA in float32): {gib(plan.weight_version_bytes)}",
         f"time: rollout of one group {seconds(plan.rollout_seconds)} (transformer), one update "
         f"{seconds(plan.update_seconds)} ({plan.calibration.times_source})",
     ]

@@ -1,8 +1,9 @@
 """Deterministic ODE rollouts of a group of candidates (docs/METHOD.md section 2).
 
 The flow ODE dx/dsigma = v_theta(x, sigma, c) is integrated with first-order Euler steps on the
-editor's Kontext sigma grid, exactly as `FluxKontextPipeline.__call__` does, so that for theta_old
-the surrogate's one-step prediction from a stored state equals the stored next state.
+editor's Kontext sigma grid, as `FluxKontextPipeline.__call__` does (in float32 it is the same
+arithmetic; in bf16 the state stays float32 here, see `euler_step`), so that for theta_old the
+surrogate's one-step prediction from a stored state equals the stored next state.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ class Rollout:
 
     sigmas: torch.Tensor  # (T + 1,) the grid, 1 -> 0
     state_indices: list[int]  # grid indices j whose states x_j were kept
-    states: torch.Tensor  # (len(state_indices), G, N, D) packed latents x_j on the grid
-    final_latents: torch.Tensor  # (G, N, D) x_T
+    states: torch.Tensor  # (len(state_indices), G, N, D) packed latents x_j on the grid, float32
+    final_latents: torch.Tensor  # (G, N, D) x_T, float32
     images: torch.Tensor  # (G, 3, H, W) in [0, 1]
 
 
@@ -45,8 +46,14 @@ def surrogate_state_indices(num_steps: int, timesteps: Sequence[int] | None) -> 
 def euler_step(
     x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor
 ) -> torch.Tensor:
-    """x_{j+1} = x_j + (sigma_{j+1} - sigma_j) v, in float32 as diffusers' Euler scheduler does."""
-    return (x.float() + (sigma_next - sigma) * v.float()).to(v.dtype)
+    """x_{j+1} = x_j + (sigma_{j+1} - sigma_j) v in float32, and kept in float32.
+
+    diffusers' Euler scheduler rounds x_{j+1} back to the model's dtype; the ODE state here stays
+    float32 (only the transformer's input is cast), because the surrogate compares states: a bf16
+    state has a step of 2^-8 |x|, coarser than what one update moves x_theta by, so pi_theta could not
+    see the update and the background anchor's (x_theta - x_ref) / dt would be mostly rounding.
+    """
+    return x.float() + (sigma_next - sigma).float() * v.float()
 
 
 @torch.no_grad()
@@ -77,9 +84,10 @@ def rollout(
         )
     if cond.prompt_embeds.shape[0] == 1 and group_size > 1:
         cond = cond.repeat(group_size)
-    sigmas = editor.sigmas(num_steps, cond.height, cond.width).to(editor.device)
+    grid = editor.sigmas(num_steps, cond.height, cond.width)  # on the host: the record carries it
+    sigmas = grid.to(editor.device)
     keep = list(range(num_steps + 1)) if keep_states is None else sorted(set(keep_states))
-    x = editor.pack(initial_latents.to(editor.device, editor.dtype))
+    x = editor.pack(initial_latents.to(editor.device, torch.float32))
     kept = [x] if 0 in keep else []
     for j in range(num_steps):
         if lora_steps is None or j in lora_steps:
@@ -91,6 +99,4 @@ def rollout(
         if j + 1 in keep:
             kept.append(x)
     images = editor.decode(x, cond.height, cond.width) if decode else torch.empty(0)
-    return Rollout(
-        sigmas=sigmas.cpu(), state_indices=keep, states=torch.stack(kept), final_latents=x, images=images
-    )
+    return Rollout(sigmas=grid, state_indices=keep, states=torch.stack(kept), final_latents=x, images=images)

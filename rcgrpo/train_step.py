@@ -195,11 +195,12 @@ def _distance_scales(measured: torch.Tensor, steps: torch.Tensor, cfg: MethodCon
         return None
     if cfg.distance_scale == "neighbours":
         return measured
-    steps = steps.to(measured.device)
-    scales = torch.empty_like(measured)
+    scales = torch.zeros_like(measured)
+    # unique() on the host's steps and masked sums: unique() or boolean indexing on the device would be
+    # data-dependent shapes, a host sync each (`rcgrpo plan --trace` finds them)
     for j in steps.unique():
-        at_j = steps == j
-        scales[at_j] = measured[at_j].mean()
+        at_j = (steps == j).to(measured.device, measured.dtype)
+        scales += at_j * ((measured * at_j).sum() / at_j.sum())
     return scales
 
 
@@ -319,10 +320,11 @@ def rc_grpo_step(
             for start in range(0, len(of_group), chunk):
                 index = of_group[start : start + chunk]
                 g_rows = rows.group[index].tolist()
-                k = rows.anchor[index].to(device)
+                k_host = rows.anchor[index]  # host copy for the lookups: no sync per row
+                k = k_host.to(device)
                 j = rows.step[index]
                 x_j, sigma, sigma_next, cond = _row_inputs(
-                    groups, position, g_rows, k, j, device
+                    groups, position, g_rows, k_host, j, device
                 )  # x^(k)_j: (R, N, D)
                 candidates_next = _candidates_next(groups, position, g_rows, j, device)  # x^(i)_{j+1}: (R, G, N, D)
                 weights = _token_weights(groups, g_rows, cfg, device)
@@ -344,7 +346,7 @@ def rc_grpo_step(
                     # beta_bg * mean_bg ||v_theta - v_ref||^2, in the same micro-batch as the surrogate
                     background = torch.stack([groups[i].anchor_weights() for i in g_rows]).to(device)
                     x_ref = torch.stack(
-                        [x_refs[(i, int(a), int(t))] for i, a, t in zip(g_rows, k, j, strict=True)]
+                        [x_refs[(i, int(a), int(t))] for i, a, t in zip(g_rows, k_host, j, strict=True)]
                     )
                     anchor = background_anchor_loss(x_theta, x_ref, sigma, sigma_next, background)
                     update_anchor += anchor.detach().sum().item() / num_rows

@@ -31,7 +31,7 @@ def flux():
 
 def test_flux_architecture_from_the_published_configs(flux):
     """FLUX.1 Kontext [dev]: the 12B transformer, T5-XXL + CLIP-L, the 16-channel VAE; a rank-32 LoRA
-    on the attention projections is 52.3M parameters, ~105 MB a version in bf16."""
+    on the attention projections is 52.3M parameters, ~209 MB a version in float32."""
     assert flux.params["transformer"] == 11_901_408_320
     assert flux.params["text_encoder_2"] == 4_762_310_656 and flux.params["text_encoder"] == 123_060_480
     assert (flux.dim, flux.blocks, flux.latent_channels, flux.vae_scale_factor) == (3072, 57, 16, 8)
@@ -41,8 +41,8 @@ def test_flux_architecture_from_the_published_configs(flux):
 
 def test_the_layout_is_what_a_group_carries_and_its_bytes(tiny_editor, tiny_editor_dir, flux):
     """train_tensor_layout names exactly the tensors (shape, dtype) a sampled group's training blob
-    holds; bytes per group then follow for any size: Kontext-1024 in bf16 with the 9 grid states of 8
-    steps is 58.6 MiB, with the flagship's kept timesteps 0..3 (5 states) 34.6 MiB."""
+    holds; bytes per group then follow for any size: Kontext-1024 in bf16 (the states in float32) with
+    the 9 grid states of 8 steps is 112.6 MiB, with the flagship's kept timesteps 0..3 (5 states) 64.6 MiB."""
     from rcgrpo.data.shapes import generate_shapes_edit
 
     cfg = MethodConfig(group_size=4, num_steps=4)
@@ -64,7 +64,7 @@ def test_the_layout_is_what_a_group_carries_and_its_bytes(tiny_editor, tiny_edit
         kontext = train_tensor_layout(flux, 1024, 1024, 12, 8, states, torch.bfloat16)
         encoded = encode_tensors({n: torch.zeros(shape, dtype=dt) for n, (shape, dt) in kontext.items()})
         sizes[states] = len(encoded) / MIB
-    assert sizes[9] == pytest.approx(58.6, abs=0.05) and sizes[5] == pytest.approx(34.6, abs=0.05)
+    assert sizes[9] == pytest.approx(112.6, abs=0.05) and sizes[5] == pytest.approx(64.6, abs=0.05)
 
 
 def _flux_plan(flux, checkpointing: bool):
@@ -102,7 +102,7 @@ def test_fit_problems_name_the_setting_that_fixes_them(flux):
     assert "set learner.gradient_checkpointing=true" in problem
     problems = fit_problems(checkpointed, 32, 1)  # too small for the rollout worker too
     assert len(problems) == 2 and "rollout worker" in problems[0]
-    assert checkpointed.weight_version_bytes == 2 * 52_297_728
+    assert checkpointed.weight_version_bytes == 4 * 52_297_728  # float32, as trained
 
 
 def test_train_refuses_a_run_that_cannot_fit_before_anything_starts(tmp_path, capsys):
@@ -170,8 +170,8 @@ def test_the_anchor_passes_the_plan_counts_are_the_distinct_rows_the_update_samp
 def test_plan_says_where_the_payloads_wait_and_how_many_bytes(capsys):
     assert cli_main(["plan", "--config", FLUX_CONFIG]) == 0
     [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("payloads:")]
-    # 25 checkpoints' worth of 8 groups, 34.58 MiB each, as files on the runs volume
-    assert "= 200 training blobs (6.75 GiB)" in line
+    # 25 checkpoints' worth of 8 groups, 64.58 MiB each, as files on the runs volume
+    assert "= 200 training blobs (12.61 GiB)" in line
     assert "runs/flux-kontext-compbench/payloads (payload_store directory)" in line
     assert cli_main(["plan", "--set", "learner.checkpoint_every=3"]) == 0  # the tiny run (2 per step): Redis
     [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("payloads:")]

@@ -408,7 +408,7 @@ def test_update_epochs_move_the_ratio_off_one(tiny_editor_dir):
 def test_bf16_base_weights_train_a_float32_lora_in_checkpointed_micro_batches(tiny_editor_dir):
     """The FLUX-scale setting: bfloat16 base weights, float32 LoRA parameters, gradients and AdamW
     state, micro-batched rows with the anchor pass and gradient checkpointing; the base stays bf16 and
-    untouched, the LoRA moves, and publishing in the model dtype halves its bytes."""
+    untouched, the LoRA moves."""
     cfg = MethodConfig(group_size=4, num_steps=4, anchors=2, timesteps_per_anchor=2, background_anchor=1.0)
     torch.manual_seed(0)
     editor = load_editor(tiny_editor_dir, dtype="bfloat16")
@@ -420,7 +420,7 @@ def test_bf16_base_weights_train_a_float32_lora_in_checkpointed_micro_batches(ti
     assert params and {p.dtype for p in params} == {torch.float32}
     before = lora_state_dict(editor.transformer)
     groups = _two_scored_groups(editor, cfg)
-    assert groups[0].states.dtype == torch.bfloat16  # kept states in the model's dtype
+    assert groups[0].states.dtype == torch.float32  # the ODE state stays float32 (sampler.euler_step)
     optimizer = make_optimizer(editor.transformer, cfg)
     stats = rc_grpo_step(editor, optimizer, groups, cfg, torch.Generator().manual_seed(3), micro_batch_rows=3)
     assert stats.num_groups == 2 and math.isfinite(stats.loss) and stats.grad_norm > 0
@@ -432,9 +432,6 @@ def test_bf16_base_weights_train_a_float32_lora_in_checkpointed_micro_batches(ti
     for n, p in editor.transformer.named_parameters():
         if not p.requires_grad:
             assert p.dtype == torch.bfloat16 and torch.equal(p, base[n])
-    published = lora_state_dict(editor.transformer, dtype=editor.dtype)
-    assert {t.dtype for t in published.values()} == {torch.bfloat16}
-    assert sum(t.nbytes for t in published.values()) * 2 == sum(t.nbytes for t in after.values())
 
 
 def test_twenty_steps_on_the_shipped_editor_raise_region_adherence_on_fresh_seeds():
