@@ -132,7 +132,7 @@ def wait_ready(server: subprocess.Popen, url: str) -> None:
         except httpx.TransportError:
             pass
         if server.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the benchmark server at {url} did not become ready")
+            raise RuntimeError(f"the reward server at {url} did not become ready")
         time.sleep(0.1)
 
 

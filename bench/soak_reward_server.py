@@ -93,21 +93,6 @@ def start_server(workdir: Path) -> tuple[subprocess.Popen, str]:
     )
 
 
-def wait_ready(server: subprocess.Popen, url: str) -> None:
-    import httpx
-
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the reward server at {url} did not become ready")
-        time.sleep(0.1)
-
-
 async def soak(url: str, bodies: list[bytes], concurrency: int, duration_s: float) -> list[tuple]:
     """(finished at, latency s, status) of every request; status 0: the connection failed.
 
@@ -167,6 +152,8 @@ def main() -> int:
     parser.add_argument("--window", type=float, default=60.0, help="seconds per reported row")
     parser.add_argument("--groups", type=int, default=64, help="distinct request bodies")
     args = parser.parse_args()
+
+    from bench_reward_server import wait_ready  # this script's folder is on sys.path
 
     bodies = request_bodies(args.groups)
     workdir = Path(tempfile.mkdtemp(prefix="rcgrpo-soak-"))

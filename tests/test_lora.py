@@ -92,9 +92,33 @@ def test_state_dict_moves_the_adapter_between_editors(tiny_editor_dir, editor):
         load_lora_state_dict(small.transformer, state)
 
 
-def test_saved_lora_loads_into_a_stock_kontext_pipeline(tiny_editor_dir, editor, tmp_path):
+def _stock_edit(editor_dir, lora_dir, editor, source, instruction, initial, lora_steps=None):
+    """The edits of a stock FluxKontextPipeline with the saved LoRA (on `lora_steps` only, if given)."""
     from diffusers import FluxKontextPipeline
 
+    from rcgrpo.lora import lora_steps_callback
+
+    pipe = FluxKontextPipeline.from_pretrained(editor_dir, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(lora_dir)
+    pil = Image.fromarray((source[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    return pipe(
+        image=pil,
+        prompt=[instruction] * len(initial),
+        latents=editor.pack(initial),
+        num_inference_steps=4,
+        guidance_scale=2.5,
+        height=SIZE,
+        width=SIZE,
+        max_area=SIZE * SIZE,
+        _auto_resize=False,
+        max_sequence_length=editor.max_sequence_length,
+        output_type="pt",
+        callback_on_step_end=None if lora_steps is None else lora_steps_callback(pipe, lora_steps),
+    ).images
+
+
+def test_saved_lora_loads_into_a_stock_kontext_pipeline(tiny_editor_dir, editor, tmp_path):
     add_lora(editor.transformer)
     source, instruction, initial = _source(1), "turn the blue circle red", _latents(editor, 2, seed=5)
     cond = editor.encode_condition(source, [instruction], 2.5)
@@ -105,32 +129,12 @@ def test_saved_lora_loads_into_a_stock_kontext_pipeline(tiny_editor_dir, editor,
 
     save_lora(editor, tmp_path / "lora")
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").exists()
-    pipe = FluxKontextPipeline.from_pretrained(tiny_editor_dir, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(tmp_path / "lora")
-    pil = Image.fromarray((source[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-    stock = pipe(
-        image=pil,
-        prompt=[instruction] * 2,
-        latents=editor.pack(initial),
-        num_inference_steps=4,
-        guidance_scale=2.5,
-        height=SIZE,
-        width=SIZE,
-        max_area=SIZE * SIZE,
-        _auto_resize=False,
-        max_sequence_length=editor.max_sequence_length,
-        output_type="pt",
-    ).images
+    stock = _stock_edit(tiny_editor_dir, tmp_path / "lora", editor, source, instruction, initial)
     assert (stock - ours).abs().max().item() <= 1e-5
 
 
 def test_a_stock_pipeline_samples_with_the_lora_on_the_trained_steps_only(tiny_editor_dir, editor, tmp_path):
     """method.lora_steps "trained": the few lines of lora_steps_callback give plain diffusers the rollout's edit."""
-    from diffusers import FluxKontextPipeline
-
-    from rcgrpo.lora import lora_steps_callback
-
     add_lora(editor.transformer)
     source, instruction, initial = _source(1), "turn the blue circle red", _latents(editor, 2, seed=5)
     cond = editor.encode_condition(source, [instruction], 2.5)
@@ -140,22 +144,7 @@ def test_a_stock_pipeline_samples_with_the_lora_on_the_trained_steps_only(tiny_e
     assert (ours - everywhere).abs().max() > 1e-2
 
     save_lora(editor, tmp_path / "lora")
-    pipe = FluxKontextPipeline.from_pretrained(tiny_editor_dir, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(tmp_path / "lora")
-    pil = Image.fromarray((source[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-    stock = pipe(
-        image=pil,
-        prompt=[instruction] * 2,
-        latents=editor.pack(initial),
-        num_inference_steps=4,
-        guidance_scale=2.5,
-        height=SIZE,
-        width=SIZE,
-        max_area=SIZE * SIZE,
-        _auto_resize=False,
-        max_sequence_length=editor.max_sequence_length,
-        output_type="pt",
-        callback_on_step_end=lora_steps_callback(pipe, [2, 3]),
-    ).images
+    stock = _stock_edit(
+        tiny_editor_dir, tmp_path / "lora", editor, source, instruction, initial, lora_steps=[2, 3]
+    )
     assert (stock - ours).abs().max().item() <= 1e-5

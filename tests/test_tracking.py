@@ -9,20 +9,15 @@ import struct
 
 import pytest
 from PIL import Image
+from test_loop import FAST as LOOP_FAST
 
 import deploy.cli
 from services.config import load_run_config
 from services.tracking import REQUIREMENTS, check_backends, scalars
 
 FAST = [
-    "method.group_size=4",
-    "method.num_steps=4",
-    "method.anchors=2",
-    "method.timesteps_per_anchor=2",
-    "data.num_samples=8",
+    *LOOP_FAST,
     "rollout.num_workers=1",
-    "rollout.torch_threads=2",
-    "learner.torch_threads=2",
     "learner.total_steps=3",
     "eval.num_samples=2",
     "eval.grid_samples=2",
