@@ -334,7 +334,7 @@ def rc_grpo_step(
                     # pi_old: theta_old's one-step prediction is the anchor's stored x^(k)_{j+1}
                     stored_next = candidates_next[torch.arange(len(k), device=device), k]
                     old_log_probs = policy_log_probs(candidates_next, stored_next, weights, cfg.tau, scale)
-                    entropies.append(-(old_log_probs.exp() * old_log_probs).sum(dim=-1).cpu())
+                    entropies.append(-(old_log_probs.exp() * old_log_probs).sum(dim=-1))
                 # x_theta = x^(k)_j + (sigma_{j+1} - sigma_j) v_theta(x^(k)_j, sigma_j, c): the only term with gradient
                 x_theta = one_step_prediction(editor, x_j, sigma, sigma_next, cond)
                 log_probs = policy_log_probs(candidates_next, x_theta, weights, cfg.tau, scale)  # log pi_theta
@@ -349,7 +349,7 @@ def rc_grpo_step(
                         [x_refs[(i, int(a), int(t))] for i, a, t in zip(g_rows, k_host, j, strict=True)]
                     )
                     anchor = background_anchor_loss(x_theta, x_ref, sigma, sigma_next, background)
-                    update_anchor += anchor.detach().sum().item() / num_rows
+                    update_anchor += anchor.detach().sum() / num_rows
                 loss = surrogate if anchor is None else surrogate + cfg.background_anchor * anchor
                 if measuring:
                     # the group's surrogate and the anchor backward apart: what each adds to the gradient
@@ -364,18 +364,22 @@ def rc_grpo_step(
                         before = accumulated
                 else:
                     (loss.sum() / num_rows).backward()
-                update_loss += loss.detach().sum().item() / num_rows
-                update_surrogate += surrogate.detach().sum().item() / num_rows
-                ratios.append(ratio.detach().flatten().cpu())
-                log_ratios.append((log_probs - old_log_probs).detach().flatten().cpu())
+                # the diagnostics stay on the device: one sync per update, not per micro-batch
+                update_loss += loss.detach().sum() / num_rows
+                update_surrogate += surrogate.detach().sum() / num_rows
+                ratios.append(ratio.detach().flatten())
+                log_ratios.append((log_probs - old_log_probs).detach().flatten())
 
-        grad_norms.append(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item())
+        grad_norms.append(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         optimizer.step()
         losses.append(update_loss)
         surrogates.append(update_surrogate)
         anchor_terms.append(update_anchor if cfg.background_anchor > 0 else math.nan)
 
-    ratio, log_ratio, entropy = torch.cat(ratios), torch.cat(log_ratios), torch.cat(entropies)
+    ratio, log_ratio, entropy = (torch.cat(t).float().cpu() for t in (ratios, log_ratios, entropies))
+    losses, surrogates, anchor_terms, grad_norms = (
+        [float(v) for v in values] for values in (losses, surrogates, anchor_terms, grad_norms)
+    )
     deviation = (ratio - 1.0).abs()
     attribution = _gradient_attribution(group_grads, anchor_grad, signal, given) if diagnose else {}
     return StepStats(
