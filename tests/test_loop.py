@@ -199,7 +199,13 @@ def test_three_iteration_run_through_the_driver(tmp_path, redis_url, monkeypatch
     with Image.open(run_dir / "before_after.png") as grid:  # 2 rows of source | base | trained | target
         assert grid.format == "PNG" and grid.size == (4 * 128, 2 * (128 + 14))
     evaluation = json.loads((run_dir / "eval.json").read_text())
-    assert set(evaluation) == {"base", "trained", "change", "change_standard_error", "tasks", "samples"}
+    assert set(evaluation) == {
+        "base", "trained", "change", "change_standard_error", "tasks", "samples", "velocity_drift"
+    }  # fmt: skip
+    # the trained LoRA's drift at every grid step, inside and outside the mask: it moved the editor
+    drift = evaluation["velocity_drift"]
+    assert len(drift["inside"]) == len(drift["outside"]) == cfg.method.num_steps
+    assert drift["trained"] == cfg.method.train_steps and max(drift["inside"]) > 0
     assert summary["eval"] == {name: evaluation[name] for name in SUMMARY}
     for name in ("region_adherence", "background_psnr", "background_ssim"):
         assert math.isfinite(evaluation["base"][name]) and math.isfinite(evaluation["trained"][name])
