@@ -3,8 +3,9 @@ one returns no data: what a user opening the dashboard during a run would see as
 
     python scripts/check_grafana_panels.py --prometheus http://prometheus:9090 [--timeout 120]
 
-Grafana's interval variables become --rate-interval. Queries are retried until every one has data or
-the timeout passes (rates need two scrapes). Needs only httpx; scripts/compose-smoke.sh runs it inside
+Grafana's interval variables become --rate-interval; each query is a range query over --lookback (the
+dashboard's time range), as Grafana makes it. Queries are retried until every one has data or the
+timeout passes (rates need two scrapes). Needs only httpx; scripts/compose-smoke.sh runs it inside
 the cluster while a job trains, tests/test_observability.py against its own Prometheus.
 """
 
@@ -40,9 +41,13 @@ def panel_queries(dashboard: Path, rate_interval: str) -> list[tuple[str, str]]:
     return queries
 
 
-def series(prometheus: str, expr: str) -> int:
-    """How many series an instant query returns; a query Prometheus refuses is an error."""
-    reply = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr}, timeout=10).json()
+def series(prometheus: str, expr: str, lookback_s: float) -> int:
+    """How many series a range query over the last lookback_s returns, as Grafana asks for a panel over
+    its time range (a run that just ended still shows its curves; an instant query would find its
+    gauges stale); a query Prometheus refuses is an error."""
+    end = time.time()
+    params = {"query": expr, "start": end - lookback_s, "end": end, "step": 15}
+    reply = httpx.get(f"{prometheus}/api/v1/query_range", params=params, timeout=10).json()
     if reply["status"] != "success":
         raise SystemExit(f"FAIL: Prometheus refused {expr!r}: {reply.get('error', reply)}")
     return len(reply["data"]["result"])
@@ -54,11 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dashboard", type=Path, default=DASHBOARD, help=f"default: {DASHBOARD}")
     parser.add_argument("--rate-interval", default="1m", help="what $__rate_interval becomes (default 1m)")
     parser.add_argument("--timeout", type=float, default=120, help="seconds to wait for every panel's data")
+    parser.add_argument(
+        "--lookback", type=float, default=3600, help="the dashboard's time range in seconds (default: 1 h)"
+    )
     args = parser.parse_args(argv)
     queries = panel_queries(args.dashboard, args.rate_interval)
     deadline = time.monotonic() + args.timeout
     while True:  # two panels may share a title: queries are told apart by position
-        counts = [series(args.prometheus, expr) for _, expr in queries]
+        counts = [series(args.prometheus, expr, args.lookback) for _, expr in queries]
         if all(counts) or time.monotonic() > deadline:
             break
         time.sleep(2)
