@@ -60,19 +60,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate-interval", default="1m", help="what $__rate_interval becomes (default 1m)")
     parser.add_argument("--timeout", type=float, default=120, help="seconds to wait for every panel's data")
     parser.add_argument(
+        "--no-data-expected",
+        action="append",
+        default=[],
+        metavar="PANEL",
+        help="a panel title whose queries may be empty here, e.g. the batcher's batch size where no "
+        "model-based reward runs (reported, not failed)",
+    )
+    parser.add_argument(
         "--lookback", type=float, default=3600, help="the dashboard's time range in seconds (default: 1 h)"
     )
     args = parser.parse_args(argv)
     queries = panel_queries(args.dashboard, args.rate_interval)
+    expected = [f"panel {title!r}" for title in args.no_data_expected]
+    required = [not any(where.startswith(panel + " ") for panel in expected) for where, _ in queries]
     deadline = time.monotonic() + args.timeout
     while True:  # two panels may share a title: queries are told apart by position
         counts = [series(args.prometheus, expr, args.lookback) for _, expr in queries]
-        if all(counts) or time.monotonic() > deadline:
+        if all(c or not r for c, r in zip(counts, required, strict=True)) or time.monotonic() > deadline:
             break
         time.sleep(2)
     for (where, _), count in zip(queries, counts, strict=True):
         print(f"  {'data' if count else 'NO DATA'}: {where}: {count} series")
-    empty = [(where, expr) for (where, expr), count in zip(queries, counts, strict=True) if not count]
+    empty = [
+        (where, expr)
+        for (where, expr), count, needed in zip(queries, counts, required, strict=True)
+        if not count and needed
+    ]
     if empty:
         print(
             f"FAIL: {len(empty)} of {len(queries)} dashboard queries have no data after {args.timeout:g} s:"
