@@ -179,11 +179,18 @@ def _token_weights(groups: list[TrainGroup], g_rows: list[int], cfg: MethodConfi
     return torch.stack([groups[g].token_weights for g in g_rows]).to(device) if cfg.mask_aware else None
 
 
-def _measured_scales(groups: list[TrainGroup], position: list[dict[int, int]], rows: _Rows, cfg, device):
-    """c(k, j) of every row of an epoch, from stored states only (a constant of the update): (M,)."""
-    g_rows = rows.group.tolist()
-    candidates = _candidates_next(groups, position, g_rows, rows.step, device)
-    return neighbour_distance_scale(candidates, rows.anchor.to(device), _token_weights(groups, g_rows, cfg, device))
+def _measured_scales(
+    groups: list[TrainGroup], position: list[dict[int, int]], rows: _Rows, cfg, device, chunk: int
+) -> torch.Tensor:
+    """c(k, j) of every row of an epoch, from stored states only (a constant of the update): (M,).
+    `chunk` rows at a time, so the candidates on the device are no more than a micro-batch's."""
+    found = []
+    for start in range(0, len(rows.anchor), chunk):
+        g_rows = rows.group[start : start + chunk].tolist()
+        candidates = _candidates_next(groups, position, g_rows, rows.step[start : start + chunk], device)
+        anchors = rows.anchor[start : start + chunk].to(device)
+        found.append(neighbour_distance_scale(candidates, anchors, _token_weights(groups, g_rows, cfg, device)))
+    return torch.cat(found)
 
 
 def _distance_scales(measured: torch.Tensor, steps: torch.Tensor, cfg: MethodConfig) -> torch.Tensor | None:
@@ -304,7 +311,7 @@ def rc_grpo_step(
         with torch.no_grad():
             # c(k, j): the candidates' own distance scale at each row's step, always measured; the
             # distances are divided by it (or by its batch mean) as cfg.distance_scale says
-            measured = _measured_scales(groups, position, rows, cfg, device)
+            measured = _measured_scales(groups, position, rows, cfg, device, micro_batch_rows or num_rows)
             scales = _distance_scales(measured, rows.step, cfg)
         for i, c in zip(rows.step.tolist(), measured.tolist(), strict=True):
             scale_by_step.setdefault(i, []).append(c)
@@ -319,7 +326,7 @@ def rc_grpo_step(
             chunk = micro_batch_rows or len(of_group)
             for start in range(0, len(of_group), chunk):
                 index = of_group[start : start + chunk]
-                g_rows = rows.group[index].tolist()
+                g_rows = [g] * len(index)
                 k_host = rows.anchor[index]  # host copy for the lookups: no sync per row
                 k = k_host.to(device)
                 j = rows.step[index]
