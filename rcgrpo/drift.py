@@ -22,7 +22,7 @@ from rcgrpo.data.sample import EditSample
 from rcgrpo.editor import Editor
 from rcgrpo.lora import base_weights
 from rcgrpo.noise import latent_mask, token_background, token_weights
-from rcgrpo.sampler import euler_step
+from rcgrpo.sampler import rollout
 
 
 @torch.no_grad()
@@ -32,7 +32,6 @@ def velocity_drift(
     """Mean over `samples` of drift_in(j) and drift_out(j) for j = 0..T-1: {"inside": [...], "outside":
     [...], "trained": [j, ...]} (the grid indices the surrogate trains). One sample at a time, its
     initial noise seeded by (seed, its index)."""
-    lora_steps = cfg.lora_step_indices
     inside, outside = torch.zeros(cfg.num_steps), torch.zeros(cfg.num_steps)
     for n, sample in enumerate(samples):
         cond = editor.encode_condition(sample.source[None], [sample.instruction], cfg.guidance_scale)
@@ -42,17 +41,15 @@ def velocity_drift(
         w_out = token_background(sample.mask, (h, w)).to(editor.device)
         generator = torch.Generator().manual_seed(seed * 1_000_003 + n)
         noise = torch.randn(1, editor.latent_channels, h, w, generator=generator)
-        x = editor.pack(noise.to(editor.device, editor.dtype))
-        sigmas = editor.sigmas(cfg.num_steps, cond.height, cond.width).to(editor.device)
+        path = rollout(editor, cond, noise, cfg.num_steps, lora_steps=cfg.lora_step_indices, decode=False)
         for j in range(cfg.num_steps):
-            v_theta = editor.velocity(x, sigmas[j], cond)
+            x, sigma = path.states[j], path.sigmas[j].to(editor.device)
+            v_theta = editor.velocity(x, sigma, cond)
             with base_weights(editor.transformer):
-                v_ref = editor.velocity(x, sigmas[j], cond)
+                v_ref = editor.velocity(x, sigma, cond)
             per_token = (v_theta.float() - v_ref.float()).pow(2).mean(dim=-1)[0]  # (N,)
             inside[j] += (per_token * w_in).sum().item() / max(w_in.sum().item(), 1e-12)
             outside[j] += (per_token * w_out).sum().item() / max(w_out.sum().item(), 1e-12)
-            step_v = v_theta if lora_steps is None or j in lora_steps else v_ref
-            x = euler_step(x, step_v, sigmas[j], sigmas[j + 1])
     count = max(len(samples), 1)
     return {
         "inside": (inside / count).tolist(),
