@@ -108,7 +108,7 @@ class TrainProcess:
         )
         self.root = psutil.Process(self.process.pid)
         self.started: dict[int, psutil.Process] = {}
-        self.labels: dict[int, str] = {}  # pid -> its command line, read while it was alive
+        self.labels: dict[int, str] = {}  # pid -> its name and command line, read while it was alive
 
     def descendants(self) -> list[psutil.Process]:
         try:
@@ -117,7 +117,8 @@ class TrainProcess:
             found = []
         for process in found:
             try:  # read each time: a child between its fork and its exec still has its parent's
-                self.labels[process.pid] = " ".join(process.cmdline())[:80]
+                # the name first: a deep install path can push a binary's name past the cut
+                self.labels[process.pid] = f"{process.name()}: {' '.join(process.cmdline())[:80]}"
             except psutil.Error:
                 continue
             self.started.setdefault(process.pid, process)
