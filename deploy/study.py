@@ -32,8 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from rcgrpo.config import ConfigSection
 from services.config import CONFIGS_DIR, RunConfig, load_run_config, shipped_config
 
 DEFAULT_STUDY_CONFIG = CONFIGS_DIR / "study_tiny.yaml"
@@ -45,11 +46,7 @@ SCORING_THREADS = os.cpu_count() or 1
 log = logging.getLogger("rcgrpo.study")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class QuickSettings(_Section):
+class QuickSettings(ConfigSection):
     """What --quick changes: a smoke test of the whole study in about a minute."""
 
     seeds: int = Field(1, ge=1)
@@ -62,7 +59,7 @@ class QuickSettings(_Section):
     overrides: list[str] = Field(default_factory=list)  # on top of every run's
 
 
-class StudyConfig(_Section):
+class StudyConfig(ConfigSection):
     base: Path  # the base run config; relative paths are relative to the study file
     overrides: list[str] = Field(default_factory=list)  # applied to the base for every run
     seeds: int = Field(3, ge=1)

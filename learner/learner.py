@@ -254,7 +254,9 @@ class Learner:
             "zero_variance_ratio": flat.float().mean().item(),
             "noise_floor_groups": int(below_floor.sum()),
             # the part of the update's gradient that groups below the noise floor carry
-            "noise_gradient_share": sum(row["gradient_share"] for row in per_group if row["below_noise_floor"]),
+            "noise_gradient_share": sum(
+                row["gradient_share"] for row in per_group if row["below_noise_floor"]
+            ),
             "staleness_mean": sum(s for _, s in batch) / len(batch),
             "wait_seconds": started - waited,  # the learner idle, waiting for scored groups
             "update_seconds": updated - started,

@@ -4,70 +4,79 @@ ablation is a config change (RDP on/off, ACD weight, mask-aware distance, s_in/s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from typing import Literal
 
-DISTANCE_SCALES = ("none", "neighbours", "batch")
-LORA_STEPS = ("all", "trained")
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
-@dataclass
-class MethodConfig:
+class ConfigSection(BaseModel):
+    """The base of every config section of the project: an unknown field is an error, never ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MethodConfig(ConfigSection):
     # -- rollout (section 2) --
-    group_size: int = 8  # G candidates per group (paper: 12)
-    num_steps: int = 8  # Euler steps on the Kontext sigma grid (paper: 8-step DPM++)
+    group_size: int = Field(8, ge=2)  # G candidates per group (paper: 12)
+    num_steps: int = Field(8, ge=1)  # Euler steps on the Kontext sigma grid (paper: 8-step DPM++)
     guidance_scale: float = 2.5  # Kontext embedded guidance
     # -- RDP (section 3): s(u) = s_in m(u) + s_out (1 - m(u)) --
     rdp: bool = True  # False: global Neighbor-GRPO perturbation, s(u) = s_in everywhere
-    s_in: float = 0.3
-    s_out: float = 0.0  # background strength, 0 to 0.05
-    mask_dilation: int = 0  # latent pixels of max-pool dilation of the latent mask
-    mask_feather: float = 0.0  # std (latent pixels) of the Gaussian blur of the latent mask; 0 = hard
+    s_in: float = Field(0.3, ge=0, le=1)
+    s_out: float = Field(0.0, ge=0, le=1)  # background strength, 0 to 0.05
+    mask_dilation: int = Field(0, ge=0)  # latent pixels of max-pool dilation of the latent mask
+    mask_feather: float = Field(
+        0.0, ge=0
+    )  # std (latent pixels) of the Gaussian blur of the latent mask; 0 = hard
     # -- ACD (section 4) --
     acd_weight: float = 0.5  # lambda_ACD
     acd_layers: str = "double"  # "double" (all dual-stream blocks), "all", or comma-separated block names
     # -- surrogate (sections 2 and 5) --
-    anchors: int = 4  # B anchors sampled out of G
-    timesteps_per_anchor: int = 4  # K training timesteps per anchor
+    anchors: int = Field(4, ge=1)  # B anchors sampled out of G
+    timesteps_per_anchor: int = Field(4, ge=1)  # K training timesteps per anchor
     # where on the T-step grid the trained steps begin, as a fraction of T: the surrogate (and the
     # background anchor) train on steps j -> j+1 with j >= floor(train_steps_from T). 0 = every step;
     # 0.5 = the late, low-noise half, where the edit's detail is decided (the early half sets the layout,
     # and a LoRA trained there repaints the background: docs/EXPERIMENTS.md)
-    train_steps_from: float = 0.0
-    tau: float = 1.0  # softmax temperature on the per-element mean distance (divided by c, see below)
+    train_steps_from: float = Field(0.0, ge=0, lt=1)
+    tau: float = Field(
+        1.0, gt=0
+    )  # softmax temperature on the per-element mean distance (divided by c, see below)
     # c(k, j) that d_i is divided by before tau: "none" (c = 1, METHOD's plain form), "neighbours" (the
     # mean distance of the other candidates to the anchor at that step: tau relative to the group's own
     # spread), or "batch" (that distance averaged over the update's rows at the same grid index j: a
     # group whose candidates collapsed onto each other keeps a near-uniform pi and a small gradient
     # instead of one that grows like 1/sqrt(c))
-    distance_scale: str = "none"
+    distance_scale: Literal["none", "neighbours", "batch"] = "none"
     # where the LoRA acts when sampling (rollouts and evaluation): "all" grid steps, or only the
     # "trained" ones (train_steps_from's), so no step runs weights its surrogate never saw; plain
     # diffusers then needs the adapters switched on at those steps only (docs/METHOD.md)
-    lora_steps: str = "all"
+    lora_steps: Literal["all", "trained"] = "all"
     # optimiser steps per batch of groups, each on fresh anchors and steps, all against the same pi_old
     # (the rollout's policy): PPO's epochs. With 1 the ratio only leaves 1 through staleness.
-    update_epochs: int = 1
-    clip_eps: float = 0.2  # PPO clip epsilon
-    log_ratio_clamp: float = 10.0
+    update_epochs: int = Field(1, ge=1)
+    clip_eps: float = Field(0.2, gt=0)  # PPO clip epsilon
+    log_ratio_clamp: float = Field(10.0, gt=0)
     mask_aware: bool = True  # False: d_i is the plain mean over all tokens
     # beta_bg: weight of the background anchor, mean_{u outside the mask} ||v_theta(u) - v_ref(u)||^2 with
     # v_ref the base editor (LoRA off). RDP and the mask-aware distance give the background no gradient
     # at all, so nothing else stops a shared LoRA update from drifting it. 0 = off (docs/METHOD.md: no KL term).
-    background_anchor: float = 0.0
+    background_anchor: float = Field(0.0, ge=0)
     # -- advantages --
-    adv_p: float = 0.8  # Lp quasi-norm; 2 gives the z-score
-    adv_clip: float = 5.0
-    zero_std_eps: float = 1e-6  # groups whose reward std is below this are dropped
+    adv_p: float = Field(0.8, gt=0)  # Lp quasi-norm; 2 gives the z-score
+    adv_clip: float = Field(5.0, gt=0)
+    zero_std_eps: float = Field(1e-6, ge=0)  # groups whose reward std is below this are dropped
     # drop (no gradient) the groups whose instruction reward's within-group std is below the reward's
     # noise floor (the run's reward.noise_floor); they are counted per task kind either way
     drop_noise_groups: bool = False
     # sigma_min: the advantage norm is at least G^(1/p) sigma_min, so a group whose rewards differ by
     # less than sigma_min is not standardised up to the same weight as one with a real outcome spread
-    adv_std_floor: float = 0.0
+    adv_std_floor: float = Field(0.0, ge=0)
     # -- LoRA and optimiser --
-    lora_rank: int = 8  # paper scale: 32
-    lora_alpha: int = 16  # paper scale: 64
-    lora_targets: list[str] = field(
+    lora_rank: int = Field(8, ge=1)  # paper scale: 32
+    lora_alpha: int = Field(16, ge=1)  # paper scale: 64
+    lora_targets: list[str] = Field(
+        min_length=1,
         default_factory=lambda: [
             "to_q",
             "to_k",
@@ -77,45 +86,23 @@ class MethodConfig:
             "add_k_proj",
             "add_v_proj",
             "to_add_out",
-        ]
+        ],
     )
-    learning_rate: float = 1e-4  # paper at FLUX scale: 1e-5
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    learning_rate: float = Field(1e-4, gt=0)  # paper at FLUX scale: 1e-5
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
 
-    def __post_init__(self):
-        problems = []
-        if self.group_size < 2:
-            problems.append(f"group_size must be >= 2 (got {self.group_size})")
-        if not 1 <= self.anchors <= self.group_size:
-            problems.append(f"anchors must be in 1..group_size={self.group_size} (got {self.anchors})")
-        if not 0.0 <= self.train_steps_from < 1.0:
-            problems.append(f"train_steps_from must be in [0, 1) (got {self.train_steps_from})")
-        elif not 1 <= self.timesteps_per_anchor <= len(self.train_steps):
-            problems.append(
+    @model_validator(mode="after")
+    def _fits_the_grid(self):
+        if self.anchors > self.group_size:
+            raise ValueError(f"anchors must be in 1..group_size={self.group_size} (got {self.anchors})")
+        if self.timesteps_per_anchor > len(self.train_steps):
+            raise ValueError(
                 f"timesteps_per_anchor must be in 1..{len(self.train_steps)}, the steps trained "
                 f"(num_steps={self.num_steps}, train_steps_from={self.train_steps_from}; "
                 f"got {self.timesteps_per_anchor})"
             )
-        for name in ("s_in", "s_out"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                problems.append(f"{name} must be in [0, 1] (got {getattr(self, name)})")
-        if self.background_anchor < 0:
-            problems.append(f"background_anchor must be >= 0 (got {self.background_anchor})")
-        if self.distance_scale not in DISTANCE_SCALES:
-            problems.append(f"distance_scale must be one of {DISTANCE_SCALES} (got {self.distance_scale!r})")
-        if self.lora_steps not in LORA_STEPS:
-            problems.append(f"lora_steps must be one of {LORA_STEPS} (got {self.lora_steps!r})")
-        if self.update_epochs < 1:
-            problems.append(f"update_epochs must be >= 1 (got {self.update_epochs})")
-        if self.tau <= 0:
-            problems.append(f"tau must be > 0 (got {self.tau})")
-        if self.adv_std_floor < 0:
-            problems.append(f"adv_std_floor must be >= 0 (got {self.adv_std_floor})")
-        if not 0 < self.adv_p:
-            problems.append(f"adv_p must be > 0 (got {self.adv_p})")
-        if problems:
-            raise ValueError("invalid method config: " + "; ".join(problems))
+        return self
 
     @property
     def train_steps(self) -> list[int]:
@@ -126,9 +113,3 @@ class MethodConfig:
     def lora_step_indices(self) -> list[int] | None:
         """Grid indices j whose sampling step uses the LoRA; None: every step."""
         return None if self.lora_steps == "all" else self.train_steps
-
-    @classmethod
-    def check_fields(cls, values: dict) -> None:
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown method config field(s): {', '.join(unknown)}")

@@ -189,7 +189,9 @@ def _measured_scales(
         g_rows = rows.group[start : start + chunk].tolist()
         candidates = _candidates_next(groups, position, g_rows, rows.step[start : start + chunk], device)
         anchors = rows.anchor[start : start + chunk].to(device)
-        found.append(neighbour_distance_scale(candidates, anchors, _token_weights(groups, g_rows, cfg, device)))
+        found.append(
+            neighbour_distance_scale(candidates, anchors, _token_weights(groups, g_rows, cfg, device))
+        )
     return torch.cat(found)
 
 
@@ -212,7 +214,9 @@ def _distance_scales(measured: torch.Tensor, steps: torch.Tensor, cfg: MethodCon
 
 
 def _flat_grad(params: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in params])
+    return torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in params]
+    )
 
 
 def _sample_rows(groups: list[TrainGroup], cfg: MethodConfig, generator: torch.Generator) -> _Rows:
@@ -333,7 +337,9 @@ def rc_grpo_step(
                 x_j, sigma, sigma_next, cond = _row_inputs(
                     groups, position, g_rows, k_host, j, device
                 )  # x^(k)_j: (R, N, D)
-                candidates_next = _candidates_next(groups, position, g_rows, j, device)  # x^(i)_{j+1}: (R, G, N, D)
+                candidates_next = _candidates_next(
+                    groups, position, g_rows, j, device
+                )  # x^(i)_{j+1}: (R, G, N, D)
                 weights = _token_weights(groups, g_rows, cfg, device)
                 advantages = torch.stack([groups[i].advantages for i in g_rows]).to(device, torch.float32)
                 scale = None if scales is None else scales[index]
@@ -344,7 +350,9 @@ def rc_grpo_step(
                     entropies.append(-(old_log_probs.exp() * old_log_probs).sum(dim=-1))
                 # x_theta = x^(k)_j + (sigma_{j+1} - sigma_j) v_theta(x^(k)_j, sigma_j, c): the only term with gradient
                 x_theta = one_step_prediction(editor, x_j, sigma, sigma_next, cond)
-                log_probs = policy_log_probs(candidates_next, x_theta, weights, cfg.tau, scale)  # log pi_theta
+                log_probs = policy_log_probs(
+                    candidates_next, x_theta, weights, cfg.tau, scale
+                )  # log pi_theta
                 surrogate, ratio = clipped_surrogate_loss(
                     log_probs, old_log_probs, advantages, cfg.clip_eps, cfg.log_ratio_clamp
                 )

@@ -10,17 +10,14 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
 
+from rcgrpo.config import ConfigSection
 from services.schemas import MAX_ITEMS_PER_REQUEST, Composition
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class BatchingSettings(_Section):
+class BatchingSettings(ConfigSection):
     enabled: bool = True  # False: every model-based item runs alone (the benchmark's baseline)
     max_batch_size: int = Field(32, ge=1)  # N
     max_wait_ms: float = Field(5.0, ge=0)  # T: how long the first queued item waits for company
@@ -28,7 +25,7 @@ class BatchingSettings(_Section):
     retry_after_s: int = Field(1, ge=1)  # the Retry-After a full queue answers with
 
 
-class StreamSettings(_Section):
+class StreamSettings(ConfigSection):
     enabled: bool = False
     redis_url: str | None = None  # None: REDIS_URL, else an embedded redis-server
     rollouts: str = "rcgrpo:rollouts"  # stream of rollout-group records (services.record.RolloutGroup)
@@ -57,7 +54,7 @@ JUDGE_PROMPT = (
 PROMPT_FIELDS = ("instruction", "caption")
 
 
-class JudgeSettings(_Section):
+class JudgeSettings(ConfigSection):
     """An OpenAI-compatible chat-completions endpoint (vLLM, SGLang) used as the `vlm_judge` reward."""
 
     base_url: str = Field(min_length=1)  # up to /v1, e.g. http://vllm:8000/v1
@@ -107,7 +104,7 @@ class JudgeSettings(_Section):
         return self
 
 
-class RewardModelSettings(_Section):
+class RewardModelSettings(ConfigSection):
     """A local transformers image classifier used as the `reward_model` reward."""
 
     path: Path  # directory with the model (AutoModelForImageClassification) and its image processor

@@ -1,7 +1,8 @@
 """The run config: one YAML file (configs/*.yaml) that every component of a training run reads.
 
-Defaults here give the embedded tiny run (`rcgrpo train` with no arguments). `--set a.b=value`
-overrides any field; a bad field fails with a message that names it.
+`rcgrpo train` without --config runs the shipped configs/tiny_shapes.yaml (DEFAULT_RUN_CONFIG): that
+file, not the field defaults below, is the default run. The defaults are what any config file leaves
+unset. `--set a.b=value` overrides any field; a bad field fails with a message that names it.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 import rcgrpo
-from rcgrpo.config import MethodConfig
+from rcgrpo.config import ConfigSection, MethodConfig
 from rcgrpo.sampler import surrogate_state_indices
 from rcgrpo.tiny_editor import SHIPPED_EDITOR_DIR
 from services.schemas import ID_PATTERN, Composition
@@ -26,18 +27,14 @@ CONFIGS_DIR = Path(rcgrpo.__file__).parent / "configs"
 DEFAULT_RUN_CONFIG = CONFIGS_DIR / "tiny_shapes.yaml"
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DataConfig(_Section):
+class DataConfig(ConfigSection):
     source: str = "shapes"  # shapes | compbench:PATH | jsonl:PATH
     split: str = "train"
     num_samples: int = Field(512, ge=1)  # ShapesEdit samples generated for training
     seed: int = 0
 
 
-class RolloutConfig(_Section):
+class RolloutConfig(ConfigSection):
     num_workers: int = Field(2, ge=1)
     gpus_per_worker: float = Field(0.0, ge=0)  # 0 on CPU; 1 per worker for FLUX scale
     cpus_per_worker: float = Field(1.0, ge=0)  # Ray logical CPUs each rollout actor reserves
@@ -50,7 +47,7 @@ class RolloutConfig(_Section):
     metrics_port: int = Field(0, ge=0)  # first worker's Prometheus port (worker i: +i, e.g. 9101); 0 = off
 
 
-class RewardConfig(_Section):
+class RewardConfig(ConfigSection):
     url: str | None = None  # None: the driver starts a reward server on a loopback port
     # The run's external rewards and their weights w_j, sent with every group to whichever server scores
     # it (r_i = sum_j w_j r_ext,j + lambda_ACD R_ACD; lambda_ACD is method.acd_weight). The defaults are
@@ -96,7 +93,7 @@ class RewardConfig(_Section):
         return rewards
 
 
-class LearnerConfig(_Section):
+class LearnerConfig(ConfigSection):
     total_steps: int = Field(30, ge=1)
     groups_per_step: int = Field(2, ge=1)  # whole groups per optimiser step
     publish_every: int = Field(1, ge=1)  # publish a policy version every N updates
@@ -126,7 +123,7 @@ class LearnerConfig(_Section):
     weight_dir: Path | None = None  # None: <run dir>/weights
 
 
-class EvalConfig(_Section):
+class EvalConfig(ConfigSection):
     num_samples: int = Field(48, ge=0)  # held-out ShapesEdit samples for base vs trained (0: skip)
     split: str = "test"
     seed: int = 1234
@@ -136,7 +133,7 @@ class EvalConfig(_Section):
 TRACKING_BACKENDS = ("jsonl", "tensorboard", "wandb", "mlflow")
 
 
-class LoggingConfig(_Section):
+class LoggingConfig(ConfigSection):
     # where every step's scalars (those of metrics.jsonl), the evaluation's images and the resolved config
     # go, besides <run dir>/metrics.jsonl which is always written (services/tracking.py, docs/TRACKING.md)
     backends: list[Literal[TRACKING_BACKENDS]] = Field(default_factory=lambda: ["jsonl"])
@@ -152,7 +149,7 @@ class LoggingConfig(_Section):
         return list(dict.fromkeys(["jsonl", *backends]))
 
 
-class ModelCardConfig(_Section):
+class ModelCardConfig(ConfigSection):
     # the Hub id the card of lora/ names as base_model (e.g. black-forest-labs/FLUX.1-Kontext-dev);
     # None: the editor's path
     base_model: str | None = None
@@ -160,7 +157,7 @@ class ModelCardConfig(_Section):
     license_name: str | None = None
 
 
-class RunConfig(_Section):
+class RunConfig(ConfigSection):
     name: str = Field("tiny-shapes", max_length=64, pattern=ID_PATTERN)  # in every Redis key of the run
     editor: Path = SHIPPED_EDITOR_DIR
     dtype: str | None = None  # default: bfloat16 on CUDA, float32 on CPU
@@ -187,13 +184,6 @@ class RunConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     model_card: ModelCardConfig = Field(default_factory=ModelCardConfig)
-
-    @field_validator("method", mode="before")
-    @classmethod
-    def _method(cls, value):
-        if isinstance(value, dict):
-            MethodConfig.check_fields(value)  # pydantic then validates and converts each field
-        return value
 
     @model_validator(mode="after")
     def _kept_states_train(self):
@@ -305,8 +295,6 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple
             f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in error.errors()
         )
         raise ValueError(f"invalid run config: {problems}") from None
-    except (TypeError, ValueError) as error:  # MethodConfig's own checks
-        raise ValueError(f"invalid run config: method: {error}") from None
 
 
 def add_run_arguments(parser, redis_url: bool = True, default_config: Path | None = None) -> None:

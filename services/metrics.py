@@ -89,7 +89,9 @@ LEARNER_NOISE_GRADIENT_SHARE = Gauge(
     "Share of the last update's gradient carried by groups below the reward's noise floor",
 )
 LEARNER_GRADIENT_NORM = Gauge(
-    "rcgrpo_learner_gradient_norm", "Norm of a term's gradient in the last update (surrogate, anchor)", ["term"]
+    "rcgrpo_learner_gradient_norm",
+    "Norm of a term's gradient in the last update (surrogate, anchor)",
+    ["term"],
 )
 LEARNER_ANCHOR_SURROGATE_COSINE = Gauge(
     "rcgrpo_learner_anchor_surrogate_cosine",

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from rcgrpo.data.sample import EditSample
 from rcgrpo.editor import EditCondition
@@ -40,7 +40,7 @@ from services.codec import (
     encode_message,
     encode_tensors,
 )
-from services.schemas import ID_PATTERN, MAX_ITEMS_PER_REQUEST, MAX_TEXT_CHARS, Composition
+from services.schemas import ID_PATTERN, MAX_ITEMS_PER_REQUEST, MAX_TEXT_CHARS, Composition, StrictModel
 
 if TYPE_CHECKING:
     from rcgrpo.group import SampledGroup
@@ -63,11 +63,7 @@ class Task:
         return cls(**json.loads(raw))
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
-class GroupKey(_Strict):
+class GroupKey(StrictModel):
     """The identity of one rollout group: the run, the group (its task) and the policy version that
     sampled it. A task re-sampled by another policy version is another group."""
 
@@ -83,14 +79,14 @@ class GroupKey(_Strict):
         return f"{self.run}:{self.group_id}:v{self.policy_version}"
 
 
-class GroupScores(_Strict):
+class GroupScores(StrictModel):
     """What the scorer adds to a record."""
 
     scores: list[dict[str, float]] = Field(description="per candidate, every reward's sub-score")
     totals: list[float] = Field(description="per candidate, r_i composed from the group's rewards")
 
 
-class GroupMeta(_Strict):
+class GroupMeta(StrictModel):
     key: GroupKey
     # the sample's task (ShapesEdit edit kind or CompBench task): diagnostics are reported per task
     task: str = Field("", max_length=128)

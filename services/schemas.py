@@ -25,7 +25,9 @@ RewardName = Annotated[str, StringConstraints(min_length=1, max_length=64, patte
 Weight = Annotated[float, Field(ge=-MAX_WEIGHT, le=MAX_WEIGHT)]
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """The base of every wire schema: unknown fields and non-finite numbers are refused."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
@@ -33,13 +35,13 @@ class _Strict(BaseModel):
 # REST
 
 
-class Intrinsic(_Strict):
+class Intrinsic(StrictModel):
     """Scores the rollout computed itself and the server passes through with their weights."""
 
     acd: float | None = Field(None, ge=0.0, le=1.0, description="attention concentration R_ACD in [0,1]")
 
 
-class ScoreItem(_Strict):
+class ScoreItem(StrictModel):
     group_id: str = Field(min_length=1, max_length=128, pattern=ID_PATTERN)
     candidate_index: int = Field(ge=0, le=1_000_000, description="candidate index i within the group")
     policy_version: int = Field(
@@ -54,7 +56,7 @@ class ScoreItem(_Strict):
     intrinsic: Intrinsic | None = None
 
 
-class Composition(_Strict):
+class Composition(StrictModel):
     """How the sub-scores r_j become one total r_i.
 
     weighted_sum: r_i = sum_j w_j r_j.
@@ -81,7 +83,7 @@ class Composition(_Strict):
         return self
 
 
-class ScoreRequest(_Strict):
+class ScoreRequest(StrictModel):
     items: list[ScoreItem] = Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST)
     rewards: list[RewardName] | None = Field(
         None,

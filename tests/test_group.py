@@ -34,7 +34,7 @@ def sample():
 
 def test_the_group_follows_the_method_config(tiny_editor, sample):
     h, w = tiny_editor.latent_size(*sample.mask.shape)
-    soft = dataclasses.replace(CFG, mask_dilation=1, mask_feather=0.7)
+    soft = CFG.model_copy(update={"mask_dilation": 1, "mask_feather": 0.7})
     start = start_group(tiny_editor, soft, sample, noise_seed=5)
     assert torch.equal(start.mask_latent, latent_mask(sample.mask, (h, w), dilation=1, feather=0.7))
     assert start.initial_latents.shape == (CFG.group_size, tiny_editor.latent_channels, h, w)
@@ -57,7 +57,7 @@ def test_rdp_keeps_the_groups_background_closer_than_global_noise(tiny_editor, s
     background = (1 - sample.mask).bool()
     spread = {}
     for rdp in (True, False):
-        images = sample_group(tiny_editor, dataclasses.replace(CFG, rdp=rdp), sample, 0).rollout.images
+        images = sample_group(tiny_editor, CFG.model_copy(update={"rdp": rdp}), sample, 0).rollout.images
         spread[rdp] = images.std(dim=0)[:, background].mean().item()
     assert spread[True] < 0.5 * spread[False], spread
 

@@ -89,7 +89,9 @@ def test_with_lora_steps_trained_the_untrained_steps_run_the_base_editor(tiny_ed
     assert cfg.lora_step_indices == [2, 3]
     editor = _editor(tiny_editor_dir, cfg, lora_scale=0.05)
     cond = editor.encode_condition(SOURCE, ["make the square white"], cfg.guidance_scale)
-    noise = torch.randn(2, editor.latent_channels, SIZE // 4, SIZE // 4, generator=torch.Generator().manual_seed(5))
+    noise = torch.randn(
+        2, editor.latent_channels, SIZE // 4, SIZE // 4, generator=torch.Generator().manual_seed(5)
+    )
     gated = rollout(editor, cond, noise, cfg.num_steps, lora_steps=cfg.lora_step_indices)
     everywhere = rollout(editor, cond, noise, cfg.num_steps)
     with base_weights(editor.transformer):

@@ -81,7 +81,7 @@ def test_std_floor_scales_down_only_groups_with_less_spread():
     assert torch.allclose(group_advantages(at_floor, std_floor=0.05), group_advantages(at_floor), atol=1e-5)
     with pytest.raises(ValueError, match="std_floor"):
         group_advantages(rewards, std_floor=-1.0)
-    with pytest.raises(ValueError, match="adv_std_floor must be >= 0"):
+    with pytest.raises(ValueError, match=r"adv_std_floor\n  Input should be greater than or equal to 0"):
         MethodConfig(adv_std_floor=-0.1)
 
 

@@ -12,7 +12,6 @@ def add_arguments(parser):
 
 
 def main(args) -> int:
-    import dataclasses
 
     import torch
     from rich.console import Console
@@ -36,7 +35,7 @@ def main(args) -> int:
     groups = {}
     for name, rdp in (("RDP", True), ("global", False)):
         # the same seed: the same z* and d_i for both
-        group = sample_group(editor, dataclasses.replace(cfg, rdp=rdp), sample, noise_seed=args.seed)
+        group = sample_group(editor, cfg.model_copy(update={"rdp": rdp}), sample, noise_seed=args.seed)
         images = group.rollout.images
         spread = images.std(dim=0)[:, background].mean().item()
         groups[name] = images

@@ -66,7 +66,6 @@ def add_arguments(parser):
 
 
 def main(args) -> int:
-    from dataclasses import replace
 
     from rcgrpo.clip_scores import load_clip
     from rcgrpo.compbench import CompBenchMetrics
@@ -103,15 +102,14 @@ def main(args) -> int:
         from rcgrpo.editor import load_editor
         from rcgrpo.evaluate import generate_edits
 
-        cfg = MethodConfig()
+        sampling = {}
         if args.num_steps is not None:
-            cfg = replace(
-                cfg,
-                num_steps=args.num_steps,
-                timesteps_per_anchor=min(cfg.timesteps_per_anchor, args.num_steps),
-            )
+            # K may not exceed the grid: the training fields are validated even where only sampling reads them
+            k = MethodConfig.model_fields["timesteps_per_anchor"].default
+            sampling.update(num_steps=args.num_steps, timesteps_per_anchor=min(k, args.num_steps))
         if args.guidance_scale is not None:
-            cfg = replace(cfg, guidance_scale=args.guidance_scale)
+            sampling["guidance_scale"] = args.guidance_scale
+        cfg = MethodConfig(**sampling)
         editor = load_editor(args.editor, dtype=args.dtype, device=args.device)
         if args.lora:
             if not Path(args.lora).is_dir():
