@@ -13,7 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_run_arguments(parser)
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
-    parser.add_argument("--metrics-port", type=int, default=9100, help="Prometheus port (0: off)")
+    parser.add_argument(
+        "--metrics-port", type=int, help="Prometheus port, 0: off (default: the config's learner.metrics_port)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -22,6 +24,7 @@ def main(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg, redis_url = component_config(args, "learner")
-    learner = Learner(cfg, redis_url, resume=args.resume, metrics_port=args.metrics_port)
+    port = cfg.learner.metrics_port if args.metrics_port is None else args.metrics_port
+    learner = Learner(cfg, redis_url, resume=args.resume, metrics_port=port)
     learner.run_standalone()
     return 0

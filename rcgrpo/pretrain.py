@@ -17,15 +17,16 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
-from rcgrpo.config import MethodConfig
+from rcgrpo.config import ConfigSection, MethodConfig
 from rcgrpo.data.shapes import ShapesEditConfig, generate_shapes_edit
 from rcgrpo.editor import EditCondition, Editor
 from rcgrpo.noise import latent_mask, token_weights
@@ -37,50 +38,62 @@ from rcgrpo.tiny_editor import TinyEditorSpec, build_tiny_pipeline, save_editor
 SHIPPED_SPEC = TinyEditorSpec(
     num_layers=3, num_single_layers=3, num_attention_heads=6, attention_head_dim=16, axes_dims_rope=(4, 6, 6)
 )
-SIGMA_SAMPLINGS = ("uniform", "logit_normal")
 
 
-@dataclass
-class PretrainConfig:
-    spec: TinyEditorSpec = field(default_factory=lambda: SHIPPED_SPEC)
+class PretrainConfig(ConfigSection):
+    """What `rcgrpo pretrain` trains; its flags are these fields (--flow-steps is flow_steps)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    spec: TinyEditorSpec = Field(default_factory=lambda: SHIPPED_SPEC)
     seed: int = 0
-    image_size: int = 64
-    train_samples: int = 4000
-    # a trained editor directory whose VAE is reused (stage 1 skipped); None trains one
-    vae_from: str | None = None
-    # a trained editor directory to continue: its VAE, text encoders and transformer are the start (the
-    # VAE stage is skipped); a shipped editor is refined this way without repeating its training
-    init_from: str | None = None
-    vae_steps: int = 3000
-    vae_batch_size: int = 64
-    vae_learning_rate: float = 1e-3
-    kl_weight: float = 1e-6
-    flow_steps: int = 9000
-    flow_batch_size: int = 32
-    flow_learning_rate: float = 2e-3
-    # cosine learning-rate cycles with warm restarts (SGDR) of this many steps; 0: one cosine over all.
-    # The editor is saved at the end of every cycle, so a run can stop at any cycle's editor.
-    flow_cycle_steps: int = 1500
+    image_size: int = Field(64, ge=8)
+    train_samples: int = Field(4000, ge=1, description="ShapesEdit samples generated for training")
+    vae_from: str | None = Field(
+        None, description="reuse the VAE of this trained editor directory (skips the VAE stage)"
+    )
+    # a shipped editor is refined this way without repeating its training
+    init_from: str | None = Field(
+        None,
+        description="continue training this trained editor directory (its VAE, text encoders and transformer)",
+    )
+    vae_steps: int = Field(3000, ge=0)
+    vae_batch_size: int = Field(64, ge=1)
+    vae_learning_rate: float = Field(1e-3, gt=0)
+    kl_weight: float = Field(1e-6, ge=0)
+    flow_steps: int = Field(9000, ge=1)
+    flow_batch_size: int = Field(32, ge=1)
+    flow_learning_rate: float = Field(2e-3, gt=0)
+    # cosine cycles with warm restarts (SGDR), so a run can stop at any cycle's editor
+    flow_cycle_steps: int = Field(
+        1500,
+        ge=0,
+        description="steps per cosine learning-rate cycle; the editor is saved and scored after each (0: one cycle)",
+    )
     guidance_scale: float = 2.5
-    # extra weight of the edit region's tokens in the flow loss: the region is ~5% of an image, and
-    # without it the loss (and the capacity) goes to copying the background
-    edit_loss_weight: float = 2.0
-    # where sigma is drawn: "uniform" on [0, 1], or "logit_normal" (sigmoid of a standard normal), which
-    # spends the steps on the middle of the path where the edit is decided
-    sigma_sampling: str = "logit_normal"
-    # also train the CLIP and T5 text encoders with the flow loss (in eval mode: no dropout), at
-    # text_encoder_learning_rate; False keeps their features fixed
-    train_text_encoders: bool = False
-    text_encoder_learning_rate: float = 1e-3
-    device: str = "cpu"
+    # the region is ~5% of an image: without extra weight the loss (and the capacity) goes to copying the
+    # background
+    edit_loss_weight: float = Field(
+        2.0, ge=0, description="extra weight of the edit region's tokens in the flow loss"
+    )
+    # logit_normal (sigmoid of a standard normal) spends the steps on the middle of the path, where the
+    # edit is decided
+    sigma_sampling: Literal["uniform", "logit_normal"] = Field(
+        "logit_normal", description="where sigma is drawn: uniform on [0, 1] or logit_normal"
+    )
+    # trained in eval mode (no dropout); False keeps their random features, distinct per word but never
+    # shaped for the transformer to read
+    train_text_encoders: bool = Field(
+        False, description="also train the CLIP and T5 text encoders with the flow loss"
+    )
+    text_encoder_learning_rate: float = Field(1e-3, gt=0)
+    device: str = Field("cpu", description="cpu or cuda")
 
-    def __post_init__(self):
-        if self.sigma_sampling not in SIGMA_SAMPLINGS:
-            raise ValueError(f"sigma_sampling must be one of {SIGMA_SAMPLINGS} (got {self.sigma_sampling!r})")
+    @model_validator(mode="after")
+    def _one_start(self):
         if self.vae_from is not None and self.init_from is not None:
             raise ValueError("give vae_from or init_from, not both (init_from brings its own VAE)")
-        if self.flow_cycle_steps < 0 or self.flow_steps < 1:
-            raise ValueError("flow_steps must be >= 1 and flow_cycle_steps >= 0")
+        return self
 
 
 def _stack(samples, attribute: str) -> torch.Tensor:

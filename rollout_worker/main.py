@@ -12,7 +12,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_run_arguments(parser)
     parser.add_argument("--worker-id", default="worker-0", help="consumer name; unique per worker")
-    parser.add_argument("--metrics-port", type=int, default=9101, help="Prometheus port (0: off)")
+    parser.add_argument(
+        "--metrics-port", type=int, help="Prometheus port, 0: off (default: the config's rollout.metrics_port)"
+    )
     parser.add_argument("--max-tasks", type=int, help="exit after this many groups")
 
 
@@ -22,5 +24,6 @@ def main(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg, redis_url = component_config(args, "rollout worker")
-    RolloutWorker(cfg, redis_url, args.worker_id, args.metrics_port).run(max_tasks=args.max_tasks)
+    port = cfg.rollout.metrics_port if args.metrics_port is None else args.metrics_port
+    RolloutWorker(cfg, redis_url, args.worker_id, port).run(max_tasks=args.max_tasks)
     return 0

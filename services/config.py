@@ -7,12 +7,14 @@ unset. `--set a.b=value` overrides any field; a bad field fails with a message t
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
-from typing import Literal
+from types import UnionType
+from typing import Literal, get_args, get_origin
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 import rcgrpo
 from rcgrpo.config import ConfigSection, MethodConfig
@@ -326,3 +328,36 @@ def component_config(args, component: str) -> tuple[RunConfig, str]:
             f"--redis-url: a standalone {component} needs the run's Redis (set it, redis_url or REDIS_URL)"
         )
     return cfg, redis_url
+
+
+def add_section_arguments(
+    parser: argparse.ArgumentParser, section: type[BaseModel], names: list[str]
+) -> None:
+    """A flag per named field of a config section (flow_steps: --flow-steps), whose type, choices, default
+    and help are the field's: the CLI cannot drift from the config."""
+    for name in names:
+        info = section.model_fields[name]
+        flag = "--" + name.replace("_", "-")
+        kind = info.annotation
+        if get_origin(kind) is UnionType:  # `str | None`: the flag takes a str; absent, the default None
+            kind = next(arg for arg in get_args(kind) if arg is not type(None))
+        if kind is bool:
+            action = argparse.BooleanOptionalAction
+            parser.add_argument(flag, dest=name, action=action, default=info.default, help=info.description)
+        elif get_origin(kind) is Literal:
+            choices = get_args(kind)
+            parser.add_argument(flag, dest=name, choices=choices, default=info.default, help=info.description)
+        else:
+            parser.add_argument(flag, dest=name, type=kind, default=info.default, help=info.description)
+
+
+def section_from_arguments(section: type[BaseModel], args: argparse.Namespace, names: list[str]):
+    """The section with the named fields taken from parsed flags; a bad value names its flag."""
+    try:
+        return section(**{name: getattr(args, name) for name in names})
+    except ValidationError as error:
+        problems = "; ".join(
+            f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" if e["loc"] else e["msg"]
+            for e in error.errors()
+        )
+        raise ValueError(f"invalid {section.__name__}: {problems}") from None

@@ -30,3 +30,22 @@ def test_init_from_continues_the_given_editor_rather_than_a_fresh_one(tmp_path):
 def test_init_from_and_vae_from_are_exclusive():
     with pytest.raises(ValueError, match="vae_from or init_from"):
         PretrainConfig(init_from="a", vae_from="b")
+
+
+def test_the_pretrain_flags_are_the_config_fields_with_their_defaults():
+    import argparse
+
+    from deploy.commands.pretrain import FLAGS, add_arguments
+    from services.config import section_from_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--out", "x", "--flow-steps", "7", "--train-text-encoders", "--vae-from", "v"])
+    cfg = section_from_arguments(PretrainConfig, args, FLAGS)
+    assert (cfg.flow_steps, cfg.train_text_encoders, cfg.vae_from) == (7, True, "v")
+    assert (
+        cfg.model_copy(update={"flow_steps": 9000, "train_text_encoders": False, "vae_from": None})
+        == PretrainConfig()
+    )
+    with pytest.raises(ValueError, match="--flow-steps: Input should be greater than or equal to 1"):
+        section_from_arguments(PretrainConfig, parser.parse_args(["--out", "x", "--flow-steps", "0"]), FLAGS)
