@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from rcgrpo.rewards import DEFAULT_WEIGHTS
+
 
 class ConfigSection(BaseModel):
     """The base of every config section of the project: an unknown field is an error, never ignored."""
@@ -29,7 +31,7 @@ class MethodConfig(ConfigSection):
         0.0, ge=0
     )  # std (latent pixels) of the Gaussian blur of the latent mask; 0 = hard
     # -- ACD (section 4) --
-    acd_weight: float = 0.5  # lambda_ACD
+    acd_weight: float = Field(DEFAULT_WEIGHTS["acd"], ge=0)  # lambda_ACD
     acd_layers: str = "double"  # "double" (all dual-stream blocks), "all", or comma-separated block names
     # -- surrogate (sections 2 and 5) --
     anchors: int = Field(4, ge=1)  # B anchors sampled out of G

@@ -19,6 +19,13 @@ SSIM_KERNEL_SIZE = 11  # torchmetrics' StructuralSimilarityIndexMeasure defaults
 SSIM_SIGMA = 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 
+# The default rewards and their weights w_j in r_i = sum_j w_j r_j (acd's is lambda_ACD): what a run
+# config and a reward server that name no weights use, and the one place these numbers live. The
+# background terms are weighted low on purpose: under RDP a group's backgrounds differ only where
+# in-mask changes spill through the VAE decoder, so a heavy background term mostly rewards "edit less"
+# (docs/REWARDS.md). Every other registered reward is opt-in, at the weight its config gives it.
+DEFAULT_WEIGHTS = {"region_adherence": 1.0, "background_psnr": 0.02, "background_ssim": 0.2, "acd": 0.5}
+
 
 def _check_batch(images: dict[str, torch.Tensor], masks: torch.Tensor) -> None:
     """ValueError naming every shape unless all images are (B, 3, H, W) and masks (B, H, W)."""

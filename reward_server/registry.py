@@ -9,7 +9,6 @@ one score per item, and register it:
         "my_score",
         inputs=("edit", "source", "mask"),  # the item fields it reads; see INPUTS
         model=None,                        # or the name of a model in MODEL_LOADERS, e.g. "clip"
-        weight=1.0,                        # default weight in the weighted total
         description="what it measures, its range",
     )
     def my_score(batch: RewardBatch, models: dict) -> torch.Tensor:  # Tensor[B]
@@ -20,7 +19,8 @@ batch shared by several callers, only the offending item's caller). Any other ex
 reward could not be computed (a judge that timed out, a model that failed): the request fails with a
 503 naming the reward and the cause, and a stream group stays pending for a retry; a failed reward
 is never a number. Then serve the reward by naming
-it (with its weight) under `rewards:` in the server's YAML config. A reward with a `model` is
+it with its weight under `rewards:` in the server's YAML config (a reward has no weight of its own: the
+default rewards' weights are rcgrpo.rewards.DEFAULT_WEIGHTS, every other weight is a config's). A reward with a `model` is
 model-based: the server loads the model once at start-up from the directory given
 under `models:` and runs the reward in micro-batches across concurrent requests, off the event loop;
 other rewards run per request in a worker thread. A request can only choose among served rewards and
@@ -73,7 +73,6 @@ class Reward:
     fn: RewardFn
     inputs: tuple[str, ...]
     model: str | None
-    weight: float
     description: str
     batched: bool = True  # model-based rewards only: through the micro-batcher, else per request
     # (low, high): the scores that map to 0 and 1 in the gated composition (clamped); None: unbounded,
@@ -96,7 +95,6 @@ def register_reward(
     name: str,
     inputs: tuple[str, ...],
     model: str | None,
-    weight: float,
     description: str,
     batched: bool = True,
     unit_range: tuple[float, float] | None = None,
@@ -108,9 +106,7 @@ def register_reward(
         raise ValueError(f"reward {name!r} is already registered")
 
     def decorator(fn: RewardFn) -> RewardFn:
-        REWARDS[name] = Reward(
-            name, fn, tuple(inputs), model, float(weight), description, batched, unit_range
-        )
+        REWARDS[name] = Reward(name, fn, tuple(inputs), model, description, batched, unit_range)
         return fn
 
     return decorator
@@ -159,7 +155,6 @@ register_model("reward_model", _load_reward_model, settings_section="reward_mode
     "region_adherence",
     inputs=("edit", "target", "mask"),
     model=None,
-    weight=1.0,
     description="ShapesEdit verifiable score: agreement of the edit with the ground truth inside the mask, in [0,1]",
     unit_range=(0.0, 1.0),
 )
@@ -171,7 +166,6 @@ def region_adherence(batch: RewardBatch, models: dict) -> torch.Tensor:
     "background_psnr",
     inputs=("edit", "source", "mask"),
     model=None,
-    weight=0.02,
     description="PSNR (dB, data range 1) between edit and source outside the mask",
     unit_range=(10.0, 40.0),  # 10 dB: unrelated images; 40 dB: no visible difference
 )
@@ -183,7 +177,6 @@ def background_psnr(batch: RewardBatch, models: dict) -> torch.Tensor:
     "background_ssim",
     inputs=("edit", "source", "mask"),
     model=None,
-    weight=1.0,
     description="SSIM between edit and source outside the mask, in [-1,1]",
     unit_range=(0.0, 1.0),
 )
@@ -195,7 +188,6 @@ def background_ssim(batch: RewardBatch, models: dict) -> torch.Tensor:
     "lc_t",
     inputs=("edit", "mask", "caption"),
     model="clip",
-    weight=0.01,
     description="local CLIP text score (LC-T): 100 * max(cos, 0) of the mask's box in the edit vs the caption",
     unit_range=(0.0, 100.0),
 )
@@ -207,7 +199,6 @@ def lc_t(batch: RewardBatch, models: dict) -> torch.Tensor:
     "lc_i",
     inputs=("edit", "target", "mask"),
     model="clip",
-    weight=1.0,
     description="local CLIP image score (LC-I): cosine of CLIP embeddings of the mask's box in edit and ground truth",
     unit_range=(0.0, 1.0),
 )
@@ -219,7 +210,6 @@ def lc_i(batch: RewardBatch, models: dict) -> torch.Tensor:
     "acd",
     inputs=("acd",),
     model=None,
-    weight=0.5,
     description="attention concentration R_ACD in [0,1], computed by the rollout and passed through (lambda_ACD)",
     unit_range=(0.0, 1.0),
 )
@@ -231,7 +221,6 @@ def acd(batch: RewardBatch, models: dict) -> torch.Tensor:
     "vlm_judge",
     inputs=("edit", "source", "mask", "instruction", "caption"),
     model="judge",
-    weight=1.0,
     description="a vision-language judge over an OpenAI-compatible /v1/chat/completions endpoint (settings "
     "`judge:`): its parsed score mapped onto [0,1]",
     batched=False,
@@ -245,7 +234,6 @@ def vlm_judge(batch: RewardBatch, models: dict) -> torch.Tensor:
     "reward_model",
     inputs=("edit",),
     model="reward_model",
-    weight=1.0,
     description="a local transformers image reward model (settings `reward_model:`): its logit for the edit",
 )
 def reward_model(batch: RewardBatch, models: dict) -> torch.Tensor:
@@ -256,7 +244,6 @@ def reward_model(batch: RewardBatch, models: dict) -> torch.Tensor:
     "no_edit",
     inputs=("edit", "source", "mask"),
     model=None,
-    weight=0.0,
     description="hacking detector: 1 if the edit region is unchanged from the source (in-mask RMS change "
     f"< {rewards.NO_EDIT_TOLERANCE}), else 0",
     unit_range=(0.0, 1.0),
@@ -269,7 +256,6 @@ def no_edit(batch: RewardBatch, models: dict) -> torch.Tensor:
     "repainted",
     inputs=("edit", "source", "mask"),
     model=None,
-    weight=0.0,
     description="hacking detector: 1 if the background changed (RMS change outside the mask "
     f"> {rewards.REPAINT_TOLERANCE}), else 0",
     unit_range=(0.0, 1.0),

@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
 
 from rcgrpo.config import ConfigSection
+from rcgrpo.rewards import DEFAULT_WEIGHTS
 from services.schemas import MAX_ITEMS_PER_REQUEST, Composition
 
 
@@ -127,10 +128,11 @@ class RewardServerSettings(BaseSettings):
     token: SecretStr | None = None
     token_file: Path | None = None
     insecure_no_auth: bool = False  # local development only
-    # The rewards this server serves and their default weights for REST requests that give none
-    # (names from reward_server.registry). Stream groups carry their run's weights.
+    # The rewards this server serves and their weights for REST requests that give none (names from
+    # reward_server.registry). Stream groups carry their run's weights. By default the default rewards
+    # but region_adherence, which needs a ground-truth target a REST caller may not have.
     rewards: dict[str, float] = Field(
-        default_factory=lambda: {"background_psnr": 0.02, "background_ssim": 1.0, "acd": 0.5}
+        default_factory=lambda: {name: w for name, w in DEFAULT_WEIGHTS.items() if name != "region_adherence"}
     )
     # how sub-scores become the total for REST requests that give none (stream groups carry their run's)
     composition: Composition = Field(default_factory=Composition)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 import rcgrpo
 from rcgrpo.config import ConfigSection, MethodConfig
+from rcgrpo.rewards import DEFAULT_WEIGHTS
 from rcgrpo.sampler import surrogate_state_indices
 from rcgrpo.tiny_editor import SHIPPED_EDITOR_DIR
 from services.schemas import ID_PATTERN, Composition
@@ -52,14 +53,10 @@ class RolloutConfig(ConfigSection):
 class RewardConfig(ConfigSection):
     url: str | None = None  # None: the driver starts a reward server on a loopback port
     # The run's external rewards and their weights w_j, sent with every group to whichever server scores
-    # it (r_i = sum_j w_j r_ext,j + lambda_ACD R_ACD; lambda_ACD is method.acd_weight). The defaults are
-    # the tiny run's. The background terms are weighted low on purpose: under RDP the group's
-    # backgrounds differ only where in-mask changes spill through the VAE decoder, so a background term
-    # mostly rewards "edit less" (at 0.25 per dB RL raised PSNR and lowered adherence); at these weights
-    # region adherence carries ~80% of the within-group variance. The background is held by
-    # method.background_anchor instead.
+    # it (r_i = sum_j w_j r_ext,j + lambda_ACD R_ACD; lambda_ACD is method.acd_weight). The background
+    # is held by method.background_anchor, so the background terms' default weights are low.
     rewards: dict[str, float] = Field(
-        default_factory=lambda: {"region_adherence": 1.0, "background_psnr": 0.02, "background_ssim": 0.2}
+        default_factory=lambda: {name: w for name, w in DEFAULT_WEIGHTS.items() if name != "acd"}
     )
     # the rewards that measure following the instruction (the rest preserve or are intrinsic): what the
     # learner's diagnostics compare the advantages with

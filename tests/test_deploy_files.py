@@ -745,3 +745,19 @@ def test_k8s_reward_server_config_loads_and_serves_the_runs_rewards(tmp_path):
         assert name in settings.rewards, f"the run asks for {name!r}, which the server does not serve"
         model = REWARDS[name].model
         assert model is None or model in settings.models, f"{name} needs model {model!r}"
+
+
+def test_the_default_reward_weights_live_in_one_place():
+    from rcgrpo.config import MethodConfig
+    from rcgrpo.rewards import DEFAULT_WEIGHTS
+    from reward_server.registry import REWARDS
+    from reward_server.settings import RewardServerSettings, load_settings
+    from services.config import RewardConfig
+
+    assert set(DEFAULT_WEIGHTS) <= set(REWARDS)
+    assert {**RewardConfig().rewards, "acd": MethodConfig().acd_weight} == DEFAULT_WEIGHTS
+    served = RewardServerSettings(insecure_no_auth=True).rewards
+    assert served == {name: w for name, w in DEFAULT_WEIGHTS.items() if name != "region_adherence"}
+    shipped = load_settings(REPO / "configs" / "reward_server.yaml", insecure_no_auth=True).rewards
+    assert shipped == DEFAULT_WEIGHTS  # the shipped server file spells the defaults out
+    assert "weight=" not in (REPO / "README.md").read_text()  # a registered reward has no weight of its own
