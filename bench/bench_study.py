@@ -25,10 +25,11 @@ import ray
 import torch
 
 from deploy.driver import init_ray, run
-from deploy.study import DEFAULT_STUDY_CONFIG, load_study, machine
+from rcgrpo.data.loading import load_samples
 from rcgrpo.editor import load_editor
-from rcgrpo.evaluate import evaluate, load_samples
+from rcgrpo.evaluate import evaluate
 from services.redis_server import EmbeddedRedis
+from study.harness import DEFAULT_STUDY_CONFIG, load_study, machine
 
 
 def main() -> None:

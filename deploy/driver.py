@@ -359,8 +359,8 @@ def check_served_rewards(cfg: RunConfig, client: RewardClient) -> None:
 
 def check_before_start(cfg: RunConfig) -> None:
     """Refuse, in seconds and before any service starts, what can be checked without them."""
+    from rcgrpo.data.loading import parse_data_spec
     from rcgrpo.editor import check_editor_dir
-    from rcgrpo.evaluate import parse_data_spec
     from services.tracking import check_backends
 
     try:

@@ -10,12 +10,12 @@ import torch
 from rich.table import Table
 
 from deploy.report import save_before_after
+from rcgrpo.data.loading import load_samples
 from rcgrpo.drift import velocity_drift
 from rcgrpo.editor import load_editor
-from rcgrpo.evaluate import evaluate, load_samples
+from rcgrpo.evaluate import HEADLINE, evaluate
 from services.config import RunConfig
 
-HEADLINE = ("region_adherence", "background_psnr", "background_ssim")
 # what the run's summary.json keeps of eval.json (which also holds per-task means and per-sample rows)
 SUMMARY = ("base", "trained", "change", "change_standard_error")
 DRIFT_SAMPLES = 16  # held-out samples the velocity drift is measured on

@@ -27,7 +27,7 @@ import torch
 
 from rcgrpo.clip_scores import mask_bbox
 from reward_server.metrics import RewardServerMetrics
-from reward_server.registry import RewardBatch
+from reward_server.reward_batch import RewardBatch
 from reward_server.settings import JudgeSettings
 from services.codec import encode_image, encode_mask
 

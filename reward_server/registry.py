@@ -44,24 +44,12 @@ from dataclasses import dataclass
 import torch
 
 from rcgrpo import rewards
+from reward_server.reward_batch import RewardBatch
 
 # Item fields a reward may read. edit, source, mask, instruction and caption are always present (the
 # texts may be empty); target and acd are optional and a reward that needs them rejects items without.
 INPUTS = ("edit", "source", "mask", "instruction", "caption", "target", "acd")
 OPTIONAL_INPUTS = ("target", "acd")
-
-
-@dataclass
-class RewardBatch:
-    """B items of one image size: edits, sources, targets (B,3,H,W) in [0,1], masks (B,H,W) in [0,1]."""
-
-    edits: torch.Tensor
-    sources: torch.Tensor
-    masks: torch.Tensor
-    instructions: list[str]
-    captions: list[str]
-    targets: torch.Tensor | None = None
-    acd: torch.Tensor | None = None  # (B,) precomputed R_ACD
 
 
 RewardFn = Callable[[RewardBatch, dict], torch.Tensor]

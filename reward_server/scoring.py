@@ -32,8 +32,8 @@ from reward_server.registry import (
     OPTIONAL_INPUTS,
     REWARDS,
     Reward,
-    RewardBatch,
 )
+from reward_server.reward_batch import RewardBatch
 from reward_server.settings import RewardServerSettings
 from services.codec import CodecError, decode_image, decode_mask
 from services.record import RolloutGroup

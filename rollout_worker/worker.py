@@ -11,7 +11,7 @@ import time
 import redis
 import torch
 
-from rcgrpo.evaluate import load_samples
+from rcgrpo.data.loading import load_samples
 from rcgrpo.group import sample_group
 from rcgrpo.lora import load_lora_state_dict
 from services import metrics

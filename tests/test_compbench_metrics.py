@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from rcgrpo import compbench
+from rcgrpo import compbench_metrics
 from rcgrpo.clip_scores import build_tiny_clip, crop_to_mask, load_clip, mask_bbox
-from rcgrpo.compbench import CompBenchMetrics, group_means, mean3, round3, task_means
+from rcgrpo.compbench_metrics import CompBenchMetrics, group_means, mean3, round3, task_means
 
 # With the tiny CLIP (seed 0), this caption's embedding has a positive cosine with the random crops
 # below and this one a negative cosine, so LC-T is exercised both above and at its clamp.
@@ -210,12 +210,12 @@ def test_load_clip_refuses_what_is_not_a_local_clip_directory(tmp_path):
 
 
 def test_lpips_without_torchvision_is_reported_missing_once(caplog, monkeypatch):
-    if compbench.importlib.util.find_spec("torchvision") is not None:
+    if compbench_metrics.importlib.util.find_spec("torchvision") is not None:
         pytest.skip("torchvision is installed here")
-    monkeypatch.setattr(compbench, "_reported_missing", set())
-    with caplog.at_level(logging.WARNING, logger="rcgrpo.compbench"):
-        assert compbench.load_lpips() is None
-        assert compbench.load_lpips() is None
+    monkeypatch.setattr(compbench_metrics, "_reported_missing", set())
+    with caplog.at_level(logging.WARNING, logger="rcgrpo.compbench_metrics"):
+        assert compbench_metrics.load_lpips() is None
+        assert compbench_metrics.load_lpips() is None
     warnings = [r for r in caplog.records if "LPIPS" in r.getMessage()]
     assert len(warnings) == 1 and "torchvision" in warnings[0].getMessage()
     assert "torchvision" in CompBenchMetrics(None).missing["LPIPS"]

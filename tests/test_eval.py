@@ -10,7 +10,7 @@ from PIL import Image
 from deploy import cli
 from rcgrpo import rewards
 from rcgrpo.clip_scores import build_tiny_clip, load_clip, to_uint8
-from rcgrpo.compbench import CompBenchMetrics, task_means
+from rcgrpo.compbench_metrics import CompBenchMetrics, task_means
 from rcgrpo.config import MethodConfig
 from rcgrpo.data.shapes import generate_shapes_edit
 from rcgrpo.evaluate import evaluate, generate_edits, quantize, sample_seed, save_grid

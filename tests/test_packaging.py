@@ -23,8 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deploy.study import load_study
 from services.config import CONFIGS_DIR, load_run_config, shipped_config
+from study.harness import load_study
 
 REPO = Path(__file__).resolve().parents[1]
 # the checkout's own (editable) install: pyproject's version and requirements
@@ -110,7 +110,7 @@ def test_the_installed_package_has_its_version_configs_editor_and_code_outside_t
     version = _run([bin_dir / "rcgrpo", "--version"], timeout=120, cwd=empty_dir, env=env).stdout
     assert version.strip() == f"rcgrpo {VERSION}"
     probe = (
-        "import json, deploy.cli, services.schemas, rcgrpo.tiny_editor as t, services.config as c, deploy.study as s;"
+        "import json, deploy.cli, services.schemas, rcgrpo.tiny_editor as t, services.config as c, study.harness as s;"
         "print(json.dumps([deploy.cli.__file__, services.schemas.__file__, str(t.SHIPPED_EDITOR_DIR), "
         "str(c.DEFAULT_RUN_CONFIG), str(s.DEFAULT_STUDY_CONFIG), c.load_run_config(c.DEFAULT_RUN_CONFIG).name]))"
     )

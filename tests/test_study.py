@@ -17,9 +17,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from deploy import study_analysis as analysis
-from deploy.study import DEFAULT_STUDY_CONFIG, load_study
 from services.schemas import ID_PATTERN
+from study import analysis
+from study.harness import DEFAULT_STUDY_CONFIG, load_study
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 WINDOW = (1400, 2400)

@@ -440,7 +440,7 @@ def test_twenty_steps_on_the_shipped_editor_raise_region_adherence_on_fresh_seed
     instruction reward, region adherence to the ground truth, on one ShapesEdit recolour edit: the
     policy moves (the ratio leaves 1) and the edit gets better on noise seeds never trained on.
     Measured: adherence 0.101 -> 0.265, up on 16 of 16 fresh seeds."""
-    from rcgrpo.evaluate import load_samples
+    from rcgrpo.data.loading import load_samples
     from rcgrpo.group import sample_group
     from rcgrpo.rewards import region_adherence
     from rcgrpo.tiny_editor import SHIPPED_EDITOR_DIR

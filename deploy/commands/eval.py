@@ -68,10 +68,10 @@ def add_arguments(parser):
 def main(args) -> int:
 
     from rcgrpo.clip_scores import load_clip
-    from rcgrpo.compbench import CompBenchMetrics
+    from rcgrpo.compbench_metrics import CompBenchMetrics
     from rcgrpo.config import MethodConfig
+    from rcgrpo.data.loading import load_samples
     from rcgrpo.evaluate import (
-        load_samples,
         read_results_layout,
         save_grid,
         score_edits,

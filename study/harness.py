@@ -1,5 +1,5 @@
 """`rcgrpo study`: RC-GRPO against Neighbor GRPO and every ablation, at equal compute, on the same tasks
-and held-out set, with several seeds; then the report (deploy/study_report.py).
+and held-out set, with several seeds; then the report (study/report.py).
 
 A study config (configs/study_tiny.yaml) names one base run config and the variants as `--set`-style
 overrides of it. Every (variant, seed) is a real `rcgrpo train` run (deploy.driver.run), one after the
@@ -274,9 +274,8 @@ def _score(
     editor, samples, cfg: RunConfig, eval_cfg: RunConfig, grid: int, grid_dir: Path | None
 ) -> list[dict]:
     """Held-out rows: the ShapesEdit metrics, and CompBench's LPIPS where its weights are present."""
-    from deploy.evaluation import HEADLINE
-    from rcgrpo.compbench import CompBenchMetrics, lpips_unavailable_reason
-    from rcgrpo.evaluate import evaluate
+    from rcgrpo.compbench_metrics import CompBenchMetrics, lpips_unavailable_reason
+    from rcgrpo.evaluate import HEADLINE, evaluate
 
     lpips = lpips_unavailable_reason() is None
     result = evaluate(
@@ -365,9 +364,9 @@ def run_study(study: Study, command: str) -> dict:
     from rich.console import Console
 
     from deploy.driver import init_ray, run
-    from deploy.study_report import write_report
-    from rcgrpo.evaluate import load_samples
+    from rcgrpo.data.loading import load_samples
     from services.redis_server import EmbeddedRedis
+    from study.report import write_report
 
     console = Console()
     started = time.perf_counter()

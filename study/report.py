@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from deploy import study_analysis as analysis
+from study import analysis
 
 PALETTE = (
     (31, 119, 180),
@@ -233,7 +233,7 @@ def _ci(entry: dict, digits: int = 4) -> str:
 
 
 def write_report(study, runs: list[dict], meta: dict, samples, console) -> dict:
-    """Compute every number (deploy/study_analysis.py), draw the figures, write study.json and
+    """Compute every number (study/analysis.py), draw the figures, write study.json and
     report.html under the study directory; returns their paths."""
     out = study.out
     figures = out / "figures"

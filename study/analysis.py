@@ -1,4 +1,4 @@
-"""The numbers of a study (deploy/study.py): outcome and mechanism measures of every variant.
+"""The numbers of a study (study/harness.py): outcome and mechanism measures of every variant.
 
 Outcome: the change from the base editor of each held-out metric, per sample (paired: same sample,
 same initial noise), averaged over seeds and samples, at every scored step; 95% intervals from a
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deploy.evaluation import HEADLINE
+from rcgrpo.evaluate import HEADLINE
 from services.config import load_run_config
 
 ADHERENCE, PSNR = "region_adherence", "background_psnr"
