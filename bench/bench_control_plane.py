@@ -134,7 +134,7 @@ class Sim:
         bus, version = self.bus, self.policy_version
         task = Task.from_fields(entry.fields)
         key = GroupKey(run=bus.cfg.name, group_id=task.group_id, policy_version=version)
-        done_key, result = bus.task_done_key(task.group_id), bus.rollouts.name
+        done_key, result = bus.keys.task_done(task.group_id), bus.rollouts.name
 
         def fields(train, refs) -> dict:
             message = Message(
@@ -183,7 +183,7 @@ class Sim:
 
     def reward_complete(self, groups) -> None:
         bus, stream = self.bus, self.bus.rollouts
-        done_key = lambda g: bus.cfg.key(f"reward:done:{g.meta.key.id}")  # noqa: E731
+        done_key = lambda g: bus.keys.reward_done(g.meta.key.id)  # noqa: E731
         if self.per_item:
             for _, group in groups:
                 bus.client.exists(done_key(group))
@@ -237,7 +237,7 @@ class Sim:
         if self.per_item:
             for stream in self.bus.streams().values():
                 stream.length(), stream.pending_count(), stream.dead_letter_length()
-            self.bus.client.set(self.bus.cfg.key("learner:last"), json.dumps(stats))
+            self.bus.client.set(self.bus.keys.learner_stats, json.dumps(stats))
         else:
             self.bus.observe(learner_stats=stats)
 

@@ -103,7 +103,7 @@ def components(config: Path, iterations: int, runs_dir: Path) -> tuple[list[dict
         # scoring does not overlap the rollouts (the worker's own rollouts stream has no reader here)
         settings = reward_server_settings(cfg, server.url, port=0)
         del settings["host"], settings["port"]
-        scoring_stream = cfg.key("rollouts:bench-scoring")
+        scoring_stream = cfg.keys.key("rollouts:bench-scoring")
         settings["stream"] |= {"rollouts": scoring_stream, "block_ms": 50}
         with serve_in_thread(create_app(RewardServerSettings(token=token, **settings))) as url:
             RewardClient(url, token=token).wait_ready(timeout_s=120)

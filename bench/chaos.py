@@ -199,7 +199,9 @@ def run_redis_client(train: TrainProcess):
 def corrupt_next_lora(train: TrainProcess, timeout_s: float = 120.0) -> str:
     """Wait for the next published policy version and flip the last byte of its blob."""
     client = run_redis_client(train)
-    namespace = f"rcgrpo:{RUN_NAME}:lora"
+    from services.keys import RunKeys
+
+    namespace = RunKeys(RUN_NAME).lora
     first = int(client.get(f"{namespace}:latest"))
     deadline = time.monotonic() + timeout_s
     while (latest := int(client.get(f"{namespace}:latest"))) == first:

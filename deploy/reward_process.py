@@ -12,8 +12,8 @@ from pathlib import Path
 import yaml
 
 from services.auth import TOKEN_ENV, new_token
-from services.bus import ROLLOUTS_GROUP
 from services.config import RunConfig
+from services.keys import ROLLOUTS_GROUP
 from services.reward_client import RewardClient
 
 
@@ -33,11 +33,11 @@ def reward_server_settings(cfg: RunConfig, redis_url: str, port: int) -> dict:
         "stream": {
             "enabled": True,
             "redis_url": redis_url,
-            "rollouts": cfg.key("rollouts"),
-            "scored": cfg.key("scored"),
+            "rollouts": cfg.keys.rollouts,
+            "scored": cfg.keys.scored,
             "group": ROLLOUTS_GROUP,
-            "namespace": cfg.key("reward"),
-            "blob_prefix": cfg.key("blob:"),
+            "namespace": cfg.keys.reward_namespace,
+            "blob_prefix": cfg.keys.blob_prefix,
             "payload_dir": str(cfg.payload_path) if cfg.payload_store == "directory" else None,
             # the only consumer: what it left pending is its own, dead with a previous process of it
             "reclaim_idle_ms": 5_000,

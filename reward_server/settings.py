@@ -15,7 +15,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettin
 
 from rcgrpo.config import ConfigSection
 from rcgrpo.rewards import DEFAULT_WEIGHTS
+from services.keys import DEFAULT_RUN_NAME, ROLLOUTS_GROUP, RunKeys
 from services.schemas import MAX_ITEMS_PER_REQUEST, Composition
+
+DEFAULT_KEYS = RunKeys(DEFAULT_RUN_NAME)
 
 
 class BatchingSettings(ConfigSection):
@@ -29,12 +32,13 @@ class BatchingSettings(ConfigSection):
 class StreamSettings(ConfigSection):
     enabled: bool = False
     redis_url: str | None = None  # None: REDIS_URL, else an embedded redis-server
-    rollouts: str = "rcgrpo:rollouts"  # stream of rollout-group records (services.record.RolloutGroup)
-    scored: str = "rcgrpo:scored"  # the same records, scored
-    group: str = "reward-server"  # consumer group
+    # by default the streams of the shipped default run (services.keys)
+    rollouts: str = DEFAULT_KEYS.rollouts  # stream of rollout-group records (services.record.RolloutGroup)
+    scored: str = DEFAULT_KEYS.scored  # the same records, scored
+    group: str = ROLLOUTS_GROUP  # consumer group
     consumer: str = "reward-server-0"
-    namespace: str = "rcgrpo:reward"  # prefix of the idempotency (done) keys
-    blob_prefix: str = "rcgrpo:blob:"  # BlobStore prefix of image parts too large to inline
+    namespace: str = DEFAULT_KEYS.reward_namespace  # prefix of the idempotency (done) keys
+    blob_prefix: str = DEFAULT_KEYS.blob_prefix  # BlobStore prefix of image parts too large to inline
     # the run's payload_dir when its payload_store is "directory": the image parts are files there
     payload_dir: Path | None = None
     read_count: int = Field(8, ge=1)  # groups taken per read (scored concurrently, batched together)

@@ -27,6 +27,7 @@ from reward_server.scoring import Scorer, items_from_group
 from reward_server.settings import StreamSettings
 from services.blobstore import BlobError, BlobStore, DirectoryBlobStore, FetchedBlobs
 from services.codec import stored_blobs
+from services.keys import reward_done_key
 from services.record import (
     GroupKey,
     GroupScores,
@@ -106,7 +107,7 @@ class StreamConsumer:
                 self._stopping.wait(1.0)
 
     def done_key(self, key: GroupKey) -> str:
-        return f"{self.settings.namespace}:done:{key.id}"
+        return reward_done_key(self.settings.namespace, key.id)
 
     def process(self, entries: list[StreamEntry], redelivered: set[str]) -> None:
         """Score the groups of one read together, then complete each. `redelivered`: the ids of entries

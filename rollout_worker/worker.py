@@ -97,7 +97,7 @@ class RolloutWorker:
         )
         with self.bus.client.pipeline(transaction=False) as pipe:
             fields, acd = self.rollout_group(task, pipe)
-            done_key = self.bus.task_done_key(task.group_id)
+            done_key = self.bus.keys.task_done(task.group_id)
             completion = len(pipe)  # where its reply will be
             self.bus.tasks.queue_complete(pipe, entry.id, done_key, self.bus.rollouts.name, fields)
             if take_next:

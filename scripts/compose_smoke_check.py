@@ -124,13 +124,13 @@ def run(args: argparse.Namespace) -> None:
     # the reward server's answers: every scored group of this run, with the run's reward weights
     weights = cfg.rewards  # reward.rewards and lambda_ACD: what every record carries to the scorer
     client = redis.Redis.from_url(cfg.resolved_redis_url())
-    entries = client.xrange(cfg.key("scored"))
+    entries = client.xrange(cfg.keys.scored)
     groups = [decode_rollout_group(fields).meta for _, fields in entries]
-    cursor = int(client.get(cfg.key("tasks:cursor")) or 0)
+    cursor = int(client.get(cfg.keys.tasks_cursor) or 0)
     issued = {f"task-{i:07d}" for i in range(cursor)}
     needed = cfg.learner.total_steps * cfg.learner.groups_per_step
     if len(groups) < needed:
-        fail(f"{len(groups)} scored groups on {cfg.key('scored')}, the run trained on at least {needed}")
+        fail(f"{len(groups)} scored groups on {cfg.keys.scored}, the run trained on at least {needed}")
     for group in groups:
         group_id = group.key.group_id
         if group_id not in issued:

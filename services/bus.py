@@ -12,13 +12,10 @@ from redis.retry import Retry
 from services import metrics
 from services.blobstore import BlobStore, DirectoryBlobStore
 from services.config import RunConfig
+from services.keys import ROLLOUTS_GROUP, SCORED_GROUP, TASKS_GROUP
 from services.lora_store import LoraStore
 from services.streams import DEFAULT_DONE_TTL_S, StreamEntry, WorkStream
 
-# consumer groups of the three streams
-TASKS_GROUP = "rollout-workers"
-ROLLOUTS_GROUP = "reward-server"
-SCORED_GROUP = "learner"
 # a lost Redis (restarted, or failing over) is retried with backoff for about a minute before a
 # component gives up: long enough for the driver to restart an embedded one on its append-only file
 REDIS_RETRIES = 40
@@ -34,15 +31,16 @@ class RunBus:
             retry=Retry(REDIS_RETRY_BACKOFF, REDIS_RETRIES),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
-        self.tasks = WorkStream(self.client, cfg.key("tasks"), TASKS_GROUP)
-        self.rollouts = WorkStream(self.client, cfg.key("rollouts"), ROLLOUTS_GROUP)
-        self.scored = WorkStream(self.client, cfg.key("scored"), SCORED_GROUP)
+        self.keys = keys = cfg.keys
+        self.tasks = WorkStream(self.client, keys.tasks, TASKS_GROUP)
+        self.rollouts = WorkStream(self.client, keys.rollouts, ROLLOUTS_GROUP)
+        self.scored = WorkStream(self.client, keys.scored, SCORED_GROUP)
         for stream in (self.tasks, self.rollouts, self.scored):
             stream.ensure_group()
         weights = None
         if cfg.learner.weight_store == "directory":
             weights = DirectoryBlobStore(cfg.learner.weight_dir or cfg.run_dir / "weights", prefix="lora-")
-        self.lora = LoraStore(self.client, namespace=cfg.key("lora"), blobs=weights)
+        self.lora = LoraStore(self.client, namespace=keys.lora, blobs=weights)
         # rollout-group images too large to inline (full-size edits): read once, by the reward server;
         # groups' training tensors, under their group key: deleted once a checkpoint holds their update,
         # and kept meanwhile as long as the reward server's done keys (in Redis; files stay until deleted)
@@ -50,28 +48,26 @@ class RunBus:
             self.blobs = DirectoryBlobStore(cfg.payload_path, prefix="blob-")
             self.train_blobs = DirectoryBlobStore(cfg.payload_path, prefix="train-")
         else:
-            self.blobs = BlobStore(self.client, prefix=cfg.key("blob:"))
-            self.train_blobs = BlobStore(self.client, prefix=cfg.key("train:"), ttl_s=DEFAULT_DONE_TTL_S)
-        self._stop_key = cfg.key("stop")
-        self._learner_stats_key = cfg.key("learner:last")
+            self.blobs = BlobStore(self.client, prefix=keys.blob_prefix)
+            self.train_blobs = BlobStore(self.client, prefix=keys.train_prefix, ttl_s=DEFAULT_DONE_TTL_S)
 
     # what a driver and a learner in separate processes tell each other (learner.external)
     def set_task_cursor(self, cursor: int) -> None:
-        self.client.set(self.cfg.key("tasks:cursor"), cursor)
+        self.client.set(self.keys.tasks_cursor, cursor)
 
     def task_cursor(self) -> int:
-        return int(self.client.get(self.cfg.key("tasks:cursor")) or 0)
+        return int(self.client.get(self.keys.tasks_cursor) or 0)
 
     def learner_stats(self) -> dict | None:
-        raw = self.client.get(self._learner_stats_key)
+        raw = self.client.get(self.keys.learner_stats)
         return None if raw is None else json.loads(raw)
 
     def set_groups_consumed(self, count: int) -> None:
-        self.client.set(self.cfg.key("learner:consumed"), count)
+        self.client.set(self.keys.groups_consumed, count)
 
     def groups_consumed(self) -> int:
         """Distinct groups the learner has trained on or dropped (as it last said)."""
-        return int(self.client.get(self.cfg.key("learner:consumed")) or 0)
+        return int(self.client.get(self.keys.groups_consumed) or 0)
 
     def groups_lost(self) -> int:
         """Tasks and rollout groups dead-lettered (delivered max_deliveries times): they never reach the
@@ -80,11 +76,11 @@ class RunBus:
 
     def report_rejected_lora(self, policy_version: int, reason: str) -> None:
         """A worker refused this published version (it failed verification)."""
-        self.client.hset(self.cfg.key("lora:rejected"), str(policy_version), reason)
+        self.client.hset(self.keys.lora_rejected, str(policy_version), reason)
 
     def rejected_loras(self) -> dict[int, str]:
         """Every policy version a worker refused, with the reason."""
-        refused = self.client.hgetall(self.cfg.key("lora:rejected"))
+        refused = self.client.hgetall(self.keys.lora_rejected)
         return {int(version): reason.decode() for version, reason in refused.items()}
 
     def rejected_lora(self) -> tuple[int, str] | None:
@@ -92,22 +88,17 @@ class RunBus:
         latest = self.lora.latest()
         if latest is None:
             return None
-        reason = self.client.hget(self.cfg.key("lora:rejected"), str(latest.policy_version))
+        reason = self.client.hget(self.keys.lora_rejected, str(latest.policy_version))
         return None if reason is None else (latest.policy_version, reason.decode())
 
-    def task_done_key(self, group_id: str) -> str:
-        """A task's completion mark: per group id, not per policy version, so a task reclaimed by a
-        worker holding a newer policy is still published once."""
-        return self.cfg.key(f"tasks:done:{group_id}")
-
     def request_stop(self) -> None:
-        self.client.set(self._stop_key, b"1")
+        self.client.set(self.keys.stop, b"1")
 
     def clear_stop(self) -> None:
-        self.client.delete(self._stop_key)
+        self.client.delete(self.keys.stop)
 
     def stop_requested(self) -> bool:
-        return bool(self.client.exists(self._stop_key))
+        return bool(self.client.exists(self.keys.stop))
 
     def take_task(self, consumer: str, block_ms: int) -> tuple[list[StreamEntry], int | None, bool]:
         """A new task for `consumer` (waiting up to block_ms), then the newest policy version and the
@@ -120,7 +111,7 @@ class RunBus:
         """take_task() queued on `pipe`, behind what it holds (a worker's completion of its last task):
         task_taken() reads its answer from the pipeline's replies."""
         self.tasks.queue_read(pipe, consumer, count=1, block_ms=block_ms)
-        pipe.get(self.lora.latest_key).exists(self._stop_key)
+        pipe.get(self.lora.latest_key).exists(self.keys.stop)
 
     def task_taken(self, replies: list) -> tuple[list[StreamEntry], int | None, bool]:
         """take_task()'s answer from the replies of a pipeline that ended with queue_take_task()."""
@@ -138,7 +129,7 @@ class RunBus:
             for stream in self.streams().values():
                 pipe.xlen(stream.name).xpending(stream.name, stream.group).xlen(stream.dead_letter)
             if learner_stats is not None:
-                pipe.set(self._learner_stats_key, json.dumps(learner_stats))
+                pipe.set(self.keys.learner_stats, json.dumps(learner_stats))
             replies = pipe.execute()
         lengths = {}
         for i, name in enumerate(self.streams()):

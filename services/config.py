@@ -21,6 +21,7 @@ from rcgrpo.config import ConfigSection, MethodConfig
 from rcgrpo.rewards import DEFAULT_WEIGHTS
 from rcgrpo.sampler import surrogate_state_indices
 from rcgrpo.tiny_editor import SHIPPED_EDITOR_DIR
+from services.keys import DEFAULT_RUN_NAME, RunKeys
 from services.schemas import ID_PATTERN, Composition
 
 # The shipped run configs: package data of rcgrpo (rcgrpo/configs links to the checkout's configs/), so an
@@ -157,7 +158,7 @@ class ModelCardConfig(ConfigSection):
 
 
 class RunConfig(ConfigSection):
-    name: str = Field("tiny-shapes", max_length=64, pattern=ID_PATTERN)  # in every Redis key of the run
+    name: str = Field(DEFAULT_RUN_NAME, max_length=64, pattern=ID_PATTERN)  # in every Redis key of the run
     editor: Path = SHIPPED_EDITOR_DIR
     dtype: str | None = None  # default: bfloat16 on CUDA, float32 on CPU
     # GiB of each GPU the rollout workers and the learner get (nvidia-smi's total / 1024): the driver
@@ -241,9 +242,10 @@ class RunConfig(ConfigSection):
         """The directory of the run's payloads when payload_store is "directory"."""
         return self.payload_dir or self.run_dir / "payloads"
 
-    def key(self, suffix: str) -> str:
-        """A Redis key or stream name of this run: every one lives under "rcgrpo:<run name>:"."""
-        return f"rcgrpo:{self.name}:{suffix}"
+    @property
+    def keys(self) -> RunKeys:
+        """The run's Redis keys and streams."""
+        return RunKeys(self.name)
 
     def resolved_redis_url(self) -> str | None:
         return self.redis_url or os.environ.get("REDIS_URL")

@@ -279,7 +279,7 @@ def test_an_external_reward_server_scores_the_runs_groups_with_the_runs_weights(
             assert total != pytest.approx(sum(w * scores[name] for name, w in server_weights.items()))
     # no payload in Redis; the final checkpoint freed the files of the groups it holds, and only those
     bus = RunBus(cfg, redis_url)
-    assert not bus.client.keys(cfg.key("train:*")) and not bus.client.keys(cfg.key("blob:*"))
+    assert not bus.client.keys(cfg.keys.train_prefix + "*") and not bus.client.keys(cfg.keys.blob_prefix + "*")
     [final] = sorted((tmp_path / "external" / "checkpoints").iterdir())[-1:]
     consumed = set(json.loads((final / "state.json").read_text())["consumed"])
     assert consumed and {g.meta.key.id for g in scored} >= consumed

@@ -211,7 +211,7 @@ def test_a_killed_private_redis_is_restarted_on_its_aof_and_the_bus_waits_throug
         bus.client.close()
     # the AOF kept what was written before and after the crash
     with EmbeddedRedis(data_dir=tmp_path / "redis") as server:
-        assert int(server.client().get(cfg.key("tasks:cursor"))) == 42
+        assert int(server.client().get(cfg.keys.tasks_cursor)) == 42
 
 
 def test_an_external_redis_that_hangs_is_named_while_the_bus_waits_for_it_and_counted(tmp_path, capsys):
