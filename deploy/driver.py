@@ -34,6 +34,7 @@ from services import metrics
 from services.auth import TOKEN_ENV
 from services.bus import RunBus
 from services.config import DEFAULT_RUN_CONFIG, RunConfig, add_run_arguments, load_run_config
+from services.learner_stats import PROGRESS_LINE
 from services.record import Task
 from services.redis_server import EmbeddedRedis
 from services.reward_client import RewardClient, RewardServerError
@@ -582,12 +583,7 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
                 }
                 metrics_log.write(stats)
                 tracker.log_step(stats)
-                info = (
-                    f"reward {stats['reward_mean']:.3f}±{stats['reward_std']:.3f}  "
-                    f"instr {stats['instruction_reward_mean']:.3f} ({stats['instruction_share']:.0%} of A)  "
-                    f"clip {stats['clip_fraction']:.1%}  |r-1| {stats['ratio_deviation_p90']:.3f}  "
-                    f"stale {stats['staleness_mean']:.2f}  {stats['images_per_s']:.1f} img/s"
-                )
+                info = PROGRESS_LINE.format(**stats)
                 progress.update(bar, completed=step, info=info)
                 if not console.is_terminal:  # job logs (ray job submit, CI) get a line per step
                     console.print(f"step {step}/{cfg.learner.total_steps}  {info}")

@@ -266,7 +266,7 @@ class Learner:
         if publish_error is not None:
             result["publish_error"] = publish_error
         self.bus.observe(learner_stats=result)
-        _export(result, len(groups), int(flat.sum()))
+        metrics.export_learner_update(result, len(groups), int(flat.sum()))
         return result
 
     def try_step(self, wait_s: float) -> dict | None:
@@ -305,37 +305,3 @@ def _missing_terms(group: RolloutGroup) -> list[str]:
     """The run's reward terms some candidate of the scored group lacks (none for a complete group)."""
     wanted = set(group.meta.rewards)
     return sorted(set().union(*(wanted - set(scores) for scores in group.meta.scores.scores)))
-
-
-def _export(result: dict, trained: int, zero_variance: int) -> None:
-    """The step's numbers as Prometheus metrics."""
-    metrics.LEARNER_STEP.set(result["step"])
-    metrics.LEARNER_STEP_SECONDS.observe(result["update_seconds"])
-    metrics.LEARNER_LOSS.set(result["loss"])
-    metrics.LEARNER_REWARD_MEAN.set(result["reward_mean"])
-    metrics.LEARNER_REWARD_STD.set(result["reward_std"])
-    metrics.LEARNER_ACD.set(result["acd_mean"])
-    metrics.LEARNER_CLIP_FRACTION.set(result["clip_fraction"])
-    for quantile in ("p50", "p90", "max"):
-        metrics.LEARNER_RATIO_DEVIATION.labels(quantile).set(result[f"ratio_deviation_{quantile}"])
-    metrics.LEARNER_APPROX_KL.set(result["approx_kl"])
-    metrics.LEARNER_POLICY_ENTROPY.set(result["policy_entropy"])
-    metrics.LEARNER_EFFECTIVE_NEIGHBOURS.set(result["effective_neighbours"])
-    metrics.LEARNER_GRAD_NORM.set(result["grad_norm"])
-    metrics.LEARNER_BACKGROUND_ANCHOR.set(result["background_anchor_loss"])
-    for timestep, scale in result["distance_scale"].items():
-        metrics.LEARNER_DISTANCE_SCALE.labels(timestep).set(scale)
-    for reward, spread in result["term_spread"].items():
-        metrics.LEARNER_REWARD_TERM_SPREAD.labels(reward).set(spread)
-    metrics.LEARNER_INSTRUCTION_SHARE.set(result["instruction_share"])
-    metrics.LEARNER_INSTRUCTION_DOMINANT.set(result["instruction_dominant"])
-    metrics.LEARNER_ZERO_VARIANCE_RATIO.set(result["zero_variance_ratio"])
-    for row in result["group_signal"]:
-        if row["below_noise_floor"]:
-            metrics.LEARNER_NOISE_FLOOR_GROUPS.labels(row["task"] or "unknown").inc()
-    metrics.LEARNER_NOISE_GRADIENT_SHARE.set(result["noise_gradient_share"])
-    metrics.LEARNER_ANCHOR_SURROGATE_COSINE.set(result["anchor_surrogate_cosine"])
-    metrics.LEARNER_GRADIENT_NORM.labels("surrogate").set(result["surrogate_gradient_norm"])
-    metrics.LEARNER_GRADIENT_NORM.labels("anchor").set(result["anchor_gradient_norm"])
-    metrics.LEARNER_GROUPS.labels("trained").inc(trained)
-    metrics.LEARNER_GROUPS.labels("zero_variance").inc(zero_variance)

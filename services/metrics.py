@@ -15,6 +15,8 @@ from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from services.learner_stats import LEARNER_STATISTICS
+
 # A directory shared with Prometheus (docker-compose sets it): each process that serves metrics writes
 # its address there as a file_sd target group, because Ray places actors on whichever node it picks.
 TARGETS_DIR_ENV = "RCGRPO_METRICS_TARGETS_DIR"
@@ -34,76 +36,51 @@ ROLLOUT_POLICY_VERSION = Gauge(
 ROLLOUT_ACD = Gauge("rcgrpo_rollout_acd_mean", "Mean ACD reward of the worker's last group", ["worker"])
 
 # -- learner ------------------------------------------------------------------------------------
-LEARNER_STEP = Gauge("rcgrpo_learner_step", "Optimiser steps taken")
+# a gauge per declared statistic (services/learner_stats.py); statistics that share a gauge are its labels
+LEARNER_GAUGES: dict[str, Gauge] = {}
+for _statistic in LEARNER_STATISTICS:
+    if _statistic.gauge_name is not None and _statistic.gauge_name not in LEARNER_GAUGES:
+        _labels = [_statistic.label_name] if _statistic.label_name else []
+        LEARNER_GAUGES[_statistic.gauge_name] = Gauge(_statistic.gauge_name, _statistic.help, _labels)
+LEARNER_POLICY_VERSION = LEARNER_GAUGES["rcgrpo_learner_policy_version"]
 LEARNER_STEP_SECONDS = Histogram(
     "rcgrpo_learner_step_seconds",
     "Wall time of one learner update",
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-)
-LEARNER_LOSS = Gauge("rcgrpo_learner_loss", "Surrogate loss of the last update")
-LEARNER_REWARD_MEAN = Gauge("rcgrpo_learner_reward_mean", "Mean total reward of the last batch")
-LEARNER_REWARD_STD = Gauge("rcgrpo_learner_reward_std", "Mean within-group reward std of the last batch")
-LEARNER_ACD = Gauge("rcgrpo_learner_acd_mean", "Mean ACD reward of the last batch")
-LEARNER_CLIP_FRACTION = Gauge("rcgrpo_learner_clip_fraction", "Fraction of clipped ratios in the last update")
-# -- the learning signal: is the policy moving, does the reward spread, is the advantage the instruction's
-LEARNER_RATIO_DEVIATION = Gauge(
-    "rcgrpo_learner_ratio_deviation", "Quantile of |r - 1| over the last update's ratios", ["quantile"]
-)
-LEARNER_APPROX_KL = Gauge("rcgrpo_learner_approx_kl", "Estimated KL(pi_old || pi_theta) of the last update")
-LEARNER_POLICY_ENTROPY = Gauge(
-    "rcgrpo_learner_policy_entropy", "Mean entropy of pi_old over the G candidates (nats)"
-)
-LEARNER_EFFECTIVE_NEIGHBOURS = Gauge(
-    "rcgrpo_learner_effective_neighbours", "Mean exp(entropy of pi_old): candidates pi_old spreads over"
-)
-LEARNER_GRAD_NORM = Gauge("rcgrpo_learner_grad_norm", "LoRA gradient norm before clipping, last update")
-LEARNER_DISTANCE_SCALE = Gauge(
-    "rcgrpo_learner_distance_scale",
-    "Mean distance between candidates and the anchor at a grid step, last update",
-    ["timestep"],
-)
-LEARNER_REWARD_TERM_SPREAD = Gauge(
-    "rcgrpo_learner_reward_term_spread", "Mean within-group std of w_j * r_j, last batch", ["reward"]
-)
-LEARNER_INSTRUCTION_SHARE = Gauge(
-    "rcgrpo_learner_instruction_share",
-    "Share of the advantages' variance explained by the instruction term, last batch",
-)
-LEARNER_INSTRUCTION_DOMINANT = Gauge(
-    "rcgrpo_learner_instruction_dominant",
-    "Share of the last batch's groups whose largest reward spread is the instruction term's",
-)
-LEARNER_BACKGROUND_ANCHOR = Gauge(
-    "rcgrpo_learner_background_anchor", "Background anchor term mean_bg ||v_theta - v_ref||^2, last update"
-)
-LEARNER_ZERO_VARIANCE_RATIO = Gauge(
-    "rcgrpo_learner_zero_variance_ratio", "Share of groups dropped for zero reward std"
 )
 LEARNER_NOISE_FLOOR_GROUPS = Counter(
     "rcgrpo_learner_noise_floor_groups_total",
     "Scored groups whose instruction reward's within-group std was below reward.noise_floor, by task kind",
     ["task"],
 )
-LEARNER_NOISE_GRADIENT_SHARE = Gauge(
-    "rcgrpo_learner_noise_gradient_share",
-    "Share of the last update's gradient carried by groups below the reward's noise floor",
-)
-LEARNER_GRADIENT_NORM = Gauge(
-    "rcgrpo_learner_gradient_norm",
-    "Norm of a term's gradient in the last update (surrogate, anchor)",
-    ["term"],
-)
-LEARNER_ANCHOR_SURROGATE_COSINE = Gauge(
-    "rcgrpo_learner_anchor_surrogate_cosine",
-    "Cosine between the background anchor's and the surrogate's gradients, last update",
-)
-LEARNER_POLICY_VERSION = Gauge("rcgrpo_learner_policy_version", "Newest published policy version")
 LEARNER_GROUPS = Counter("rcgrpo_learner_groups_total", "Scored groups consumed, by outcome", ["outcome"])
 LEARNER_STALENESS = Histogram(
     "rcgrpo_learner_staleness",
     "Policy versions between a group's sampler and the learner",
     buckets=(0, 1, 2, 3, 4, 6, 8, 16),
 )
+
+
+def export_learner_update(result: dict, trained: int, zero_variance: int) -> None:
+    """An update's result as Prometheus metrics: every declared statistic's gauge, and the counters."""
+    for statistic in LEARNER_STATISTICS:
+        if statistic.gauge_name is None or statistic.key not in result:
+            continue
+        gauge, value = LEARNER_GAUGES[statistic.gauge_name], result[statistic.key]
+        if isinstance(statistic.label, tuple):
+            gauge.labels(statistic.label[1]).set(value)
+        elif statistic.label is not None:
+            for label, sample in value.items():
+                gauge.labels(str(label)).set(sample)
+        else:
+            gauge.set(value)
+    LEARNER_STEP_SECONDS.observe(result["update_seconds"])
+    for row in result["group_signal"]:
+        if row["below_noise_floor"]:
+            LEARNER_NOISE_FLOOR_GROUPS.labels(row["task"] or "unknown").inc()
+    LEARNER_GROUPS.labels("trained").inc(trained)
+    LEARNER_GROUPS.labels("zero_variance").inc(zero_variance)
+
 
 # -- streams ------------------------------------------------------------------------------------
 STREAM_LENGTH = Gauge("rcgrpo_stream_length", "Entries in a Redis stream", ["stream"])

@@ -35,6 +35,7 @@ from services.blobstore import BlobIntegrityError, BlobMissingError
 from services.bus import RunBus
 from services.config import load_run_config
 from services.http import serve_in_thread
+from services.learner_stats import DRIVER_STATISTICS, LEARNER_STATISTICS
 from services.record import GroupKey, Task, decode_rollout_group
 from services.redis_server import EmbeddedRedis
 from services.reward_client import RewardClient
@@ -167,6 +168,9 @@ def test_three_iteration_run_through_the_driver(tmp_path, redis_url, monkeypatch
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["policy_version"] for r in rows] == [1, 2, 3]  # publish_every=1: one version per update
+    # every number of a row is a declared statistic, and every declared one is there (but a publish error)
+    declared = {s.key for s in (*LEARNER_STATISTICS, *DRIVER_STATISTICS)}
+    assert all(set(r) == declared - {"publish_error"} for r in rows)
     assert all(
         r["groups"] == 2 and math.isfinite(r["reward_mean"]) and math.isfinite(r["loss"]) for r in rows
     )
