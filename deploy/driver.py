@@ -35,6 +35,7 @@ from services.auth import TOKEN_ENV
 from services.bus import RunBus
 from services.config import DEFAULT_RUN_CONFIG, RunConfig, add_run_arguments, load_run_config
 from services.learner_stats import PROGRESS_LINE
+from services.process import configure_logging
 from services.record import Task
 from services.redis_server import EmbeddedRedis
 from services.reward_client import RewardClient, RewardServerError
@@ -623,7 +624,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(logging.WARNING)
     cfg = load_run_config(args.config, args.overrides)
     # SIGTERM (ray job stop, docker stop, kill) shuts down like Ctrl-C: checkpoint, stop workers and services
     signals = SignalStop()

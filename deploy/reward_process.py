@@ -4,7 +4,6 @@ run's streams) for runs that are not given a reward-server URL."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +13,8 @@ import yaml
 from services.auth import TOKEN_ENV, new_token
 from services.config import RunConfig
 from services.keys import ROLLOUTS_GROUP
+from services.process import free_port
 from services.reward_client import RewardClient
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def reward_server_settings(cfg: RunConfig, redis_url: str, port: int) -> dict:
@@ -47,7 +41,7 @@ def reward_server_settings(cfg: RunConfig, redis_url: str, port: int) -> dict:
 
 class RewardServerProcess:
     def __init__(self, cfg: RunConfig, redis_url: str, log_path: Path):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.token = new_token()
         settings_path = cfg.run_dir / "reward_server.yaml"

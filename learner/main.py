@@ -21,8 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from learner.learner import Learner
     from services.config import component_config
+    from services.process import configure_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(logging.INFO)
     cfg, redis_url = component_config(args, "learner")
     port = cfg.learner.metrics_port if args.metrics_port is None else args.metrics_port
     learner = Learner(cfg, redis_url, resume=args.resume, metrics_port=port)

@@ -66,7 +66,7 @@ class EvalResult:
     def write_json(self, path: str | Path) -> Path:
         """Aggregates as strict JSON: NaN is written as null, an infinite PSNR as "inf"."""
         path = Path(path)
-        path.write_text(json.dumps(_json_safe(self.to_dict()), indent=2, allow_nan=False) + "\n")
+        path.write_text(json.dumps(json_safe(self.to_dict()), indent=2, allow_nan=False) + "\n")
         return path
 
     def write_csv(self, path: str | Path) -> Path:
@@ -83,10 +83,10 @@ class EvalResult:
         """A plain-text table: one line per task, per group and overall."""
         lines = [("", "n", *self.metrics)]
         for task, means in self.tasks.items():
-            lines.append((task, str(means["count"]), *(_fmt(means[m]) for m in self.metrics)))
+            lines.append((task, str(means["count"]), *(_cell(means[m]) for m in self.metrics)))
         for group, means in self.groups.items():
-            lines.append((group, f"{means['tasks']} tasks", *(_fmt(means[m]) for m in self.metrics)))
-        lines.append(("overall", str(len(self.rows)), *(_fmt(self.overall[m]) for m in self.metrics)))
+            lines.append((group, f"{means['tasks']} tasks", *(_cell(means[m]) for m in self.metrics)))
+        lines.append(("overall", str(len(self.rows)), *(_cell(self.overall[m]) for m in self.metrics)))
         widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
         out = io.StringIO()
         for k, line in enumerate(lines):
@@ -105,15 +105,16 @@ class EvalResult:
         return out.getvalue()
 
 
-def _fmt(value: float) -> str:
+def _cell(value: float) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
-def _json_safe(value):
+def json_safe(value):
+    """`value` with NaN as null and infinities as "inf"/"-inf", so json.dumps(allow_nan=False) writes it."""
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, float):
         if math.isnan(value):
             return None

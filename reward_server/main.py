@@ -28,6 +28,7 @@ def main(args: argparse.Namespace) -> int:
     from reward_server.settings import load_settings
     from services.config import shipped_config
     from services.http import serve
+    from services.process import configure_logging
 
     overrides = {}
     for name in ("host", "port", "token_file"):
@@ -44,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
         )
     if args.no_batching:
         settings.batching = settings.batching.model_copy(update={"enabled": False})
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(args.log_level.upper())
     if settings.insecure_no_auth:
         logging.getLogger("rcgrpo.reward_server").warning("auth is DISABLED (--insecure-no-auth)")
     app = create_app(settings)

@@ -21,8 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from rollout_worker.worker import RolloutWorker
     from services.config import component_config
+    from services.process import configure_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(logging.INFO)
     cfg, redis_url = component_config(args, "rollout worker")
     port = cfg.rollout.metrics_port if args.metrics_port is None else args.metrics_port
     RolloutWorker(cfg, redis_url, args.worker_id, port).run(max_tasks=args.max_tasks)

