@@ -378,10 +378,6 @@ def check_before_start(cfg: RunConfig) -> None:
     check_backends(cfg.logging)
 
 
-def checkpoint_due(cfg: RunConfig, step: int) -> bool:
-    return step % cfg.learner.checkpoint_every == 0 or step == cfg.learner.total_steps
-
-
 def checkpoint(learner: LearnerHandle, task_cursor: int, last: bool) -> None:
     """Have the learner checkpoint. One that cannot be written (a full volume) leaves the previous one
     intact and is said in one line: the run goes on (the groups since stay unacknowledged, and the next
@@ -416,11 +412,7 @@ def choose_run(cfg: RunConfig, resume: bool) -> RunConfig:
             raise FileNotFoundError(f"--resume: no checkpoint under {cfg.runs_dir / cfg.name}/checkpoints")
         latest = latest_checkpoint(cfg.runs_dir / resumable[-1] / "checkpoints")
         done = json.loads((latest / "state.json").read_text())["step"]
-        if done >= cfg.learner.total_steps:
-            raise ValueError(
-                f"--resume: {latest} is at step {done}, already at learner.total_steps="
-                f"{cfg.learner.total_steps}; raise learner.total_steps to train further"
-            )
+        cfg.learner.check_resumable(str(latest), done)
         return cfg.model_copy(update={"name": resumable[-1]})
     name = next(name for name in names if not (cfg.runs_dir / name).exists())
     return cfg.model_copy(update={"name": name})
@@ -558,7 +550,7 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
                 actors.republish_rejected_lora(learner)  # a refused version: republished, or superseded
                 try:
                     stats = learner.try_step(wait_s=LEARNER_POLL_S)
-                    if stats is not None and checkpoint_due(cfg, stats["step"]):
+                    if stats is not None and cfg.learner.checkpoint_due(stats["step"]):
                         checkpoint(learner, feeder.cursor, last=stats["step"] == cfg.learner.total_steps)
                 except ray.exceptions.RayActorError as error:
                     # the learner died: a new one continues from its checkpoint, redoing the steps after it

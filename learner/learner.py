@@ -67,11 +67,7 @@ class Learner:
         if path is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {self.checkpoint_dir}")
         self.state, lora = load_checkpoint(path, self.optimizer, self.generator)
-        if self.state.step >= self.cfg.learner.total_steps:
-            raise ValueError(
-                f"--resume: checkpoint {path.name} is at step {self.state.step}, already at learner.total_steps="
-                f"{self.cfg.learner.total_steps}; raise learner.total_steps to train further"
-            )
+        self.cfg.learner.check_resumable(f"checkpoint {path.name}", self.state.step)
         load_lora_state_dict(self.editor.transformer, lora)
         self._consumed = set(self.state.consumed)
         log.info("resumed from %s at step %d", path, self.state.step)
@@ -286,7 +282,7 @@ class Learner:
         while self.state.step < cfg.total_steps and not self.bus.stop_requested():
             if (stats := self.try_step(wait_s=1.0)) is None:
                 continue
-            if stats["step"] % cfg.checkpoint_every == 0 or stats["step"] == cfg.total_steps:
+            if cfg.checkpoint_due(stats["step"]):
                 self.checkpoint(self.bus.task_cursor())
             log.info("step %(step)d reward %(reward_mean).4f loss %(loss).4f v%(policy_version)d", stats)
         self.save_final_lora(self.cfg.run_dir / "lora")

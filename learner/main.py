@@ -14,7 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser)
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     parser.add_argument(
-        "--metrics-port", type=int, help="Prometheus port, 0: off (default: the config's learner.metrics_port)"
+        "--metrics-port",
+        type=int,
+        help="Prometheus port, 0: off (default: the config's learner.metrics_port)",
     )
 
 

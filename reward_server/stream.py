@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 
 import redis
 
@@ -38,7 +37,7 @@ from services.record import (
 )
 from services.redis_server import redis_url_or_embedded
 from services.schemas import Composition
-from services.streams import StreamEntry, WorkStream
+from services.streams import ReclaimClock, StreamEntry, WorkStream
 
 log = logging.getLogger("rcgrpo.reward_server.stream")
 
@@ -83,21 +82,18 @@ class StreamConsumer:
 
     def _run(self) -> None:
         s = self.settings
-        next_reclaim = 0.0
+        reclaim = ReclaimClock(s.reclaim_idle_ms)
         while not self._stopping.is_set():
             try:
                 entries = []
-                # an entry is reclaimable only once idle for reclaim_idle_ms: looking every quarter of
-                # that (not before every read) saves three commands a read
-                if time.monotonic() >= next_reclaim:
-                    next_reclaim = time.monotonic() + s.reclaim_idle_ms / 4000
+                if reclaim.due():
                     dead = self.work.dead_letter_exhausted(s.max_deliveries, min_idle_ms=s.reclaim_idle_ms)
                     if dead:
                         self.metrics.stream_groups.labels(outcome="dead_lettered").inc(len(dead))
                         log.error("rollout entries %s failed %d times: dead-lettered", dead, s.max_deliveries)
                     entries = self.work.reclaim(s.consumer, min_idle_ms=s.reclaim_idle_ms, count=s.read_count)
                     if entries:
-                        next_reclaim = 0.0  # there may be more
+                        reclaim.look_again()
                 redelivered = {entry.id for entry in entries}
                 entries += self.work.read(s.consumer, count=s.read_count, block_ms=s.block_ms)
                 if entries:

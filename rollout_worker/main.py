@@ -13,7 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser)
     parser.add_argument("--worker-id", default="worker-0", help="consumer name; unique per worker")
     parser.add_argument(
-        "--metrics-port", type=int, help="Prometheus port, 0: off (default: the config's rollout.metrics_port)"
+        "--metrics-port",
+        type=int,
+        help="Prometheus port, 0: off (default: the config's rollout.metrics_port)",
     )
     parser.add_argument("--max-tasks", type=int, help="exit after this many groups")
 

@@ -28,6 +28,7 @@ from services.record import (
     encode_train_tensors,
     group_meta,
 )
+from services.streams import ReclaimClock
 
 log = logging.getLogger("rcgrpo.rollout_worker")
 REJECTED_POLICY_POLL_S = 1.0  # how often a worker that refused the newest policy version looks for another
@@ -45,7 +46,7 @@ class RolloutWorker:
         )
         self.keep_states = cfg.kept_states
         self.policy_version: int | None = None
-        self._next_reclaim = 0.0  # monotonic time of the next look for tasks a dead worker left
+        self._reclaim = ReclaimClock(cfg.rollout.reclaim_idle_ms)  # for tasks a dead worker left
         self._took_own_pending = False
         self._taken: tuple[list, int | None, bool] | None = None  # next_entries()'s next answer
 
@@ -89,12 +90,7 @@ class RolloutWorker:
         # weights stay loaded and the group is tagged with their version
         if not self.synced_lora(version) and self.policy_version is None:
             return False  # no verified weights yet: the task stays pending, for a reclaim
-        take_next = (
-            take_next
-            and self._taken is None
-            and self._took_own_pending
-            and time.monotonic() < self._next_reclaim
-        )
+        take_next = take_next and self._taken is None and self._took_own_pending and self._reclaim.idle()
         with self.bus.client.pipeline(transaction=False) as pipe:
             fields, acd = self.rollout_group(task, pipe)
             done_key = self.bus.keys.task_done(task.group_id)
@@ -128,13 +124,12 @@ class RolloutWorker:
             self._took_own_pending = True
             if own := self.bus.tasks.read(self.worker_id, count=1, own_pending=True):
                 return own, None, False
-        if time.monotonic() >= self._next_reclaim:
-            self._next_reclaim = time.monotonic() + cfg.reclaim_idle_ms / 4000
+        if self._reclaim.due():
             reclaimed = self.bus.tasks.reclaim(
                 self.worker_id, cfg.reclaim_idle_ms, count=1, max_deliveries=cfg.max_deliveries
             )
             if reclaimed:
-                self._next_reclaim = 0.0  # there may be more
+                self._reclaim.look_again()
                 return reclaimed, None, False
         return self.bus.take_task(self.worker_id, block_ms=TASK_BLOCK_MS)
 

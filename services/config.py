@@ -122,6 +122,19 @@ class LearnerConfig(ConfigSection):
     weight_store: Literal["redis", "directory"] = "redis"
     weight_dir: Path | None = None  # None: <run dir>/weights
 
+    def checkpoint_due(self, step: int) -> bool:
+        """Whether the learner checkpoints after this step: every checkpoint_every steps, and the last."""
+        return step % self.checkpoint_every == 0 or step == self.total_steps
+
+    def check_resumable(self, checkpoint: str, step: int) -> None:
+        """A --resume from a checkpoint at `step` must have steps left to train: never a run that
+        silently trains nothing."""
+        if step >= self.total_steps:
+            raise ValueError(
+                f"--resume: {checkpoint} is at step {step}, already at learner.total_steps={self.total_steps}; "
+                "raise learner.total_steps to train further"
+            )
+
 
 class EvalConfig(ConfigSection):
     num_samples: int = Field(48, ge=0)  # held-out ShapesEdit samples for base vs trained (0: skip)
