@@ -20,7 +20,7 @@ message rate: a conservative test).
               time per group of a worker and of the learner (bookkeeping), Redis memory; the bus share
               of a worker's and of the learner's iteration at the real compute times.
 
---payload-store directory puts the groups' payloads in files (payload_store "directory"): Redis then
+--blob-store directory puts the groups' payloads in files (blob_store "directory"): Redis then
 carries the messages alone.
 
     nice -n 10 .venv/bin/python bench/bench_control_plane.py --workers 16 64 256
@@ -86,7 +86,7 @@ def meta(cfg: RunConfig, group_id: str, version: int, scored: bool) -> GroupMeta
         group_size=GROUP_SIZE,
         height=1024,
         width=1024,
-        state_indices=[0, 1, 2, 3, 4],
+        kept_states=[0, 1, 2, 3, 4],
         acd=[0.6] * GROUP_SIZE,
         rewards={"lc_t": 0.01, "background_psnr": 0.02, "background_ssim": 1.0, "acd": 0.5},
         scores=scores,
@@ -248,16 +248,16 @@ def _image_refs(entry):
     return [ref for name, ref in decode_message(entry.fields).refs.items() if name.startswith("edit/")]
 
 
-def new_bus(url: str, name: str, payload_dir: str | None) -> RunBus:
-    """The run's bus; payload_dir: its payloads as files there (payload_store "directory")."""
-    store = "redis" if payload_dir is None else "directory"
-    return RunBus(RunConfig(name=name, payload_store=store, payload_dir=payload_dir), url)
+def new_bus(url: str, name: str, blob_dir: str | None) -> RunBus:
+    """The run's bus; blob_dir: its payloads as files there (blob_store "directory")."""
+    store = "redis" if blob_dir is None else "directory"
+    return RunBus(RunConfig(name=name, blob_store=store, blob_dir=blob_dir), url)
 
 
-def drive(url, name, groups, per_item, groups_per_step, payload_dir, ready, results) -> None:
+def drive(url, name, groups, per_item, groups_per_step, blob_dir, ready, results) -> None:
     """Groups through the whole path back to back on run `name`, once `ready` lets every client start;
     puts (groups done, requests written) on `results`."""
-    bus = new_bus(url, name, payload_dir)
+    bus = new_bus(url, name, blob_dir)
     sim = Sim(bus, payload_scale=0.0, per_item=per_item)  # 1 KiB parts: the messages, next to nothing
     sim.learner_publish(0)
     sends, send = [0], redis.connection.Connection.send_packed_command
@@ -330,24 +330,24 @@ def concurrently(url: str, target, client_args: list[tuple]) -> tuple[list, dict
 
 
 def capacity(
-    url: str, groups: int, per_item: bool, groups_per_step: int, payload_dir: str | None, clients: int = 1
+    url: str, groups: int, per_item: bool, groups_per_step: int, blob_dir: str | None, clients: int = 1
 ) -> dict:
     """`clients` processes, each driving `groups` through the whole path on its own run; Redis CPU and
     commands per group. One client leaves Redis idle between its requests, so that every round trip
     pays for a wakeup; several keep it serving many ready connections per wakeup, as a cluster's
     workers do (the requests are the same)."""
-    store = "redis" if payload_dir is None else "directory"
+    store = "redis" if blob_dir is None else "directory"
     name = f"cap-{'item' if per_item else 'batch'}-{groups_per_step}-{store}-{clients}"
     finished, spent = concurrently(
         url,
         drive,
-        [(url, f"{name}-{i}", groups, per_item, groups_per_step, payload_dir) for i in range(clients)],
+        [(url, f"{name}-{i}", groups, per_item, groups_per_step, blob_dir) for i in range(clients)],
     )
     done, round_trips = (sum(column) for column in zip(*finished, strict=True))
     cpu = spent["cpu"]
     return {
         "mode": "per-item" if per_item else "batched",
-        "payload_store": store,
+        "blob_store": store,
         "clients": clients,
         "groups_per_step": groups_per_step,
         "groups": done,
@@ -383,7 +383,7 @@ def round_trip_cost(url: str, clients: int, count: int = 40_000) -> dict:
 
 def scale(url: str, workers: int, args) -> dict:
     """Workers, reward consumers and a learner as threads, for args.duration_s seconds."""
-    name = f"scale-{workers}-{args.payload_store}"
+    name = f"scale-{workers}-{args.blob_store}"
     speed = args.speedup
     rollout_s, score_s, update_s = args.rollout_s / speed, args.score_s / speed, args.update_s / speed
     # a learner sized to keep up: every update takes the groups the workers made meanwhile
@@ -395,7 +395,7 @@ def scale(url: str, workers: int, args) -> dict:
     memory_peak = [0]
 
     def feeder():
-        bus = new_bus(url, name, args.payload_dir)
+        bus = new_bus(url, name, args.blob_dir)
         cursor = 0
         while not stop.is_set():
             # keep about two tasks per worker queued (the driver feeds ahead of the learner)
@@ -412,7 +412,7 @@ def scale(url: str, workers: int, args) -> dict:
             stop.wait(0.05)
 
     def worker(i: int):
-        bus = new_bus(url, name, args.payload_dir)
+        bus = new_bus(url, name, args.blob_dir)
         sim = Sim(bus, args.payload_scale, args.per_item)
         rng = random.Random(i)
         while not stop.is_set():
@@ -427,7 +427,7 @@ def scale(url: str, workers: int, args) -> dict:
                     worker_bus_s.append(read_s + time.perf_counter() - t)
 
     def reward(i: int):
-        bus = new_bus(url, name, args.payload_dir)
+        bus = new_bus(url, name, args.blob_dir)
         sim = Sim(bus, args.payload_scale, args.per_item)
         while not stop.is_set():
             entries = sim.reward_take(f"r{i}")
@@ -437,7 +437,7 @@ def scale(url: str, workers: int, args) -> dict:
                 sim.reward_complete(groups)
 
     def learner():
-        bus = new_bus(url, name, args.payload_dir)
+        bus = new_bus(url, name, args.blob_dir)
         sim = Sim(bus, args.payload_scale, args.per_item)
         version = 0  # published before any worker starts, as the driver does
         held_ids, held_groups = [], []
@@ -486,7 +486,7 @@ def scale(url: str, workers: int, args) -> dict:
     ]
     threads += [threading.Thread(target=worker, args=(i,)) for i in range(workers)]
     threads += [threading.Thread(target=reward, args=(i,)) for i in range(consumers)]
-    Sim(new_bus(url, name, args.payload_dir), args.payload_scale, args.per_item).learner_publish(0)
+    Sim(new_bus(url, name, args.blob_dir), args.payload_scale, args.per_item).learner_publish(0)
     client = redis.Redis.from_url(url)
     cpu0 = redis_cpu(client)
     for t in threads:
@@ -526,7 +526,7 @@ def scale(url: str, workers: int, args) -> dict:
         "redis_memory_peak_mib": memory_peak[0] / MIB,
         # the payloads' bytes are scaled, the messages' are not: in files, Redis holds the messages alone
         "redis_memory_peak_real_gib": memory_peak[0]
-        / (args.payload_scale if args.payload_dir is None else 1)
+        / (args.payload_scale if args.blob_dir is None else 1)
         / 1024**3,
     }
 
@@ -560,21 +560,21 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=float, default=8.0)
     parser.add_argument("--duration-s", type=float, default=20.0)
     parser.add_argument(
-        "--payload-store",
+        "--blob-store",
         choices=["redis", "directory"],
         default="redis",
-        help="where the groups' payloads go (payload_store); directory: a temporary one on this disk",
+        help="where the groups' payloads go (blob_store); directory: a temporary one on this disk",
     )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     with EmbeddedRedis() as server, tempfile.TemporaryDirectory(prefix="rcgrpo-payloads-") as payloads:
-        args.payload_dir = payloads if args.payload_store == "directory" else None
+        args.blob_dir = payloads if args.blob_store == "directory" else None
         results = {
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared)",
             "args": vars(args),
-            "capacity": [capacity(server.url, args.capacity_groups, True, 8, args.payload_dir)]
+            "capacity": [capacity(server.url, args.capacity_groups, True, 8, args.blob_dir)]
             + [
-                capacity(server.url, math.ceil(args.capacity_groups / c), False, n, args.payload_dir, c)
+                capacity(server.url, math.ceil(args.capacity_groups / c), False, n, args.blob_dir, c)
                 for c in args.capacity_clients
                 for n in args.capacity_groups_per_step
             ],

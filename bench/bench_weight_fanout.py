@@ -2,7 +2,7 @@
 version, for a FLUX.1 Kontext-size LoRA (rank 32 on every attention projection, bf16, ~105 MB), through
 
     redis      LoraStore with its bytes in Redis (one redis-server thread serves every worker)
-    directory  LoraStore with its bytes in a directory (learner.weight_store=directory; records in Redis)
+    directory  LoraStore with its bytes in a directory (learner.lora_store=directory; records in Redis)
     ray        ray.put once, every worker ray.get (Ray's object store; measured for comparison)
 
 Workers are separate processes, started and waiting before the publish; each polls the latest version

@@ -52,7 +52,7 @@ def tiny_updates(device: torch.device, updates: int) -> dict:
     rows, peak = [], 0
     for step in range(updates):
         sampled = [
-            sample_group(worker, CFG, s, noise_seed=step * GROUPS + i, keep_states=STATES)
+            sample_group(worker, CFG, s, noise_seed=step * GROUPS + i, kept_states=STATES)
             for i, s in enumerate(samples[step * GROUPS : (step + 1) * GROUPS])
         ]
         first = sampled[0]
@@ -123,7 +123,7 @@ def flux_traced_peaks(size: int) -> dict[str, int]:
             group = TrainGroup(
                 cond=random_condition(editor, size, torch.Generator().manual_seed(0)),
                 sigmas=editor.sigmas(method.num_steps, size, size).to(DEVICE),
-                state_indices=list(range(method.num_steps + 1)),
+                kept_states=list(range(method.num_steps + 1)),
                 states=torch.empty(method.num_steps + 1, method.group_size, n, 64, device=DEVICE),
                 token_weights=torch.empty(n, device=DEVICE),
                 advantages=torch.empty(method.group_size, device=DEVICE),

@@ -154,7 +154,7 @@ def bench_rollout(editor, size, group_size, steps, generator) -> tuple[dict, Tra
     group = TrainGroup(
         cond=cond,
         sigmas=result.sigmas,
-        state_indices=result.state_indices,
+        kept_states=result.kept_states,
         states=result.states,
         token_weights=weights.to(editor.device),
         advantages=torch.linspace(-1.5, 1.5, group_size).to(editor.device),

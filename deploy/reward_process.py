@@ -32,7 +32,7 @@ def reward_server_settings(cfg: RunConfig, redis_url: str, port: int) -> dict:
             "group": ROLLOUTS_GROUP,
             "namespace": cfg.keys.reward_namespace,
             "blob_prefix": cfg.keys.blob_prefix,
-            "payload_dir": str(cfg.payload_path) if cfg.payload_store == "directory" else None,
+            "blob_dir": str(cfg.blob_path) if cfg.blob_store == "directory" else None,
             # the only consumer: what it left pending is its own, dead with a previous process of it
             "reclaim_idle_ms": 5_000,
         },

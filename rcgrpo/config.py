@@ -4,7 +4,8 @@ ablation is a config change (RDP on/off, ACD weight, mask-aware distance, s_in/s
 
 from __future__ import annotations
 
-from typing import Literal
+import warnings
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -12,9 +13,30 @@ from rcgrpo.rewards import DEFAULT_WEIGHTS
 
 
 class ConfigSection(BaseModel):
-    """The base of every config section of the project: an unknown field is an error, never ignored."""
+    """The base of every config section of the project: an unknown field is an error, never ignored.
+    A field renamed in this release is still read under its old name, with a warning that says the new
+    one (`renamed`: old name -> new name; the old names go in the next release)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    renamed: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_fields(cls, values):
+        if not isinstance(values, dict) or not cls.renamed.keys() & values.keys():
+            return values
+        values = dict(values)
+        for old, new in cls.renamed.items():
+            if old in values:
+                if new in values:
+                    raise ValueError(f"{old} is the old name of {new}: give {new} only")
+                warnings.warn(
+                    f"config field {old} is now {new}; the old name goes in the next release",
+                    FutureWarning,
+                    stacklevel=2,
+                )
+                values[new] = values.pop(old)
+        return values
 
 
 class MethodConfig(ConfigSection):
@@ -98,20 +120,20 @@ class MethodConfig(ConfigSection):
     def _fits_the_grid(self):
         if self.anchors > self.group_size:
             raise ValueError(f"anchors must be in 1..group_size={self.group_size} (got {self.anchors})")
-        if self.timesteps_per_anchor > len(self.train_steps):
+        if self.timesteps_per_anchor > len(self.trained_steps):
             raise ValueError(
-                f"timesteps_per_anchor must be in 1..{len(self.train_steps)}, the steps trained "
+                f"timesteps_per_anchor must be in 1..{len(self.trained_steps)}, the steps trained "
                 f"(num_steps={self.num_steps}, train_steps_from={self.train_steps_from}; "
                 f"got {self.timesteps_per_anchor})"
             )
         return self
 
     @property
-    def train_steps(self) -> list[int]:
+    def trained_steps(self) -> list[int]:
         """Grid indices j whose step j -> j+1 the surrogate trains on (train_steps_from's late part)."""
         return list(range(int(self.train_steps_from * self.num_steps), self.num_steps))
 
     @property
     def lora_step_indices(self) -> list[int] | None:
         """Grid indices j whose sampling step uses the LoRA; None: every step."""
-        return None if self.lora_steps == "all" else self.train_steps
+        return None if self.lora_steps == "all" else self.trained_steps

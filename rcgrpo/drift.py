@@ -54,5 +54,5 @@ def velocity_drift(
     return {
         "inside": (inside / count).tolist(),
         "outside": (outside / count).tolist(),
-        "trained": cfg.train_steps,
+        "trained": cfg.trained_steps,
     }

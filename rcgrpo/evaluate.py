@@ -204,7 +204,7 @@ def generate_edits(
             ]
         )
         images = rollout(
-            editor, cond, noise, cfg.num_steps, keep_states=[cfg.num_steps], lora_steps=cfg.lora_step_indices
+            editor, cond, noise, cfg.num_steps, kept_states=[cfg.num_steps], lora_steps=cfg.lora_step_indices
         ).images.cpu()
         for i, image in zip(batch, images, strict=True):
             edits[i] = quantize(resize(image, height, width))

@@ -44,7 +44,7 @@ class SampledGroup:
         return TrainGroup(
             cond=self.cond,
             sigmas=self.rollout.sigmas,
-            state_indices=self.rollout.state_indices,
+            kept_states=self.rollout.kept_states,
             states=self.rollout.states,
             token_weights=self.token_weights,
             advantages=advantages,
@@ -72,11 +72,11 @@ def sample_group(
     cfg: MethodConfig,
     sample: EditSample,
     noise_seed: int,
-    keep_states: Sequence[int] | None = None,
+    kept_states: Sequence[int] | None = None,
 ) -> SampledGroup:
     """Roll out `sample`'s group of cfg.group_size candidates with the editor's current weights.
 
-    `keep_states`: grid indices whose states to keep for training (None: all).
+    `kept_states`: grid indices whose states to keep for training (None: all).
     """
     start = start_group(editor, cfg, sample, noise_seed)
     group_cond = start.cond.repeat(cfg.group_size)
@@ -86,7 +86,7 @@ def sample_group(
             group_cond,
             start.initial_latents,
             cfg.num_steps,
-            keep_states,
+            kept_states,
             capture.attention_kwargs(group_cond),
             lora_steps=cfg.lora_step_indices,
         )

@@ -22,13 +22,13 @@ class Rollout:
     """One group of G candidates integrated from their initial latents to images."""
 
     sigmas: torch.Tensor  # (T + 1,) the grid, 1 -> 0
-    state_indices: list[int]  # grid indices j whose states x_j were kept
-    states: torch.Tensor  # (len(state_indices), G, N, D) packed latents x_j on the grid, float32
+    kept_states: list[int]  # grid indices j whose states x_j were kept
+    states: torch.Tensor  # (len(kept_states), G, N, D) packed latents x_j on the grid, float32
     final_latents: torch.Tensor  # (G, N, D) x_T, float32
     images: torch.Tensor  # (G, 3, H, W) in [0, 1]
 
 
-def surrogate_state_indices(num_steps: int, timesteps: Sequence[int] | None) -> list[int]:
+def states_of_steps(num_steps: int, timesteps: Sequence[int] | None) -> list[int]:
     """Grid indices to keep so the surrogate can use steps j -> j+1 for every j in `timesteps`.
 
     None keeps every grid state (0..T).
@@ -62,7 +62,7 @@ def rollout(
     cond: EditCondition,
     initial_latents: torch.Tensor,
     num_steps: int,
-    keep_states: Sequence[int] | None = None,
+    kept_states: Sequence[int] | None = None,
     attention_kwargs: dict | None = None,
     decode: bool = True,
     lora_steps: Sequence[int] | None = None,
@@ -70,7 +70,7 @@ def rollout(
     """Integrate G candidates from `initial_latents` (G, C, h, w, unpacked) under condition `cond`.
 
     `cond` is either one condition (batch 1, repeated for the group) or one per candidate.
-    `keep_states` lists grid indices to keep (None: all). `attention_kwargs` are passed to the
+    `kept_states` lists grid indices to keep (None: all). `attention_kwargs` are passed to the
     transformer's attention processors (used by attention capture). `lora_steps` lists the grid
     indices j whose step j -> j+1 uses the LoRA (None: every step); the others use the base weights.
     """
@@ -86,7 +86,7 @@ def rollout(
         cond = cond.repeat(group_size)
     grid = editor.sigmas(num_steps, cond.height, cond.width)  # on the host: the record carries it
     sigmas = grid.to(editor.device)
-    keep = list(range(num_steps + 1)) if keep_states is None else sorted(set(keep_states))
+    keep = list(range(num_steps + 1)) if kept_states is None else sorted(set(kept_states))
     x = editor.pack(initial_latents.to(editor.device, torch.float32))
     kept = [x] if 0 in keep else []
     for j in range(num_steps):
@@ -99,4 +99,4 @@ def rollout(
         if j + 1 in keep:
             kept.append(x)
     images = editor.decode(x, cond.height, cond.width) if decode else torch.empty(0)
-    return Rollout(sigmas=grid, state_indices=keep, states=torch.stack(kept), final_latents=x, images=images)
+    return Rollout(sigmas=grid, kept_states=keep, states=torch.stack(kept), final_latents=x, images=images)

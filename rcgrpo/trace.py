@@ -387,7 +387,7 @@ def _base_weights(editor: Editor) -> list[torch.Tensor]:
     return [t for m in modules for t in (*m.parameters(), *m.buffers()) if not t.requires_grad]
 
 
-def trace_rollout(editor: Editor, cfg: MethodConfig, size: int, keep_states) -> ComponentTrace:
+def trace_rollout(editor: Editor, cfg: MethodConfig, size: int, kept_states) -> ComponentTrace:
     """One group (cfg.group_size candidates, cfg.num_steps Euler steps with the ACD capture, then the
     VAE decode) on the device, as `rcgrpo.group.sample_group` runs it once the condition is encoded."""
     from rcgrpo import attention
@@ -413,7 +413,7 @@ def trace_rollout(editor: Editor, cfg: MethodConfig, size: int, keep_states) -> 
             with attention.capture_text_attention(editor, cfg.acd_layers) as capture:
                 kwargs = capture.attention_kwargs(group_cond)
                 result = rollout(
-                    editor, group_cond, initial, cfg.num_steps, keep_states, kwargs, decode=False
+                    editor, group_cond, initial, cfg.num_steps, kept_states, kwargs, decode=False
                 )
                 attention_map = capture.attention_map()
             # R_ACD from the map is (G, N) work; its input checks sync once a group
@@ -426,7 +426,7 @@ def trace_rollout(editor: Editor, cfg: MethodConfig, size: int, keep_states) -> 
     return ComponentTrace(phases.phases, dict(tracker.syncs))
 
 
-def meta_train_groups(editor: Editor, cfg: MethodConfig, size: int, state_indices: list[int], count: int):
+def meta_train_groups(editor: Editor, cfg: MethodConfig, size: int, kept_states: list[int], count: int):
     """`count` scored groups as the learner loads them (`services.record.load_train_group`: on the device)."""
     from rcgrpo.train_step import TrainGroup
 
@@ -439,8 +439,8 @@ def meta_train_groups(editor: Editor, cfg: MethodConfig, size: int, state_indice
             TrainGroup(
                 cond=meta_condition(editor, size),
                 sigmas=sigmas.to(DEVICE),
-                state_indices=state_indices,
-                states=torch.empty(len(state_indices), cfg.group_size, n, d, device=DEVICE),
+                kept_states=kept_states,
+                states=torch.empty(len(kept_states), cfg.group_size, n, d, device=DEVICE),
                 token_weights=torch.empty(n, device=DEVICE),
                 advantages=torch.empty(cfg.group_size, device=DEVICE),
                 background_weights=torch.empty(n, device=DEVICE),
@@ -453,7 +453,7 @@ def trace_update(
     editor: Editor,
     cfg: MethodConfig,
     size: int,
-    state_indices: list[int],
+    kept_states: list[int],
     groups_per_step: int,
     micro_batch_rows: int | None,
     seed: int = 0,
@@ -489,7 +489,7 @@ def trace_update(
                 p.grad = torch.zeros_like(p)
             optimizer.step()  # creates the moments
             optimizer.zero_grad(set_to_none=True)
-            groups = meta_train_groups(editor, cfg, size, state_indices, groups_per_step)
+            groups = meta_train_groups(editor, cfg, size, kept_states, groups_per_step)
             # the other groups' x_ref (kept through the update for their rows) stay resident too
             x_refs = [
                 torch.empty_like(g.states[0, : cfg.anchors * cfg.timesteps_per_anchor])

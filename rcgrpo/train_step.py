@@ -29,8 +29,8 @@ class TrainGroup:
 
     cond: EditCondition  # batch 1: the group's edit
     sigmas: torch.Tensor  # (T + 1,) the Euler grid the rollout used
-    state_indices: list[int]  # grid indices j of the kept states
-    states: torch.Tensor  # (S, G, N, D) x_j for j in state_indices
+    kept_states: list[int]  # grid indices j of the kept states
+    states: torch.Tensor  # (S, G, N, D) x_j for j in kept_states
     token_weights: torch.Tensor  # (N,) w(u): the editing mask at token resolution
     advantages: torch.Tensor  # (G,) A_i
     # (N,) share of each token's pixels outside the mask (rcgrpo.noise.token_background); None: 1 - w(u)
@@ -39,9 +39,9 @@ class TrainGroup:
     def __post_init__(self):
         if self.cond.prompt_embeds.shape[0] != 1:
             raise ValueError(f"TrainGroup.cond must have batch 1, got {self.cond.prompt_embeds.shape[0]}")
-        if self.states.ndim != 4 or self.states.shape[0] != len(self.state_indices):
+        if self.states.ndim != 4 or self.states.shape[0] != len(self.kept_states):
             raise ValueError(
-                f"states must be (S, G, N, D) with S = {len(self.state_indices)} kept indices, "
+                f"states must be (S, G, N, D) with S = {len(self.kept_states)} kept indices, "
                 f"got {tuple(self.states.shape)}"
             )
         _, group_size, num_tokens, _ = self.states.shape
@@ -53,7 +53,7 @@ class TrainGroup:
             raise ValueError(
                 f"background_weights must be ({num_tokens},), got {tuple(self.background_weights.shape)}"
             )
-        bad = [j for j in self.state_indices if not 0 <= j < len(self.sigmas)]
+        bad = [j for j in self.kept_states if not 0 <= j < len(self.sigmas)]
         if bad:
             raise ValueError(f"state indices {bad} are outside the {len(self.sigmas) - 1}-step grid")
 
@@ -63,8 +63,8 @@ class TrainGroup:
 
     def training_indices(self) -> list[int]:
         """Grid indices j whose step j -> j+1 can be trained on: both x_j and x_{j+1} were kept."""
-        kept = set(self.state_indices)
-        return [j for j in self.state_indices if j + 1 in kept]
+        kept = set(self.kept_states)
+        return [j for j in self.kept_states if j + 1 in kept]
 
 
 @dataclass
@@ -114,12 +114,12 @@ def sample_anchor_steps(
     group_size = group.states.shape[1]
     if cfg.anchors > group_size:
         raise ValueError(f"cfg.anchors={cfg.anchors} exceeds the group size {group_size}")
-    trained = set(cfg.train_steps)
+    trained = set(cfg.trained_steps)
     valid = torch.tensor([j for j in group.training_indices() if j in trained], dtype=torch.long)
     if len(valid) < cfg.timesteps_per_anchor:
         raise ValueError(
-            f"the group kept states {group.state_indices}, which give {len(valid)} trainable steps j -> j+1 "
-            f"among the trained steps {cfg.train_steps}; cfg.timesteps_per_anchor={cfg.timesteps_per_anchor} "
+            f"the group kept states {group.kept_states}, which give {len(valid)} trainable steps j -> j+1 "
+            f"among the trained steps {cfg.trained_steps}; cfg.timesteps_per_anchor={cfg.timesteps_per_anchor} "
             "needs at least that many"
         )
     anchors = torch.randperm(group_size, generator=generator)[: cfg.anchors]
@@ -297,7 +297,7 @@ def rc_grpo_step(
         return StepStats(num_groups=0, group_gradient_norm=[0.0] * given, group_gradient_share=[0.0] * given)
     device = editor.device
     params = [p for param_group in optimizer.param_groups for p in param_group["params"]]
-    position = [{index: s for s, index in enumerate(g.state_indices)} for g in groups]
+    position = [{index: s for s, index in enumerate(g.kept_states)} for g in groups]
 
     losses, surrogates, anchor_terms, grad_norms, ratios, log_ratios, entropies = [], [], [], [], [], [], []
     scale_by_step: dict[int, list[float]] = {}

@@ -30,6 +30,8 @@ class BatchingSettings(ConfigSection):
 
 
 class StreamSettings(ConfigSection):
+    renamed = {"payload_dir": "blob_dir"}
+
     enabled: bool = False
     redis_url: str | None = None  # None: REDIS_URL, else an embedded redis-server
     # by default the streams of the shipped default run (services.keys)
@@ -39,8 +41,8 @@ class StreamSettings(ConfigSection):
     consumer: str = "reward-server-0"
     namespace: str = DEFAULT_KEYS.reward_namespace  # prefix of the idempotency (done) keys
     blob_prefix: str = DEFAULT_KEYS.blob_prefix  # BlobStore prefix of image parts too large to inline
-    # the run's payload_dir when its payload_store is "directory": the image parts are files there
-    payload_dir: Path | None = None
+    # the run's blob_dir when its blob_store is "directory": the image parts are files there
+    blob_dir: Path | None = None
     read_count: int = Field(8, ge=1)  # groups taken per read (scored concurrently, batched together)
     block_ms: int = Field(200, ge=1)
     reclaim_idle_ms: int = Field(60_000, ge=1)  # a pending group idle this long is taken over

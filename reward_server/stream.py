@@ -61,8 +61,8 @@ class StreamConsumer:
             log.info("stream mode on %s", self.redis_url)
         self.client = redis.Redis.from_url(self.redis_url)
         self.work = WorkStream(self.client, settings.rollouts, settings.group)
-        if settings.payload_dir is not None:
-            self.blobs = DirectoryBlobStore(settings.payload_dir)
+        if settings.blob_dir is not None:
+            self.blobs = DirectoryBlobStore(settings.blob_dir)
         else:
             self.blobs = BlobStore(self.client, prefix=settings.blob_prefix)
         self._stopping = threading.Event()

@@ -44,7 +44,7 @@ class RolloutWorker:
         self.samples = load_samples(
             cfg.data.source, split=cfg.data.split, limit=cfg.data.num_samples, seed=cfg.data.seed
         )
-        self.keep_states = cfg.kept_states
+        self.kept_states = cfg.kept_states
         self.policy_version: int | None = None
         self._reclaim = ReclaimClock(cfg.rollout.reclaim_idle_ms)  # for tasks a dead worker left
         self._took_own_pending = False
@@ -70,7 +70,7 @@ class RolloutWorker:
         `pipe` (or written to the payload directory) under the group key: (the record's stream fields,
         R_ACD per candidate)."""
         sample = self.samples[task.dataset_index % len(self.samples)]
-        group = sample_group(self.editor, self.cfg.method, sample, task.noise_seed, self.keep_states)
+        group = sample_group(self.editor, self.cfg.method, sample, task.noise_seed, self.kept_states)
         key = GroupKey(run=self.cfg.name, group_id=task.group_id, policy_version=self.policy_version)
         record = RolloutGroup(
             meta=group_meta(key, group, sample, self.cfg.rewards, self.cfg.composition),
@@ -88,7 +88,7 @@ class RolloutWorker:
         task = Task.from_fields(entry.fields)
         # a version published since the last check may be corrupt: refused and reported, the verified
         # weights stay loaded and the group is tagged with their version
-        if not self.synced_lora(version) and self.policy_version is None:
+        if not self.sync_lora_or_report(version) and self.policy_version is None:
             return False  # no verified weights yet: the task stays pending, for a reclaim
         take_next = take_next and self._taken is None and self._took_own_pending and self._reclaim.idle()
         with self.bus.client.pipeline(transaction=False) as pipe:
@@ -133,7 +133,7 @@ class RolloutWorker:
                 return reclaimed, None, False
         return self.bus.take_task(self.worker_id, block_ms=TASK_BLOCK_MS)
 
-    def synced_lora(self, version: int | None = None) -> bool:
+    def sync_lora_or_report(self, version: int | None = None) -> bool:
         """sync_lora(version), reporting a version that fails verification instead of raising: the
         driver then has the learner publish a sound one. False while the newest version is refused."""
         try:

@@ -38,15 +38,15 @@ class RunBus:
         for stream in (self.tasks, self.rollouts, self.scored):
             stream.ensure_group()
         weights = None
-        if cfg.learner.weight_store == "directory":
-            weights = DirectoryBlobStore(cfg.learner.weight_dir or cfg.run_dir / "weights", prefix="lora-")
+        if cfg.learner.lora_store == "directory":
+            weights = DirectoryBlobStore(cfg.learner.lora_dir or cfg.run_dir / "weights", prefix="lora-")
         self.lora = LoraStore(self.client, namespace=keys.lora, blobs=weights)
         # rollout-group images too large to inline (full-size edits): read once, by the reward server;
         # groups' training tensors, under their group key: deleted once a checkpoint holds their update,
         # and kept meanwhile as long as the reward server's done keys (in Redis; files stay until deleted)
-        if cfg.payload_store == "directory":
-            self.blobs = DirectoryBlobStore(cfg.payload_path, prefix="blob-")
-            self.train_blobs = DirectoryBlobStore(cfg.payload_path, prefix="train-")
+        if cfg.blob_store == "directory":
+            self.blobs = DirectoryBlobStore(cfg.blob_path, prefix="blob-")
+            self.train_blobs = DirectoryBlobStore(cfg.blob_path, prefix="train-")
         else:
             self.blobs = BlobStore(self.client, prefix=keys.blob_prefix)
             self.train_blobs = BlobStore(self.client, prefix=keys.train_prefix, ttl_s=DEFAULT_DONE_TTL_S)

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 import rcgrpo
 from rcgrpo.config import ConfigSection, MethodConfig
 from rcgrpo.rewards import DEFAULT_WEIGHTS
-from rcgrpo.sampler import surrogate_state_indices
+from rcgrpo.sampler import states_of_steps
 from rcgrpo.tiny_editor import SHIPPED_EDITOR_DIR
 from services.keys import DEFAULT_RUN_NAME, RunKeys
 from services.schemas import ID_PATTERN, Composition
@@ -39,13 +39,15 @@ class DataConfig(ConfigSection):
 
 
 class RolloutConfig(ConfigSection):
+    renamed = {"keep_timesteps": "kept_steps"}
+
     num_workers: int = Field(2, ge=1)
     gpus_per_worker: float = Field(0.0, ge=0)  # 0 on CPU; 1 per worker for FLUX scale
     cpus_per_worker: float = Field(1.0, ge=0)  # Ray logical CPUs each rollout actor reserves
     torch_threads: int = Field(1, ge=1)
     # grid indices j the surrogate may train on: the worker keeps only x_j and x_{j+1} of these (None: all
     # T + 1 grid states). At FLUX scale the states are most of a group's bytes (docs/SCALE.md).
-    keep_timesteps: list[int] | None = None
+    kept_steps: list[int] | None = None
     reclaim_idle_ms: int = Field(30_000, ge=1)  # a task pending this long (its worker died) is taken over
     max_deliveries: int = Field(3, ge=1)  # a task handed out this often goes to the dead-letter stream
     metrics_port: int = Field(0, ge=0)  # first worker's Prometheus port (worker i: +i, e.g. 9101); 0 = off
@@ -94,6 +96,8 @@ class RewardConfig(ConfigSection):
 
 
 class LearnerConfig(ConfigSection):
+    renamed = {"weight_store": "lora_store", "weight_dir": "lora_dir"}
+
     total_steps: int = Field(30, ge=1)
     groups_per_step: int = Field(2, ge=1)  # whole groups per optimiser step
     publish_every: int = Field(1, ge=1)  # publish a policy version every N updates
@@ -116,11 +120,11 @@ class LearnerConfig(ConfigSection):
     # Bounds the learner's activation memory (FLUX scale: a few rows per micro-batch).
     micro_batch_rows: int | None = Field(None, ge=1)
     gradient_checkpointing: bool = False  # recompute transformer blocks in backward: less memory, more time
-    # where policy versions' bytes go: "redis" (the run's Redis), or "directory" (weight_dir, a volume
+    # where policy versions' bytes go: "redis" (the run's Redis), or "directory" (lora_dir, a volume
     # every worker mounts; the records stay in Redis). Fanning a version out to 16 workers took the
     # directory half the Redis store's time (bench/bench_weight_fanout.py, BENCHMARKS.md)
-    weight_store: Literal["redis", "directory"] = "redis"
-    weight_dir: Path | None = None  # None: <run dir>/weights
+    lora_store: Literal["redis", "directory"] = "redis"
+    lora_dir: Path | None = None  # None: <run dir>/weights
 
     def checkpoint_due(self, step: int) -> bool:
         """Whether the learner checkpoints after this step: every checkpoint_every steps, and the last."""
@@ -171,6 +175,8 @@ class ModelCardConfig(ConfigSection):
 
 
 class RunConfig(ConfigSection):
+    renamed = {"payload_store": "blob_store", "payload_dir": "blob_dir"}
+
     name: str = Field(DEFAULT_RUN_NAME, max_length=64, pattern=ID_PATTERN)  # in every Redis key of the run
     editor: Path = SHIPPED_EDITOR_DIR
     dtype: str | None = None  # default: bfloat16 on CUDA, float32 on CPU
@@ -181,11 +187,11 @@ class RunConfig(ConfigSection):
     redis_url: str | None = None  # None: REDIS_URL, else a private embedded redis-server
     ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray
     # where rollout groups' payloads go (training tensors, image bundles; the messages that refer to them
-    # always travel through Redis): "redis" (keys with a TTL), or "directory" (payload_dir, a volume every
+    # always travel through Redis): "redis" (keys with a TTL), or "directory" (blob_dir, a volume every
     # rollout worker, the reward server and the learner mount). Out of Redis, 35 MB a group at Kontext
     # 1024^2 leaves its memory, its append-only file and its one thread (bench/bench_control_plane.py)
-    payload_store: Literal["redis", "directory"] = "redis"
-    payload_dir: Path | None = None  # None: <run dir>/payloads
+    blob_store: Literal["redis", "directory"] = "redis"
+    blob_dir: Path | None = None  # None: <run dir>/payloads
     metrics_host: str = "127.0.0.1"  # where workers and the learner serve /metrics (0.0.0.0 in containers)
     # the driver's Prometheus port (its recoveries, e.g. 9099); 0 = off
     driver_metrics_port: int = Field(0, ge=0)
@@ -200,34 +206,34 @@ class RunConfig(ConfigSection):
 
     @model_validator(mode="after")
     def _kept_states_train(self):
-        """keep_timesteps must lie on the grid and give the surrogate K trainable steps per anchor."""
-        kept = self.rollout.keep_timesteps
+        """kept_steps must lie on the grid and give the surrogate K trainable steps per anchor."""
+        kept = self.rollout.kept_steps
         if kept is not None:
             steps, k = self.method.num_steps, self.method.timesteps_per_anchor
             bad = [j for j in kept if not 0 <= j < steps]
             if bad:
                 raise ValueError(
-                    f"rollout.keep_timesteps {bad} are outside the {steps}-step grid (0..{steps - 1})"
+                    f"rollout.kept_steps {bad} are outside the {steps}-step grid (0..{steps - 1})"
                 )
             if len(self.trained_steps) < k:
                 raise ValueError(
-                    f"rollout.keep_timesteps {kept} gives {len(self.trained_steps)} trainable steps among "
-                    f"method.train_steps_from's {self.method.train_steps}, but "
+                    f"rollout.kept_steps {kept} gives {len(self.trained_steps)} trainable steps among "
+                    f"method.trained_steps {self.method.trained_steps}, but "
                     f"method.timesteps_per_anchor={k} samples that many per anchor"
                 )
         return self
 
     @property
     def trained_steps(self) -> list[int]:
-        """Grid indices j whose step j -> j+1 the learner trains on: method.train_steps, within
-        rollout.keep_timesteps when that is set."""
-        kept = self.rollout.keep_timesteps
-        return [j for j in self.method.train_steps if kept is None or j in kept]
+        """Grid indices j whose step j -> j+1 the learner trains on: method.trained_steps, within
+        rollout.kept_steps when that is set."""
+        kept = self.rollout.kept_steps
+        return [j for j in self.method.trained_steps if kept is None or j in kept]
 
     @property
     def kept_states(self) -> list[int]:
         """Grid states a rollout worker keeps for the learner: x_j and x_{j+1} of every trained step."""
-        return surrogate_state_indices(self.method.num_steps, self.trained_steps)
+        return states_of_steps(self.method.num_steps, self.trained_steps)
 
     @property
     def rewards(self) -> dict[str, float]:
@@ -251,9 +257,9 @@ class RunConfig(ConfigSection):
         return self.runs_dir / self.name
 
     @property
-    def payload_path(self) -> Path:
-        """The directory of the run's payloads when payload_store is "directory"."""
-        return self.payload_dir or self.run_dir / "payloads"
+    def blob_path(self) -> Path:
+        """The directory of the run's payloads when blob_store is "directory"."""
+        return self.blob_dir or self.run_dir / "payloads"
 
     @property
     def keys(self) -> RunKeys:

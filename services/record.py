@@ -95,7 +95,7 @@ class GroupMeta(StrictModel):
     group_size: int = Field(ge=1, le=MAX_ITEMS_PER_REQUEST)
     height: int = Field(ge=1)  # of every image part, and of the condition
     width: int = Field(ge=1)
-    state_indices: list[int] = Field(min_length=1)  # grid indices j of the kept states
+    kept_states: list[int] = Field(min_length=1)  # grid indices j of the kept states
     acd: list[float]  # R_ACD per candidate, in [0, 1]
     # the run's rewards and their weights w_j (lambda_ACD for "acd"): every scorer applies these
     rewards: dict[str, float] = Field(min_length=1)
@@ -154,7 +154,7 @@ def group_meta(
         group_size=len(group.acd),
         height=group.cond.height,
         width=group.cond.width,
-        state_indices=group.rollout.state_indices,
+        kept_states=group.rollout.kept_states,
         acd=group.acd.tolist(),
         rewards=dict(rewards),
         composition=composition,
@@ -259,7 +259,7 @@ def load_train_group(
     return TrainGroup(
         cond=cond,
         sigmas=tensors["sigmas"],
-        state_indices=group.meta.state_indices,
+        kept_states=group.meta.kept_states,
         states=tensors["states"],
         token_weights=tensors["token_weights"],
         advantages=advantages.to(device),

@@ -58,7 +58,7 @@ def test_the_bf16_rollout_keeps_a_float32_state_that_the_learner_reproduces_exac
     group = sampled[0]
     states, sigmas = group.rollout.states, group.rollout.sigmas
     assert states.dtype == torch.float32
-    for j in range(len(group.rollout.state_indices) - 1):
+    for j in range(len(group.rollout.kept_states) - 1):
         for rows in ([0], [1, 3], list(range(CFG.group_size))):
             k = torch.tensor(rows)
             with torch.no_grad():

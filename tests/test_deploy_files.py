@@ -104,10 +104,13 @@ def compose_variants() -> dict[str, dict]:
 def defined_metrics() -> dict[str, set[str]]:
     """Every series name the code exports (counters as `_total`, histograms as `_bucket`/`_sum`/`_count`)
     mapped to the metric's label names: services/metrics.py and the reward server's registry."""
-    sources = (vars(services.metrics), vars(RewardServerMetrics()))
-    wrappers = [
-        value for source in sources for value in source.values() if isinstance(value, MetricWrapperBase)
-    ]
+    sources = (vars(services.metrics), services.metrics.LEARNER_GAUGES, vars(RewardServerMetrics()))
+    wrappers = {
+        id(value): value
+        for source in sources
+        for value in source.values()
+        if isinstance(value, MetricWrapperBase)
+    }.values()
     families = [(wrapper.describe()[0], set(wrapper._labelnames)) for wrapper in wrappers]
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
     names = {}
@@ -734,7 +737,7 @@ def test_k8s_reward_server_config_loads_and_serves_the_runs_rewards(tmp_path):
         key: expected["stream"][key] for key in STREAM_KEYS
     }
     # the run's payload directory, relative to the job's working directory (the image's WORKDIR)
-    assert settings.stream.payload_dir == Path("/app") / expected["stream"]["payload_dir"]
+    assert settings.stream.blob_dir == Path("/app") / expected["stream"]["blob_dir"]
     pod = k8s_object("Deployment", "rcgrpo-reward-server")["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from rcgrpo.editor import load_editor
-from rcgrpo.sampler import rollout, surrogate_state_indices
+from rcgrpo.sampler import rollout, states_of_steps
 
 
 def _source(seed=0, size=64):
@@ -72,15 +72,15 @@ def test_rollout_equals_the_stock_pipeline(tiny_editor):
 
 def test_rollout_keeps_only_requested_states(tiny_editor):
     cond = tiny_editor.encode_condition(_source(), ["add a red star"], 2.5)
-    keep = surrogate_state_indices(8, [2, 5])
+    keep = states_of_steps(8, [2, 5])
     assert keep == [2, 3, 5, 6]
     full = rollout(tiny_editor, cond, _latents(tiny_editor, 2), num_steps=8)
-    part = rollout(tiny_editor, cond, _latents(tiny_editor, 2), num_steps=8, keep_states=keep)
+    part = rollout(tiny_editor, cond, _latents(tiny_editor, 2), num_steps=8, kept_states=keep)
     assert part.states.shape[0] == 4
     for j in keep:
         assert torch.equal(part.states[keep.index(j)], full.states[j])
     with pytest.raises(ValueError, match="outside the 8-step grid"):
-        surrogate_state_indices(8, [8])
+        states_of_steps(8, [8])
 
 
 def test_bad_inputs_name_the_problem(tiny_editor, tmp_path):

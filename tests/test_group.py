@@ -39,12 +39,12 @@ def test_the_group_follows_the_method_config(tiny_editor, sample):
     assert torch.equal(start.mask_latent, latent_mask(sample.mask, (h, w), dilation=1, feather=0.7))
     assert start.initial_latents.shape == (CFG.group_size, tiny_editor.latent_channels, h, w)
 
-    group = sample_group(tiny_editor, soft, sample, noise_seed=5, keep_states=[1, 2])
+    group = sample_group(tiny_editor, soft, sample, noise_seed=5, kept_states=[1, 2])
     assert torch.equal(group.token_weights, token_weights(start.mask_latent))
     hard = sample_group(tiny_editor, CFG, sample, noise_seed=5)
     assert (group.token_weights > hard.token_weights).any()  # dilation and feathering reach w(u)
-    assert group.rollout.state_indices == [1, 2] and group.rollout.states.shape[:2] == (2, CFG.group_size)
-    assert hard.rollout.state_indices == list(range(CFG.num_steps + 1))
+    assert group.rollout.kept_states == [1, 2] and group.rollout.states.shape[:2] == (2, CFG.group_size)
+    assert hard.rollout.kept_states == list(range(CFG.num_steps + 1))
     assert group.acd.shape == (CFG.group_size,) and ((group.acd >= 0) & (group.acd <= 1)).all()
     # a seed is a group: the same seed gives the same candidates
     again = sample_group(tiny_editor, CFG, sample, noise_seed=5)
@@ -70,7 +70,7 @@ def test_rdp_keeps_the_groups_background_closer_than_global_noise(tiny_editor, s
 
 
 def test_the_record_carries_what_the_learner_trains_on(tiny_editor, sample, client):
-    group = sample_group(tiny_editor, CFG, sample, noise_seed=1, keep_states=[0, 1, 3, 4])
+    group = sample_group(tiny_editor, CFG, sample, noise_seed=1, kept_states=[0, 1, 3, 4])
     key = GroupKey(run="record", group_id="task-0000007", policy_version=2)
     train_blobs = BlobStore(client, prefix="train:")
     rewards = {"region_adherence": 1.0, "acd": 0.25}
@@ -90,7 +90,7 @@ def test_the_record_carries_what_the_learner_trains_on(tiny_editor, sample, clie
     expected = group.train_group(advantages)
     for name in ("sigmas", "states", "token_weights", "background_weights", "advantages"):
         assert torch.equal(getattr(rebuilt, name), getattr(expected, name)), name
-    assert rebuilt.state_indices == expected.state_indices == [0, 1, 3, 4]
+    assert rebuilt.kept_states == expected.kept_states == [0, 1, 3, 4]
     for field in dataclasses.fields(expected.cond):
         built, sampled = getattr(rebuilt.cond, field.name), getattr(expected.cond, field.name)
         assert torch.equal(built, sampled) if isinstance(sampled, torch.Tensor) else built == sampled

@@ -2,6 +2,7 @@
 imports itself back through others, counting imports inside functions."""
 
 import ast
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,3 +66,40 @@ def test_no_module_imports_itself_back():
         if module not in state:
             visit(module, [module])
     assert cycles == []
+
+
+RETIRED = ("keep_timesteps", "weight_store", "weight_dir", "payload_store", "payload_dir", "payload_path")
+
+
+def test_renamed_config_fields_are_read_once_more_with_a_warning_and_found_nowhere_else():
+    import subprocess
+
+    import pytest
+
+    from services.config import load_run_config
+
+    old = ["rollout.keep_timesteps=[4, 5, 6, 7]", "learner.weight_store=directory", "payload_store=directory"]
+    with pytest.warns(FutureWarning, match="keep_timesteps is now kept_steps"):
+        cfg = load_run_config(None, old)
+    assert (cfg.rollout.kept_steps, cfg.learner.lora_store, cfg.blob_store) == (
+        [4, 5, 6, 7],
+        "directory",
+        "directory",
+    )
+    with pytest.raises(
+        ValueError, match="keep_timesteps is the old name of kept_steps: give kept_steps only"
+    ):
+        load_run_config(None, ["rollout.keep_timesteps=[4]", "rollout.kept_steps=[4]"])
+    files = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    found = [
+        f"{name}:{number}"
+        for name in files
+        if name.endswith((".py", ".md", ".yaml", ".yml", ".sh", ".toml"))
+        and name not in ("docs/DESIGN.md", "tests/test_layout.py")
+        and (REPO / name).is_file()
+        for number, line in enumerate((REPO / name).read_text().splitlines(), 1)
+        if re.search(rf"\b({'|'.join(RETIRED)})\b", line) and "renamed = {" not in line
+    ]
+    assert found == []

@@ -209,7 +209,7 @@ def test_three_iteration_run_through_the_driver(tmp_path, redis_url, monkeypatch
     # the trained LoRA's drift at every grid step, inside and outside the mask: it moved the editor
     drift = evaluation["velocity_drift"]
     assert len(drift["inside"]) == len(drift["outside"]) == cfg.method.num_steps
-    assert drift["trained"] == cfg.method.train_steps and max(drift["inside"]) > 0
+    assert drift["trained"] == cfg.method.trained_steps and max(drift["inside"]) > 0
     assert summary["eval"] == {name: evaluation[name] for name in SUMMARY}
     for name in ("region_adherence", "background_psnr", "background_ssim"):
         assert math.isfinite(evaluation["base"][name]) and math.isfinite(evaluation["trained"][name])
@@ -260,7 +260,7 @@ def test_an_external_reward_server_scores_the_runs_groups_with_the_runs_weights(
         "learner.total_steps=2",
         "eval.num_samples=0",
         "method.acd_weight=0.25",
-        "payload_store=directory",  # and the training tensors travel as files on the run's volume
+        "blob_store=directory",  # and the training tensors travel as files on the run's volume
     ]
     cfg = run_config(tmp_path, redis_url, "external", *overrides)
     # a shared reward server on the run's streams, started with its own, other weights
@@ -289,7 +289,7 @@ def test_an_external_reward_server_scores_the_runs_groups_with_the_runs_weights(
     assert consumed and {g.meta.key.id for g in scored} >= consumed
     for group in scored:
         assert group.train.key == f"train-{group.meta.key.id}"
-        held = (cfg.payload_path / group.train.key).exists()
+        held = (cfg.blob_path / group.train.key).exists()
         assert held != (group.meta.key.id in consumed), group.meta.key.id
         if held:
             assert bus.train_blobs.get(group.train)  # verified against the ref's sha256
@@ -395,7 +395,7 @@ def test_new_policy_version_reaches_every_worker_and_changes_its_samples(tmp_pat
     assert_same_tensors(lora_state_dict(workers[0].editor.transformer), v1)
     # in its loop the worker reports the refusal instead of ending, so the driver can republish
     assert bus.rejected_lora() is None
-    assert workers[1].synced_lora() is False
+    assert workers[1].sync_lora_or_report() is False
     version, reason = bus.rejected_lora()
     assert version == 2 and reason.startswith("handshake-1: ") and "sha256" in reason
     # a task taken after the loop's check (the corrupt version published in between) is still rolled
@@ -407,7 +407,7 @@ def test_new_policy_version_reaches_every_worker_and_changes_its_samples(tmp_pat
     [raced] = [g for g in rollout_groups(bus) if g.meta.key.group_id == "race-0"]
     assert raced.meta.key.policy_version == 1
     bus.lora.publish(v1, policy_version=3)  # the learner's republish
-    assert bus.rejected_lora() is None and workers[1].synced_lora() is True and workers[1].policy_version == 3
+    assert bus.rejected_lora() is None and workers[1].sync_lora_or_report() is True and workers[1].policy_version == 3
 
 
 def test_a_worker_completes_a_task_and_takes_the_next_in_one_round_trip(tmp_path, redis_url, round_trips):

@@ -62,7 +62,7 @@ def test_load_detects_corrupted_weights(store, client):
 
 
 def test_directory_store_keeps_the_bytes_in_files_and_the_records_in_redis(client, tmp_path):
-    """learner.weight_store=directory: versions as files (written atomically), records and the latest
+    """learner.lora_store=directory: versions as files (written atomically), records and the latest
     version in Redis; a reader on another store instance loads it bit-exactly; pruning removes the
     file; a tampered file fails its sha256."""
     from services.blobstore import DirectoryBlobStore

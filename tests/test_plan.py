@@ -15,7 +15,7 @@ from rcgrpo.plan import (
     make_plan,
     train_tensor_layout,
 )
-from rcgrpo.sampler import surrogate_state_indices
+from rcgrpo.sampler import states_of_steps
 from services.codec import decode_tensors, encode_tensors
 from services.config import DEFAULT_RUN_CONFIG, load_run_config
 from services.record import encode_train_tensors
@@ -46,9 +46,9 @@ def test_the_layout_is_what_a_group_carries_and_its_bytes(tiny_editor, tiny_edit
     from rcgrpo.data.shapes import generate_shapes_edit
 
     cfg = MethodConfig(group_size=4, num_steps=4)
-    keep = surrogate_state_indices(cfg.num_steps, [0, 1])
+    keep = states_of_steps(cfg.num_steps, [0, 1])
     sample = generate_shapes_edit(1, split="test", seed=3)[0]
-    group = sample_group(tiny_editor, cfg, sample, noise_seed=1, keep_states=keep)
+    group = sample_group(tiny_editor, cfg, sample, noise_seed=1, kept_states=keep)
     blob = encode_train_tensors(group)
     tensors = decode_tensors(blob)
     arch = architecture(tiny_editor_dir, cfg.lora_rank, cfg.lora_targets)
@@ -123,10 +123,10 @@ def test_train_refuses_a_run_that_cannot_fit_before_anything_starts(tmp_path, ca
 
 
 def test_kept_timesteps_must_train_k_steps_per_anchor():
-    with pytest.raises(ValueError, match="rollout.keep_timesteps .* gives 2 trainable steps"):
-        load_run_config(FLUX_CONFIG, ["rollout.keep_timesteps=[4, 5]"])
+    with pytest.raises(ValueError, match="rollout.kept_steps .* gives 2 trainable steps"):
+        load_run_config(FLUX_CONFIG, ["rollout.kept_steps=[4, 5]"])
     with pytest.raises(ValueError, match=r"outside the 8-step grid"):
-        load_run_config(FLUX_CONFIG, ["rollout.keep_timesteps=[0, 1, 2, 8]"])
+        load_run_config(FLUX_CONFIG, ["rollout.kept_steps=[0, 1, 2, 8]"])
 
 
 def test_a_worker_keeps_the_states_of_the_trained_steps_only():
@@ -137,9 +137,9 @@ def test_a_worker_keeps_the_states_of_the_trained_steps_only():
     # FLUX trains the late half: its workers keep x_4..x_8, and kept early steps leave nothing to train on
     assert load_run_config(FLUX_CONFIG).kept_states == [4, 5, 6, 7, 8]
     with pytest.raises(
-        ValueError, match=r"gives 0 trainable steps among method.train_steps_from's \[4, 5, 6, 7\]"
+        ValueError, match=r"gives 0 trainable steps among method.trained_steps \[4, 5, 6, 7\]"
     ):
-        load_run_config(FLUX_CONFIG, ["rollout.keep_timesteps=[0, 1, 2, 3]"])
+        load_run_config(FLUX_CONFIG, ["rollout.kept_steps=[0, 1, 2, 3]"])
 
 
 def test_the_anchor_passes_the_plan_counts_are_the_distinct_rows_the_update_samples():
@@ -172,10 +172,10 @@ def test_plan_says_where_the_payloads_wait_and_how_many_bytes(capsys):
     [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("payloads:")]
     # 25 checkpoints' worth of 8 groups, 64.58 MiB each, as files on the runs volume
     assert "= 200 training blobs (12.61 GiB)" in line
-    assert "runs/flux-kontext-compbench/payloads (payload_store directory)" in line
+    assert "runs/flux-kontext-compbench/payloads (blob_store directory)" in line
     assert cli_main(["plan", "--set", "learner.checkpoint_every=3"]) == 0  # the tiny run (2 per step): Redis
     [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("payloads:")]
-    assert "= 6 training blobs" in line and "in the run's Redis (payload_store redis)" in line
+    assert "= 6 training blobs" in line and "in the run's Redis (blob_store redis)" in line
 
 
 def test_the_instruction_terms_must_be_among_the_runs_rewards():

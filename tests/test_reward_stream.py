@@ -72,7 +72,7 @@ def record(
         group_size=len(group["edits"]),
         height=height,
         width=width,
-        state_indices=[0, 1],
+        kept_states=[0, 1],
         acd=group["acd"],
         rewards=rewards,
         has_target=group["target"] is not None,
@@ -257,10 +257,10 @@ def test_group_is_scored_with_the_rewards_and_weights_it_carries(stream_server, 
     assert not scored_for(work.client, "grp-f")
 
 
-def test_images_in_the_payload_directory_are_read_from_it_and_freed_once_scored(
+def test_images_in_the_blob_directory_are_read_from_it_and_freed_once_scored(
     redis_server, tmp_path_factory
 ):
-    """A run with payload_store "directory": the image bundle is a file, not a Redis key."""
+    """A run with blob_store "directory": the image bundle is a file, not a Redis key."""
     payloads = tmp_path_factory.mktemp("payloads")
     rollouts, scored_stream = "test-dir:rollouts", "test-dir:scored"
     settings = RewardServerSettings(
@@ -272,7 +272,7 @@ def test_images_in_the_payload_directory_are_read_from_it_and_freed_once_scored(
             "rollouts": rollouts,
             "scored": scored_stream,
             "block_ms": 50,
-            "payload_dir": payloads,
+            "blob_dir": payloads,
         },
     )
     client = redis_server.client()

@@ -37,7 +37,7 @@ def _group(editor, cfg, s_in, seed):
     result = rollout(editor, cond, noise, cfg.num_steps)
     advantages = group_advantages(_brightness_in_mask(result.images), cfg.adv_p, cfg.adv_clip, 1e-12)
     return TrainGroup(
-        cond, result.sigmas, result.state_indices, result.states, token_weights(mask_latent), advantages
+        cond, result.sigmas, result.kept_states, result.states, token_weights(mask_latent), advantages
     )
 
 
@@ -56,7 +56,7 @@ def test_the_gradient_is_attributed_to_groups_and_a_dropped_group_carries_none(t
     optimizer = make_optimizer(editor.transformer, cfg)
     first, second = _group(editor, cfg, 0.3, 1), _group(editor, cfg, 0.3, 2)
     dropped = TrainGroup(  # what the learner hands over for a group below the floor: A = 0
-        first.cond, first.sigmas, first.state_indices, first.states, first.token_weights, torch.zeros(8)
+        first.cond, first.sigmas, first.kept_states, first.states, first.token_weights, torch.zeros(8)
     )
     stats = rc_grpo_step(editor, optimizer, [first, dropped, second], cfg, torch.Generator().manual_seed(0))
     assert stats.num_groups == 2

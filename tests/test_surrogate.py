@@ -176,7 +176,7 @@ def test_clipped_loss_by_hand():
 
 
 # -- on the tiny editor ---------------------------------------------------------------------------
-def _group(editor, cfg, seed, keep_states=None):
+def _group(editor, cfg, seed, kept_states=None):
     source = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
     mask = torch.zeros(SIZE, SIZE)
     mask[16:48, 16:40] = 1
@@ -184,7 +184,7 @@ def _group(editor, cfg, seed, keep_states=None):
     mask_latent = latent_mask(mask, editor.latent_size(SIZE, SIZE))
     generator = torch.Generator().manual_seed(seed)
     noise = group_noise(cfg, mask_latent, (editor.latent_channels, *mask_latent.shape), generator)
-    result = rollout(editor, cond, noise, cfg.num_steps, keep_states=keep_states, decode=False)
+    result = rollout(editor, cond, noise, cfg.num_steps, kept_states=kept_states, decode=False)
     return cond, result, token_weights(mask_latent)
 
 
@@ -209,7 +209,7 @@ def test_ratio_is_one_before_the_first_update(lora_editor):
         )
     assert (x_theta - result.states[j + 1, k]).abs().max().item() <= 1e-5
     advantages = group_advantages(torch.tensor([0.1, 0.4, 0.2, 0.9]))
-    group = TrainGroup(cond, result.sigmas, result.state_indices, result.states, weights, advantages)
+    group = TrainGroup(cond, result.sigmas, result.kept_states, result.states, weights, advantages)
     stats = rc_grpo_step(
         lora_editor,
         make_optimizer(lora_editor.transformer, cfg),
@@ -230,9 +230,9 @@ def test_one_step_moves_the_prediction_toward_positive_candidates(lora_editor):
         group_size=4, num_steps=4, anchors=4, timesteps_per_anchor=1, learning_rate=1e-2, tau=0.05
     )
     j = 1
-    cond, result, weights = _group(lora_editor, cfg, seed=1, keep_states=[j, j + 1])
+    cond, result, weights = _group(lora_editor, cfg, seed=1, kept_states=[j, j + 1])
     advantages = torch.tensor([2.0, -2.0, 0.0, 0.0])  # candidate 0 good, candidate 1 bad
-    group = TrainGroup(cond, result.sigmas, result.state_indices, result.states, weights, advantages)
+    group = TrainGroup(cond, result.sigmas, result.kept_states, result.states, weights, advantages)
     x_j, x_next = result.states[0], result.states[1]  # the kept states j and j + 1
     sigma = result.sigmas[j].expand(cfg.group_size)
     sigma_next = result.sigmas[j + 1].expand(cfg.group_size)

@@ -37,7 +37,7 @@ def _fake_group(group_size=4, num_tokens=16, dim=8, kept=(0, 1, 2, 4, 5), num_st
     return TrainGroup(
         cond=cond,
         sigmas=torch.linspace(1, 0, num_steps + 1),
-        state_indices=list(kept),
+        kept_states=list(kept),
         states=torch.zeros(len(kept), group_size, num_tokens, dim),
         token_weights=torch.ones(num_tokens),
         advantages=torch.zeros(group_size) if advantages is None else advantages,
@@ -59,12 +59,12 @@ def test_anchor_and_step_sampling():
 
 def test_train_steps_from_trains_the_late_part_of_the_grid_only():
     late = MethodConfig(group_size=6, num_steps=6, anchors=4, timesteps_per_anchor=3, train_steps_from=0.5)
-    assert late.train_steps == [3, 4, 5]
+    assert late.trained_steps == [3, 4, 5]
     group = _fake_group(group_size=6, kept=range(7), num_steps=6)
     _, steps = sample_anchor_steps(group, late, torch.Generator().manual_seed(0))
     assert all(sorted(row) == [3, 4, 5] for row in steps.tolist())
     # the same fraction on a shorter grid
-    assert MethodConfig(num_steps=4, timesteps_per_anchor=2, train_steps_from=0.5).train_steps == [2, 3]
+    assert MethodConfig(num_steps=4, timesteps_per_anchor=2, train_steps_from=0.5).trained_steps == [2, 3]
     with pytest.raises(ValueError, match=r"timesteps_per_anchor must be in 1\.\.2, the steps trained"):
         MethodConfig(num_steps=4, timesteps_per_anchor=4, train_steps_from=0.5)
     with pytest.raises(ValueError, match=r"train_steps_from\n  Input should be less than 1"):
@@ -82,13 +82,13 @@ def test_train_group_rejects_inconsistent_shapes():
         TrainGroup(group.cond, group.sigmas, [0, 1], group.states, group.token_weights, group.advantages)
     with pytest.raises(ValueError, match="token_weights must be"):
         TrainGroup(
-            group.cond, group.sigmas, group.state_indices, group.states, torch.ones(3), group.advantages
+            group.cond, group.sigmas, group.kept_states, group.states, torch.ones(3), group.advantages
         )
     with pytest.raises(ValueError, match="batch 1"):
         TrainGroup(
             group.cond.repeat(2),
             group.sigmas,
-            group.state_indices,
+            group.kept_states,
             group.states,
             group.token_weights,
             group.advantages,
@@ -131,7 +131,7 @@ def _scored_group(editor, cond, mask_latent, cfg, generator):
         _brightness_in_mask(result.images), cfg.adv_p, cfg.adv_clip, cfg.zero_std_eps
     )
     return TrainGroup(
-        cond, result.sigmas, result.state_indices, result.states, token_weights(mask_latent), advantages
+        cond, result.sigmas, result.kept_states, result.states, token_weights(mask_latent), advantages
     )
 
 
@@ -279,7 +279,7 @@ def _two_scored_groups(editor, cfg):
             TrainGroup(
                 cond,
                 result.sigmas,
-                result.state_indices,
+                result.kept_states,
                 result.states,
                 token_weights(mask_latent),
                 advantages,
@@ -365,7 +365,7 @@ def test_the_anchor_reference_pass_is_made_once_per_distinct_row_and_gives_each_
     # no-grad reference passes over the distinct rows, at most one epoch's rows at a time
     per_epoch = len(epochs[0].anchor)
     assert len(reference_passes) == math.ceil(len(set(rows)) / per_epoch) < cfg.update_epochs
-    position = [{index: s for s, index in enumerate(g.state_indices)} for g in groups]
+    position = [{index: s for s, index in enumerate(g.kept_states)} for g in groups]
     expected = []
     for g, k, j in rows:
         x_j, sigma, sigma_next, cond = _row_inputs(

@@ -104,9 +104,9 @@ def payload_line(cfg: RunConfig, plan: Plan) -> str:
     """Where the groups' payloads wait, and how many bytes of training blobs a checkpoint frees at most."""
     waiting = cfg.learner.checkpoint_every * cfg.learner.groups_per_step
     where = (
-        f"files in {cfg.payload_path} (payload_store directory)"
-        if cfg.payload_store == "directory"
-        else "the run's Redis (payload_store redis): size its memory for them"
+        f"files in {cfg.blob_path} (blob_store directory)"
+        if cfg.blob_store == "directory"
+        else "the run's Redis (blob_store redis): size its memory for them"
     )
     return (
         f"payloads: up to checkpoint_every x groups_per_step = {waiting} training blobs "
