@@ -14,6 +14,7 @@ from rcgrpo.data.loading import load_samples
 from rcgrpo.drift import velocity_drift
 from rcgrpo.editor import load_editor
 from rcgrpo.evaluate import HEADLINE, evaluate
+from rcgrpo.lora import load_trained_lora
 from services.config import RunConfig
 
 # what the run's summary.json keeps of eval.json (which also holds per-task means and per-sample rows)
@@ -46,7 +47,7 @@ def evaluate_base_vs_trained(cfg: RunConfig, lora_dir, console) -> dict:
     results, rows, edits = {}, {}, {}
     for name in ("base", "trained"):
         if name == "trained":
-            editor.pipe.load_lora_weights(lora_dir)
+            load_trained_lora(editor.pipe, lora_dir)
         result = evaluate(
             editor,
             samples,

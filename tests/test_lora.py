@@ -148,3 +148,18 @@ def test_a_stock_pipeline_samples_with_the_lora_on_the_trained_steps_only(tiny_e
         tiny_editor_dir, tmp_path / "lora", editor, source, instruction, initial, lora_steps=[2, 3]
     )
     assert (stock - ours).abs().max().item() <= 1e-5
+
+
+def test_loading_a_trained_lora_says_nothing_about_text_encoders_it_never_had(
+    tiny_editor_dir, tmp_path, capfd
+):
+    from rcgrpo.lora import load_trained_lora
+
+    trained = load_editor(tiny_editor_dir)
+    add_lora(trained.transformer, rank=2, alpha=2)
+    save_lora(trained, tmp_path)
+    editor = load_editor(tiny_editor_dir)
+    capfd.readouterr()
+    load_trained_lora(editor.pipe, tmp_path)
+    assert "No LoRA keys" not in capfd.readouterr().err
+    assert any("lora_A" in name for name, _ in editor.transformer.named_parameters())

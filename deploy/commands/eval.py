@@ -101,6 +101,7 @@ def main(args) -> int:
     else:
         from rcgrpo.editor import load_editor
         from rcgrpo.evaluate import generate_edits
+        from rcgrpo.lora import load_trained_lora
 
         sampling = {}
         if args.num_steps is not None:
@@ -114,7 +115,7 @@ def main(args) -> int:
         if args.lora:
             if not Path(args.lora).is_dir():
                 raise FileNotFoundError(f"--lora: {args.lora!r} is not a directory")
-            editor.pipe.load_lora_weights(args.lora)
+            load_trained_lora(editor.pipe, args.lora)
         edits = generate_edits(
             editor, samples, cfg, args.seed, batch_size=args.batch_size, max_area=args.max_area, progress=True
         )
