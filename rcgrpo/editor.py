@@ -9,6 +9,9 @@ ever fetched from the Hugging Face hub.
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,6 +270,22 @@ def check_editor_dir(path: str | Path) -> Path:
     return path
 
 
+@contextmanager
+def silenced(logger_name: str, *starts: str) -> Iterator[None]:
+    """Drop the lines of a library's logger that start with one of `starts`: notices that are true of
+    every rcgrpo run and so say nothing about this one."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(starts)
+
+    logger = logging.getLogger(logger_name)
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
 def load_editor(
     path: str | Path,
     dtype: str | torch.dtype | None = None,
@@ -278,7 +297,6 @@ def load_editor(
     dtype defaults to bfloat16 on CUDA and float32 elsewhere. Nothing is downloaded: a path that is
     not an existing directory (a hub id, say) is refused.
     """
-    from diffusers import FluxKontextPipeline
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -292,6 +310,12 @@ def load_editor(
         dtype = DTYPES[dtype]
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+    # importing the pipeline resolves its optional IP-Adapter image processors, which an editing run never
+    # uses; without torchvision they fall back to their PIL versions, and transformers says so
+    with silenced(
+        "transformers.utils.import_utils", "`CLIPImageProcessor` requires", "`SiglipImageProcessor` requires"
+    ):
+        from diffusers import FluxKontextPipeline
     pipe = FluxKontextPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

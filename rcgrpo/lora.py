@@ -8,7 +8,6 @@ between processes as a plain dict of tensors (learner -> rollout workers).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from rcgrpo.config import MethodConfig
+from rcgrpo.editor import silenced
 
 ADAPTER_NAME = "default"  # the name `add_adapter` gives a single adapter
 
@@ -132,18 +132,8 @@ def save_lora(editor, directory: str | Path) -> Path:
     return directory
 
 
-class _NoTextEncoderNotice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("No LoRA keys associated to")
-
-
 def load_trained_lora(pipe, directory: str | Path) -> None:
     """`pipe.load_lora_weights(directory)` without diffusers' notice that the LoRA holds no text-encoder
     keys: an rcgrpo LoRA adapts the transformer only, so the notice would say nothing about the run."""
-    logger = logging.getLogger("diffusers.loaders.lora_base")
-    notice = _NoTextEncoderNotice()
-    logger.addFilter(notice)
-    try:
+    with silenced("diffusers.loaders.lora_base", "No LoRA keys associated to"):
         pipe.load_lora_weights(directory)
-    finally:
-        logger.removeFilter(notice)
