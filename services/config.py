@@ -121,8 +121,8 @@ class LearnerConfig(ConfigSection):
     micro_batch_rows: int | None = Field(None, ge=1)
     gradient_checkpointing: bool = False  # recompute transformer blocks in backward: less memory, more time
     # where policy versions' bytes go: "redis" (the run's Redis), or "directory" (lora_dir, a volume
-    # every worker mounts; the records stay in Redis). Fanning a version out to 16 workers took the
-    # directory half the Redis store's time (bench/bench_weight_fanout.py, BENCHMARKS.md)
+    # every worker mounts; the records stay in Redis), which fans a version out to many workers faster
+    # (BENCHMARKS.md)
     lora_store: Literal["redis", "directory"] = "redis"
     lora_dir: Path | None = None  # None: <run dir>/weights
 
@@ -188,10 +188,10 @@ class RunConfig(ConfigSection):
     ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray
     # where rollout groups' payloads go (training tensors, image bundles; the messages that refer to them
     # always travel through Redis): "redis" (keys with a TTL), or "directory" (blob_dir, a volume every
-    # rollout worker, the reward server and the learner mount). Out of Redis, 35 MB a group at Kontext
-    # 1024^2 leaves its memory, its append-only file and its one thread (bench/bench_control_plane.py)
+    # rollout worker, the reward server and the learner mount): at Kontext size a group's tens of MB then
+    # stay out of Redis' memory, its append-only file and its one thread (BENCHMARKS.md)
     blob_store: Literal["redis", "directory"] = "redis"
-    blob_dir: Path | None = None  # None: <run dir>/payloads
+    blob_dir: Path | None = None  # None: <run dir>/payloads (the directory name runs already have)
     metrics_host: str = "127.0.0.1"  # where workers and the learner serve /metrics (0.0.0.0 in containers)
     # the driver's Prometheus port (its recoveries, e.g. 9099); 0 = off
     driver_metrics_port: int = Field(0, ge=0)
