@@ -78,19 +78,19 @@ class LearnerHandle(Protocol):
     """What the driver asks of the learner, wherever it runs (learner.learner.Learner satisfies it too)."""
 
     def resume_point(self) -> tuple[int, int]:
-        """(optimiser step, driver task cursor) the learner continues from."""
+        """Return the optimiser step and the driver's task cursor the learner continues from."""
 
     def publish_lora(self) -> int:
         """Publish the learner's LoRA; the policy version every worker samples with from now on."""
 
     def try_step(self, wait_s: float) -> dict | None:
-        """One update's statistics, or None if its groups did not arrive within wait_s."""
+        """Take one update and return its statistics, or None if its groups did not arrive within wait_s."""
 
     def checkpoint(self, task_cursor: int) -> object:
         """Checkpoint, recording how many tasks the driver has fed."""
 
     def save_final_lora(self, directory: Path) -> Path:
-        """The trained LoRA in diffusers format, in `directory`."""
+        """Write the trained LoRA in diffusers format to `directory` and return its path."""
 
 
 class RayLearner:
@@ -129,7 +129,8 @@ class ExternalLearner:
         self.step_seen = self.resume_point()[0]  # the newest step this driver has been told of
 
     def _wait(self, ready, wait_s: float | None = None, what: str = ""):
-        """ready()'s first value; after wait_s None, or, without wait_s, an error naming `what` after deadline_s."""
+        """Poll ready() until it returns a value and return it. With wait_s, return None once wait_s has
+        passed; without, raise an error naming `what` once deadline_s has."""
         deadline = time.monotonic() + (self.deadline_s if wait_s is None else wait_s)
         while (value := ready()) is None:
             if time.monotonic() > deadline:
@@ -222,8 +223,8 @@ class RunActors:
         return RayLearner(self._learner_actor)
 
     def restart_learner(self, error: Exception) -> tuple[LearnerHandle, int]:
-        """A new learner actor from the run's latest checkpoint (from the start if there is none yet),
-        publishing its weights; (the learner, the step it continues from)."""
+        """Start a new learner actor from the run's latest checkpoint (from the start if there is none yet)
+        and have it publish its weights; return it with the step it continues from."""
         import ray
 
         from learner.checkpoint import latest_checkpoint

@@ -111,11 +111,9 @@ class RolloutWorker:
         return published
 
     def next_entries(self) -> tuple[list, int | None, bool]:
-        """(entries, the newest policy version or None: ask, stop requested). The task a previous process
-        of this worker left pending (it died) first, then one another worker left pending, else a new
-        one. A task is reclaimable only once idle for reclaim_idle_ms, so looking every quarter of that
-        (not before every group) saves two commands per group and delays a takeover by at most a
-        quarter."""
+        """Return the next task to roll out, with the newest policy version (None: ask) and whether a stop
+        was requested. The task a previous process of this worker left pending (it died) comes first,
+        then one another worker left pending (looked for on the ReclaimClock), else a new one."""
         if self._taken is not None:  # asked for with the last completion
             taken, self._taken = self._taken, None
             return taken
