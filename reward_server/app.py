@@ -13,7 +13,7 @@ import logging
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Security
+from fastapi import APIRouter, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
@@ -148,8 +148,8 @@ def create_app(
     model_loaders=MODEL_LOADERS,
     metrics: RewardServerMetrics | None = None,
 ) -> FastAPI:
-    """The app for `settings`. Raises ValueError for a config it cannot serve (unknown reward, missing
-    model directory, auth required but no token)."""
+    """Build the app for `settings`. Raises ValueError for a config it cannot serve (unknown reward,
+    missing model directory, auth required but no token)."""
     metrics = metrics or RewardServerMetrics()
     scorer = Scorer(settings, metrics, registry, model_loaders)
     token = None
@@ -160,45 +160,11 @@ def create_app(
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        await scorer.batcher.start()
-        loading = asyncio.create_task(_load_models(app))
-        try:
-            yield
-        finally:
-            consumer = app.state.stream_consumer
-            if consumer is not None:
-                await asyncio.to_thread(consumer.stop)
-            loading.cancel()
-            await scorer.batcher.stop()
-            scorer.close()
-
-    async def _load_models(app: FastAPI):
-        try:
-            await asyncio.to_thread(scorer.load_models)
-        except Exception as error:  # readyz reports it; the process stays up for inspection
-            app.state.load_error = f"{type(error).__name__}: {error}"
-            log.exception("loading the reward models failed")
-            return
-        if settings.stream.enabled:
-            from reward_server.stream import StreamConsumer
-
-            try:
-                consumer = StreamConsumer(settings.stream, scorer, asyncio.get_running_loop(), metrics)
-                await asyncio.to_thread(consumer.start)
-            except Exception as error:  # e.g. Redis unreachable: not ready, and readyz says why
-                app.state.load_error = f"stream mode: {type(error).__name__}: {error}"
-                log.exception("starting stream mode failed")
-                return
-            app.state.stream_consumer = consumer
-
     app = FastAPI(
         title="rcgrpo reward server",
         version="1",
         summary="Typed, batched, authenticated scoring of instruction-guided image edits",
-        lifespan=lifespan,
+        lifespan=_lifespan,
     )
     app.state.scorer = scorer
     app.state.metrics = metrics
@@ -206,8 +172,60 @@ def create_app(
     app.state.load_error = None
     app.state.stream_consumer = None
     app.add_middleware(GuardMiddleware, token=token, max_body_bytes=settings.max_body_bytes, metrics=metrics)
-    # Documents the scheme in OpenAPI; the check itself is in GuardMiddleware.
+    _add_error_handlers(app)
+    # the bearer dependency documents the scheme in OpenAPI; the check itself is in GuardMiddleware
     bearer = [Security(HTTPBearer(auto_error=False))] if token is not None else []
+    app.include_router(_scoring_routes(scorer, settings, metrics), dependencies=bearer)
+    app.include_router(_service_routes(scorer, metrics))
+    app.openapi = lambda: _openapi(app)
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    """Start the batcher and load the models in the background; on shutdown stop the stream consumer,
+    the batcher and the scorer."""
+    scorer = app.state.scorer
+    await scorer.batcher.start()
+    loading = asyncio.create_task(_load_models(app))
+    try:
+        yield
+    finally:
+        consumer = app.state.stream_consumer
+        if consumer is not None:
+            await asyncio.to_thread(consumer.stop)
+        loading.cancel()
+        await scorer.batcher.stop()
+        scorer.close()
+
+
+async def _load_models(app: FastAPI) -> None:
+    """Load the served rewards' models, then start stream mode if configured. A failure leaves the
+    process up for inspection, and /readyz says why it is not ready."""
+    scorer, settings = app.state.scorer, app.state.settings
+    try:
+        await asyncio.to_thread(scorer.load_models)
+    except Exception as error:
+        app.state.load_error = f"{type(error).__name__}: {error}"
+        log.exception("loading the reward models failed")
+        return
+    if settings.stream.enabled:
+        from reward_server.stream import StreamConsumer
+
+        try:
+            consumer = StreamConsumer(settings.stream, scorer, asyncio.get_running_loop(), app.state.metrics)
+            await asyncio.to_thread(consumer.start)
+        except Exception as error:  # e.g. Redis unreachable: not ready, and readyz says why
+            app.state.load_error = f"stream mode: {type(error).__name__}: {error}"
+            log.exception("starting stream mode failed")
+            return
+        app.state.stream_consumer = consumer
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Answer every error as an ErrorResponse with its kind, counted in the errors metric."""
+    metrics, settings = app.state.metrics, app.state.settings
+    retry = str(settings.batching.retry_after_s)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, error: RequestValidationError):
@@ -227,14 +245,12 @@ def create_app(
     @app.exception_handler(NotReadyError)
     async def on_not_ready(request: Request, error: NotReadyError):
         metrics.errors.labels(kind="not_ready").inc()
-        retry = str(settings.batching.retry_after_s)
         return _error(503, "not_ready", app.state.load_error or str(error), {"Retry-After": retry})
 
     @app.exception_handler(RewardFailedError)
     async def on_reward_failed(request: Request, error: RewardFailedError):
         metrics.errors.labels(kind="reward_failed").inc()
         log.warning("%s", error)
-        retry = str(settings.batching.retry_after_s)
         return _error(503, "reward_failed", str(error), {"Retry-After": retry}, reward=error.reward)
 
     @app.exception_handler(StarletteHTTPException)
@@ -249,7 +265,14 @@ def create_app(
         log.exception("internal error on %s", request.url.path, exc_info=error)
         return _error(500, "internal", f"internal error: {type(error).__name__}")
 
-    @app.post("/v1/score", response_model=ScoreResponse, responses=ERROR_RESPONSES, dependencies=bearer)
+
+def _scoring_routes(
+    scorer: Scorer, settings: RewardServerSettings, metrics: RewardServerMetrics
+) -> APIRouter:
+    """The authenticated API: score edits, list the served rewards."""
+    router = APIRouter(responses=ERROR_RESPONSES)
+
+    @router.post("/v1/score", response_model=ScoreResponse)
     async def score(request: ScoreRequest) -> ScoreResponse:
         """Score a batch of edits: per item, every chosen reward's sub-score and the weighted total."""
         if len(request.items) > settings.max_items_per_request:
@@ -280,24 +303,31 @@ def create_app(
         ]
         return ScoreResponse(results=results, weights=chosen, composition=composition)
 
-    @app.get("/v1/rewards", response_model=RewardsResponse, responses=ERROR_RESPONSES, dependencies=bearer)
+    @router.get("/v1/rewards", response_model=RewardsResponse)
     async def rewards() -> RewardsResponse:
         """The rewards this server serves: names, default weights, the inputs each reads, whether it runs
         a model."""
         return scorer.listing()
 
-    @app.get("/healthz")
+    return router
+
+
+def _service_routes(scorer: Scorer, metrics: RewardServerMetrics) -> APIRouter:
+    """What an orchestrator and Prometheus ask, without a token: liveness, readiness, metrics."""
+    router = APIRouter()
+
+    @router.get("/healthz")
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz", responses={503: {"description": "models not loaded (yet)"}})
-    async def readyz():
-        if scorer.ready and app.state.load_error is None:
+    @router.get("/readyz", responses={503: {"description": "models not loaded (yet)"}})
+    async def readyz(request: Request):
+        load_error = request.app.state.load_error
+        if scorer.ready and load_error is None:
             return {"ready": True}
-        detail = app.state.load_error or "loading models"
-        return JSONResponse({"ready": False, "detail": detail}, status_code=503)
+        return JSONResponse({"ready": False, "detail": load_error or "loading models"}, status_code=503)
 
-    @app.get(
+    @router.get(
         "/metrics",
         response_class=Response,
         responses={
@@ -310,12 +340,13 @@ def create_app(
     async def prometheus_metrics():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    def openapi() -> dict:
-        if app.openapi_schema is None:
-            schema = FastAPI.openapi(app)
-            _served_names_in_schema(schema, list(scorer.served))
-            app.openapi_schema = schema
-        return app.openapi_schema
+    return router
 
-    app.openapi = openapi
-    return app
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema, saying which reward names this server accepts (built once)."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+        _served_names_in_schema(schema, list(app.state.scorer.served))
+        app.openapi_schema = schema
+    return app.openapi_schema
