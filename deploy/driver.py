@@ -23,6 +23,7 @@ import sys
 import time
 from collections import Counter
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -439,15 +440,13 @@ def init_ray(cfg: RunConfig) -> None:
 
 
 def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None) -> dict:
+    """Run one training run to its end and return its summary: check it, start Redis, the reward server
+    and the Ray actors, train until learner.total_steps (or a signal), then evaluate and report."""
     import ray
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from deploy.commands.plan import check_fits
-    from deploy.evaluation import evaluate_base_vs_trained
     from deploy.report import save_curves
-    from deploy.reward_process import RewardServerProcess
-    from services.model_card import write_model_card
     from services.tracking import Tracker
 
     console = Console()
@@ -471,28 +470,13 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
 
     with tracker.closed_on_error(), ExitStack() as stack:
         # 1. Redis: the given server, else a private one whose append-only file lives in the run dir
-        redis_url, embedded_redis = cfg.resolved_redis_url(), None
-        if redis_url is None:
-            embedded_redis = stack.enter_context(EmbeddedRedis(data_dir=run_dir / "redis"))
-            redis_url = embedded_redis.url
+        redis_url, embedded_redis = _start_redis(cfg, stack)
         bus = RunBus(cfg, redis_url)
         bus.clear_stop()
 
         # 2. the reward server, consuming the rollouts stream; every group carries the run's rewards and
         # weights, so any server that serves those rewards scores it as the run asks
-        reward_url = cfg.reward.url or os.environ.get("RCGRPO_REWARD_URL")
-        reward_server = None
-        if reward_url is None:
-            reward_server = RewardServerProcess(cfg, redis_url, run_dir / "reward_server.log")
-            stack.callback(reward_server.stop)
-            reward_server.wait_ready()
-            reward_client = reward_server.client
-        else:
-            reward_client = stack.enter_context(RewardClient(reward_url, token=os.environ.get(TOKEN_ENV)))
-            try:
-                reward_client.wait_ready(timeout_s=REWARD_SERVER_READY_S)
-            except RewardServerError as error:
-                raise ValueError(f"reward.url / RCGRPO_REWARD_URL: {error}") from None
+        reward_server, reward_client = _start_reward_server(cfg, redis_url, stack)
         check_served_rewards(cfg, reward_client)
 
         # 3. Ray: rollout actors and the learner actor
@@ -514,8 +498,6 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
         actors.start_workers()
 
         # 4. the loop: keep tasks ahead of the learner's consumption, one learner update per step
-        groups_per_step = cfg.learner.groups_per_step
-        ahead = 1 if cfg.learner.staleness_policy == "wait" else 1 + cfg.learner.max_staleness
         feeder = TaskFeeder(bus, cfg.data.num_samples, cfg.data.seed, cursor)
         watch = stack.enter_context(
             ProcessWatch(
@@ -531,56 +513,9 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
             cfg.learner.stall_abort_s,
             lambda: describe_wait(bus, feeder, reward_client, actors),
         )
-        step, started = start_step, time.perf_counter()
-        columns = [
-            TextColumn("[bold]train"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[info]}"),
-        ]
+        loop = TrainingLoop(cfg, bus, actors, feeder, watch, stall, metrics_log, tracker, console)
         signals.deferred = True
-        with Progress(*columns, console=console) as progress:
-            bar = progress.add_task("train", total=cfg.learner.total_steps, completed=step, info="")
-            while step < cfg.learner.total_steps and not signals.requested:
-                # supply follows consumption: each group trained on, dropped (stale) or dead-lettered is
-                # replaced, so (1 + max_staleness) updates of groups ('wait': one update's) stay in flight
-                feeder.feed_until(bus.groups_consumed() + bus.groups_lost() + ahead * groups_per_step)
-                # a dead worker is replaced even while the others keep the learner fed
-                actors.restart_dead_workers()
-                actors.republish_rejected_lora(learner)  # a refused version: republished, or superseded
-                try:
-                    stats = learner.try_step(wait_s=LEARNER_POLL_S)
-                    if stats is not None and cfg.learner.checkpoint_due(stats["step"]):
-                        checkpoint(learner, feeder.cursor, last=stats["step"] == cfg.learner.total_steps)
-                except ray.exceptions.RayActorError as error:
-                    # the learner died: a new one continues from its checkpoint, redoing the steps after it
-                    learner, step = actors.restart_learner(error)
-                    metrics_log.keep_through(step)
-                    progress.update(bar, completed=step)
-                    continue
-                if stats is None:
-                    # no update yet: past the deadline, say what is missing
-                    if watch.failure:
-                        raise RuntimeError(f"the run cannot continue: {watch.failure}")
-                    stall.check()
-                    continue
-                stall.progress()
-                step = stats["step"]
-                if "publish_error" in stats:  # the workers go on with the latest version
-                    print(f"rcgrpo: {stats['publish_error']}", flush=True)
-                images = (step - start_step) * groups_per_step * cfg.method.group_size
-                stats |= {
-                    "time": time.time(),  # wall clock (Unix seconds), so a run's pace reads from the log
-                    "streams": bus.observe(),
-                    "images_per_s": images / (time.perf_counter() - started),
-                }
-                metrics_log.write(stats)
-                tracker.log_step(stats)
-                info = PROGRESS_LINE.format(**stats)
-                progress.update(bar, completed=step, info=info)
-                if not console.is_terminal:  # job logs (ray job submit, CI) get a line per step
-                    console.print(f"step {step}/{cfg.learner.total_steps}  {info}")
+        learner, step = loop.run(learner, start_step, signals)
         signals.deferred = False
 
         # 5. stop the workers; on a signal, checkpoint what was trained and stop; else keep the final LoRA
@@ -599,15 +534,131 @@ def run(cfg: RunConfig, resume: bool = False, signals: SignalStop | None = None)
         "run_dir": str(run_dir),
         "steps": step,
         "lora": str(lora_dir),
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": round(time.perf_counter() - loop.started, 1),
         "recoveries": recoveries,
     }
+    return _evaluate_and_report(cfg, summary, tracker, console)
+
+
+def _start_redis(cfg: RunConfig, stack: ExitStack) -> tuple[str, EmbeddedRedis | None]:
+    """The run's Redis URL: redis_url or REDIS_URL, else a private server (returned too, to be watched)
+    whose append-only file lives in the run dir."""
+    redis_url = cfg.resolved_redis_url()
+    if redis_url is not None:
+        return redis_url, None
+    embedded = stack.enter_context(EmbeddedRedis(data_dir=cfg.run_dir / "redis"))
+    return embedded.url, embedded
+
+
+def _start_reward_server(cfg: RunConfig, redis_url: str, stack: ExitStack):
+    """The run's reward server and a client of it: reward.url (or RCGRPO_REWARD_URL), waited for until
+    ready, else a server started for the run (returned too, to be watched and restarted)."""
+    from deploy.reward_process import RewardServerProcess
+
+    reward_url = cfg.reward.url or os.environ.get("RCGRPO_REWARD_URL")
+    if reward_url is None:
+        server = RewardServerProcess(cfg, redis_url, cfg.run_dir / "reward_server.log")
+        stack.callback(server.stop)
+        server.wait_ready()
+        return server, server.client
+    client = stack.enter_context(RewardClient(reward_url, token=os.environ.get(TOKEN_ENV)))
+    try:
+        client.wait_ready(timeout_s=REWARD_SERVER_READY_S)
+    except RewardServerError as error:
+        raise ValueError(f"reward.url / RCGRPO_REWARD_URL: {error}") from None
+    return None, client
+
+
+@dataclass
+class TrainingLoop:
+    """The driver's loop: keep tasks ahead of the learner, have it update, checkpoint on schedule,
+    recover what died, and log and show each step."""
+
+    cfg: RunConfig
+    bus: RunBus
+    actors: RunActors
+    feeder: TaskFeeder
+    watch: ProcessWatch
+    stall: StallWatch
+    metrics_log: MetricsLog
+    tracker: object  # services.tracking.Tracker
+    console: object  # rich.console.Console
+    started: float = field(default_factory=time.perf_counter)
+
+    def run(self, learner: LearnerHandle, step: int, signals: SignalStop) -> tuple[LearnerHandle, int]:
+        """Train from `step` until learner.total_steps or a signal; return the learner (a restarted one
+        if it died) and the step reached."""
+        import ray
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        cfg, bus, actors, feeder = self.cfg, self.bus, self.actors, self.feeder
+        total, groups_per_step = cfg.learner.total_steps, cfg.learner.groups_per_step
+        ahead = 1 if cfg.learner.staleness_policy == "wait" else 1 + cfg.learner.max_staleness
+        start_step = step
+        columns = [
+            TextColumn("[bold]train"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
+        ]
+        with Progress(*columns, console=self.console) as progress:
+            bar = progress.add_task("train", total=total, completed=step, info="")
+            while step < total and not signals.requested:
+                # supply follows consumption: each group trained on, dropped (stale) or dead-lettered is
+                # replaced, so (1 + max_staleness) updates of groups ('wait': one update's) stay in flight
+                feeder.feed_until(bus.groups_consumed() + bus.groups_lost() + ahead * groups_per_step)
+                # a dead worker is replaced even while the others keep the learner fed
+                actors.restart_dead_workers()
+                actors.republish_rejected_lora(learner)  # a refused version: republished, or superseded
+                try:
+                    stats = learner.try_step(wait_s=LEARNER_POLL_S)
+                    if stats is not None and cfg.learner.checkpoint_due(stats["step"]):
+                        checkpoint(learner, feeder.cursor, last=stats["step"] == total)
+                except ray.exceptions.RayActorError as error:
+                    # the learner died: a new one continues from its checkpoint, redoing the steps after it
+                    learner, step = actors.restart_learner(error)
+                    self.metrics_log.keep_through(step)
+                    progress.update(bar, completed=step)
+                    continue
+                if stats is None:
+                    # no update yet: past the deadline, say what is missing
+                    if self.watch.failure:
+                        raise RuntimeError(f"the run cannot continue: {self.watch.failure}")
+                    self.stall.check()
+                    continue
+                self.stall.progress()
+                step = stats["step"]
+                if "publish_error" in stats:  # the workers go on with the latest version
+                    print(f"rcgrpo: {stats['publish_error']}", flush=True)
+                images = (step - start_step) * groups_per_step * cfg.method.group_size
+                stats |= {
+                    "time": time.time(),  # wall clock (Unix seconds), so a run's pace reads from the log
+                    "streams": bus.observe(),
+                    "images_per_s": images / (time.perf_counter() - self.started),
+                }
+                self.metrics_log.write(stats)
+                self.tracker.log_step(stats)
+                info = PROGRESS_LINE.format(**stats)
+                progress.update(bar, completed=step, info=info)
+                if not self.console.is_terminal:  # job logs (ray job submit, CI) get a line per step
+                    self.console.print(f"step {step}/{total}  {info}")
+        return learner, step
+
+
+def _evaluate_and_report(cfg: RunConfig, summary: dict, tracker, console) -> dict:
+    """Score the base editor against the trained LoRA on held-out samples, write the LoRA's model card
+    and summary.json, and return the summary."""
+    from deploy.evaluation import evaluate_base_vs_trained
+    from services.model_card import write_model_card
+
     with tracker:
         if cfg.eval.num_samples:
-            summary["eval"] = evaluate_base_vs_trained(cfg, lora_dir, console)
-        write_model_card(cfg, lora_dir, step)  # after the evaluation: the card shows its table and grid
-        tracker.log_evaluation(step, summary.get("eval"))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            summary["eval"] = evaluate_base_vs_trained(cfg, Path(summary["lora"]), console)
+        # after the evaluation: the card shows its table and grid
+        write_model_card(cfg, Path(summary["lora"]), summary["steps"])
+        tracker.log_evaluation(summary["steps"], summary.get("eval"))
+    (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
