@@ -131,7 +131,7 @@ register_model("judge", _load_judge, settings_section="judge")
 
 
 def _load_reward_model(settings, metrics):
-    from rcgrpo.reward_model import load_reward_model
+    from rcgrpo.image_reward_model import load_reward_model
 
     return load_reward_model(settings.path, dtype=settings.dtype, label_index=settings.label_index)
 

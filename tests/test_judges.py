@@ -14,7 +14,7 @@ from openai_standin import brightness_score, images_of, serve_standin
 
 from rcgrpo.clip_scores import mask_bbox, to_uint8
 from rcgrpo.data.shapes import generate_shapes_edit
-from rcgrpo.reward_model import build_tiny_reward_model, load_reward_model
+from rcgrpo.image_reward_model import build_tiny_reward_model, load_reward_model
 from reward_server.app import create_app
 from reward_server.settings import JudgeSettings, RewardServerSettings
 from services.http import serve_in_thread
