@@ -42,8 +42,9 @@ class ConfigSection(BaseModel):
 class MethodConfig(ConfigSection):
     # -- rollout (section 2) --
     group_size: int = Field(8, ge=2)  # G candidates per group (paper: 12)
-    num_steps: int = Field(8, ge=1)  # Euler steps on the Kontext sigma grid (paper: 8-step DPM++)
-    guidance_scale: float = 2.5  # Kontext embedded guidance
+    # paper: 8-step DPM++
+    num_steps: int = Field(8, ge=1, description="Euler steps on the Kontext sigma grid")
+    guidance_scale: float = Field(2.5, description="Kontext's embedded guidance")
     # -- RDP (section 3): s(u) = s_in m(u) + s_out (1 - m(u)) --
     rdp: bool = True  # False: global Neighbor-GRPO perturbation, s(u) = s_in everywhere
     s_in: float = Field(0.3, ge=0, le=1)

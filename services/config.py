@@ -357,16 +357,19 @@ def add_section_arguments(
         info = section.model_fields[name]
         flag = "--" + name.replace("_", "-")
         kind = info.annotation
+        default = info.get_default(call_default_factory=True)
+        shown = f"default: {default}"
+        help = f"{info.description} ({shown})" if info.description else shown
         if get_origin(kind) is UnionType:  # `str | None`: the flag takes a str; absent, the default None
             kind = next(arg for arg in get_args(kind) if arg is not type(None))
         if kind is bool:
             action = argparse.BooleanOptionalAction
-            parser.add_argument(flag, dest=name, action=action, default=info.default, help=info.description)
+            parser.add_argument(flag, dest=name, action=action, default=default, help=help)
         elif get_origin(kind) is Literal:
             choices = get_args(kind)
-            parser.add_argument(flag, dest=name, choices=choices, default=info.default, help=info.description)
+            parser.add_argument(flag, dest=name, choices=choices, default=default, help=help)
         else:
-            parser.add_argument(flag, dest=name, type=kind, default=info.default, help=info.description)
+            parser.add_argument(flag, dest=name, type=kind, default=default, help=help)
 
 
 def section_from_arguments(section: type[BaseModel], args: argparse.Namespace, names: list[str]):

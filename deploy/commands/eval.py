@@ -10,9 +10,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+# the MethodConfig fields that set how the edits are sampled
+SAMPLING_FLAGS = ["num_steps", "guidance_scale"]
+
 
 def add_arguments(parser):
+    from rcgrpo.config import MethodConfig
     from rcgrpo.tiny_editor import SHIPPED_EDITOR_DIR
+    from services.config import add_section_arguments
 
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
@@ -44,10 +49,7 @@ def add_arguments(parser):
         help="also save the edits in CompBench's results layout here",
     )
     parser.add_argument("--model", help="model name in the results layout (with --results-layout or --edits)")
-    parser.add_argument("--num-steps", type=int, help="Euler steps (default: MethodConfig.num_steps)")
-    parser.add_argument(
-        "--guidance-scale", type=float, help="embedded guidance (default: MethodConfig.guidance_scale)"
-    )
+    add_section_arguments(parser, MethodConfig, SAMPLING_FLAGS)
     parser.add_argument(
         "--batch-size", type=int, default=1, help="samples of the same size rolled out together"
     )
@@ -103,14 +105,11 @@ def main(args) -> int:
         from rcgrpo.evaluate import generate_edits
         from rcgrpo.lora import load_trained_lora
 
-        sampling = {}
-        if args.num_steps is not None:
-            # K may not exceed the grid: the training fields are validated even where only sampling reads them
-            k = MethodConfig.model_fields["timesteps_per_anchor"].default
-            sampling.update(num_steps=args.num_steps, timesteps_per_anchor=min(k, args.num_steps))
-        if args.guidance_scale is not None:
-            sampling["guidance_scale"] = args.guidance_scale
-        cfg = MethodConfig(**sampling)
+        # K may not exceed the grid: the training fields are validated even where only sampling reads them
+        k = min(MethodConfig.model_fields["timesteps_per_anchor"].default, args.num_steps)
+        cfg = MethodConfig(
+            num_steps=args.num_steps, guidance_scale=args.guidance_scale, timesteps_per_anchor=k
+        )
         editor = load_editor(args.editor, dtype=args.dtype, device=args.device)
         if args.lora:
             if not Path(args.lora).is_dir():
