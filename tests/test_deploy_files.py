@@ -764,3 +764,16 @@ def test_the_default_reward_weights_live_in_one_place():
     shipped = load_settings(REPO / "configs" / "reward_server.yaml", insecure_no_auth=True).rewards
     assert shipped == DEFAULT_WEIGHTS  # the shipped server file spells the defaults out
     assert "weight=" not in (REPO / "README.md").read_text()  # a registered reward has no weight of its own
+
+
+def test_the_docs_name_every_registered_reward_and_no_other():
+    from reward_server.registry import REWARDS
+
+    table = re.findall(r"^\| `([a-z_]+)` \|", (REPO / "docs" / "REWARDS.md").read_text(), flags=re.M)
+    assert table == list(REWARDS)
+    listed = re.search(
+        r"# Registered names: (.*?) \(docs/REWARDS.md",
+        (REPO / "configs" / "reward_server.yaml").read_text(),
+        re.S,
+    )
+    assert re.findall(r"[a-z_]+", listed.group(1)) == list(REWARDS)
