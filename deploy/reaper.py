@@ -7,7 +7,10 @@ direct children to the driver). So the driver starts a reaper first. The reaper 
 a pipe whose write end only the driver holds, and meanwhile remembers, every POLL_S, every process
 below the driver (whatever thread started it). When the driver is gone, however it ended, the read
 returns end-of-file, and the reaper SIGKILLs every remembered process still alive (the same pid and
-start time: not a reused pid) and every process below those. The driver is made a child subreaper, so
+start time: not a reused pid) and every process below those. A driver that exits through its own
+cleanup (an error or a signal it handled included) says so on the pipe first: the reaper then kills
+what lingers (Ray's workers take a moment to follow ray.shutdown) without a word, and speaks only for a
+driver that died without cleaning up. The driver is made a child subreaper, so
 that a process whose parent exits stays below the driver, where the reaper sees it, instead of going
 to init.
 
@@ -20,6 +23,7 @@ Only the standard library: it starts in a fraction of a second and holds a few M
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import select
@@ -32,6 +36,7 @@ from pathlib import Path
 POLL_S = 0.5  # how often the reaper looks at the processes below the driver
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 KILL_PASSES = 5  # a process killed while it was starting another leaves that one to the next pass
+GOODBYE = b"exit"  # what a driver that ran its own cleanup writes before it ends
 
 _lock = threading.Lock()
 _started: tuple[subprocess.Popen, int] | None = None  # the reaper and the pipe's write end, never closed
@@ -109,21 +114,34 @@ def start_reaper() -> None:
         )
         os.close(read_end)
         _started = (process, write_end)
+        # registered before the run's own exit hooks (ray.shutdown among them), so it runs after them
+        atexit.register(_say_goodbye, write_end)
+
+
+def _say_goodbye(write_end: int) -> None:
+    try:
+        os.write(write_end, GOODBYE)
+    except OSError:  # the reaper is gone: nobody to tell
+        pass
 
 
 def main() -> int:
     driver = int(sys.argv[1])
     known: dict[int, int] = {}  # pid -> start time of every live process seen below the driver
+    cleaned_up = False  # the driver said goodbye: it ran its own cleanup
     while True:
         ready, _, _ = select.select([sys.stdin.fileno()], [], [], POLL_S)
-        if ready and not os.read(sys.stdin.fileno(), 4096):  # the driver writes nothing: its end
-            break
+        if ready:
+            said = os.read(sys.stdin.fileno(), 4096)
+            if not said:  # end-of-file: the driver is gone
+                break
+            cleaned_up = cleaned_up or GOODBYE in said
         table = process_table()
         # the ones that ended are forgotten (a pid may be reused); the ones alive are kept even when no
         # longer below the driver (the driver dying, its children already reparented)
         known = {pid: started for pid, started in known.items() if table.get(pid, (0, None))[1] == started}
         known |= {pid: table[pid][1] for pid in descendants(driver, table) if pid in table}
-    if killed := reap(known):
+    if (killed := reap(known)) and not cleaned_up:
         print(
             f"rcgrpo: the driver {driver} is gone; killed {len(killed)} processes it started: "
             + ", ".join(f"{pid} {name}" for pid, name in killed.items()),

@@ -179,6 +179,44 @@ def test_nothing_a_sigkilled_driver_started_outlives_it_whatever_started_it():
     assert time.monotonic() - killed < 3
 
 
+# a driver's stand-in that ends through its own cleanup, leaving a child that lingers (as Ray's workers
+# do for a moment after ray.shutdown)
+EXITING_DRIVER = """
+import subprocess
+from deploy.reaper import start_reaper
+start_reaper()
+child = subprocess.Popen(["sleep", "300"])
+print(child.pid, flush=True)
+input()
+"""
+
+
+def test_the_reaper_cleans_up_after_a_driver_that_exits_and_speaks_only_for_one_that_died():
+    for ending in ("exits", "is killed"):
+        driver = subprocess.Popen(
+            [sys.executable, "-c", EXITING_DRIVER],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        child = int(driver.stdout.readline())
+        time.sleep(1.0)  # the reaper has seen it
+        if ending == "exits":
+            driver.stdin.write("\n")
+            driver.stdin.flush()
+        else:
+            driver.kill()
+        driver.wait(timeout=30)
+        ended = time.monotonic()
+        while alive(child) and time.monotonic() - ended < 10:
+            time.sleep(0.05)
+        assert not alive(child), ending
+        said = driver.stderr.read()  # the reaper shares the driver's stderr
+        assert ("is gone; killed 1 processes it started" in said) == (ending == "is killed"), (ending, said)
+
+
 def cmdline(pid: int) -> bytes:
     return Path(f"/proc/{pid}/cmdline").read_bytes()
 
