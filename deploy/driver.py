@@ -42,6 +42,10 @@ log = logging.getLogger("rcgrpo.driver")
 REWARD_SERVER_READY_S = 120.0  # how long an external reward server may take to answer /readyz
 LEARNER_POLL_S = 2.0  # the longest the driver waits on the learner before it looks at the run again
 WORKER_STOP_S = 120.0  # how long rollout workers may take to finish their task once asked to stop
+# A replacement learner placed on the node that took the old one down (Ray reports the actor unavailable
+# before it marks the node dead) dies with that node before it runs: it is started again, this often
+LEARNER_START_ATTEMPTS = 3
+LEARNER_START_RETRY_S = 1.0
 
 
 class TaskFeeder:
@@ -229,9 +233,24 @@ class RunActors:
         why = f"the learner actor died ({type(error).__name__})"
         self._count_restart("learner", why)
         started = time.monotonic()
-        ray.kill(self._learner_actor, no_restart=True)
-        learner = self.start_learner(resume=latest_checkpoint(self.cfg.run_dir / "checkpoints") is not None)
-        step, _ = learner.resume_point()
+        resume = latest_checkpoint(self.cfg.run_dir / "checkpoints") is not None
+        for attempt in range(1, LEARNER_START_ATTEMPTS + 1):
+            ray.kill(self._learner_actor, no_restart=True)
+            learner = self.start_learner(resume=resume)
+            try:
+                step, _ = learner.resume_point()
+                break
+            except ray.exceptions.RayActorError as start_error:
+                # its node died under it (a whole Ray node lost, not yet marked dead when it was placed);
+                # Ray places the next one on a live node
+                if attempt == LEARNER_START_ATTEMPTS:
+                    raise
+                print(
+                    f"rcgrpo: the new learner actor died before it ran ({type(start_error).__name__}); "
+                    "starting another",
+                    flush=True,
+                )
+                time.sleep(LEARNER_START_RETRY_S)
         version = learner.publish_lora()
         recovered(
             "learner",
