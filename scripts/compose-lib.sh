@@ -154,23 +154,26 @@ wait_for_step() {
 # kill_node SERVICE: SIGKILL the service's container as a crash or the OOM killer would, by its init
 # process as the host sees it. Not `docker kill`: Docker 20.10 records that as a manual stop, and the
 # restart policy then leaves the container down (measured); a crashed node must come back by itself.
+# Sets restarts_before (the container's restart count before the kill) for wait_healthy.
 kill_node() {
   local container pid
   container=$(compose ps -q "$1")
-  pid=$(docker inspect -f '{{.State.Pid}}' "$container")
+  read -r pid restarts_before < <(docker inspect -f '{{.State.Pid}} {{.RestartCount}}' "$container")
   [ "$pid" -gt 0 ] || { echo "FAIL: $1 is not running"; return 1; }
   kill -9 "$pid"
 }
 
-# wait_healthy SERVICE [TIMEOUT_S]: until the service's container is back (by its restart policy) and healthy
+# wait_healthy SERVICE [TIMEOUT_S]: until the service's container killed by kill_node has been restarted
+# (by its restart policy) and is healthy. Right after the kill Docker can still report the old process
+# "running healthy", so a restart must be seen first.
 wait_healthy() {
   local service=$1 deadline=$((SECONDS + ${2:-300})) container health
   container=$(compose ps -a -q "$service")
   while true; do
-    health=$(docker inspect -f '{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}' "$container")
-    [ "$health" = "running healthy" ] && return 0
+    health=$(docker inspect -f '{{.RestartCount}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}' "$container")
+    [ "${health%% *}" -gt "$restarts_before" ] && [ "${health#* }" = "running healthy" ] && return 0
     if [ "$SECONDS" -gt "$deadline" ]; then
-      echo "FAIL: $service is '$health' ${2:-300} s after it was killed (restarts: $(docker inspect -f '{{.RestartCount}}' "$container"))"
+      echo "FAIL: $service ${2:-300} s after it was killed: restarts, status, health: $health (restarts before: $restarts_before)"
       return 1
     fi
     sleep 1
