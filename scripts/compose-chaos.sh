@@ -51,8 +51,7 @@ chaos_job() {
   compose down -v --remove-orphans >/dev/null 2>&1
   compose up -d --wait --wait-timeout 300 >/dev/null 2>&1 || { compose ps -a; echo "FAIL: compose up"; return 1; }
   t0=$(date +%s.%N)
-  submit "$log" "${job_settings[@]}" &
-  submitter=$!
+  submit_in_background "$log" "${job_settings[@]}"
   kill_at_step "$service" "$fault_at" "$log" "$submitter" || { wait "$submitter" || true; return 1; }
   if [ "$service" = ray-head ]; then
     # the driver ran on the head, so it died with it (and `ray job submit`'s exec with it); the run is

@@ -124,6 +124,14 @@ submit() {
     >"$log" 2>&1
 }
 
+# submit_in_background JOB_LOG SETTINGS...: submit as above without waiting; sets submitter (its pid).
+# The log is emptied first, here, so that wait_for_step never reads a previous job's steps.
+submit_in_background() {
+  : >"$1"
+  submit "$@" &
+  submitter=$!
+}
+
 # job_succeeded JOB_LOG: the job `ray job submit` logged to JOB_LOG succeeded, by `ray job status`
 job_succeeded() {
   local log=$1 job_id status
@@ -136,7 +144,13 @@ job_succeeded() {
 }
 
 # -- a node dies ----------------------------------------------------------------------------------------
-steps_logged() { grep -cE '^step [0-9]+/' "$1" 2>/dev/null || true; }
+# steps_logged JOB_LOG: how many step lines the job has logged; 0 before its log exists (the submit
+# creates it in the background, so the first look can come first)
+steps_logged() {
+  local count
+  count=$(grep -cE '^step [0-9]+/' "$1" 2>/dev/null || true)
+  echo "${count:-0}"
+}
 
 # wait_for_step JOB_LOG STEP SUBMITTER_PID: until the job has logged STEP steps (fails if the job ends first)
 wait_for_step() {

@@ -193,8 +193,10 @@ def recovered(args: argparse.Namespace) -> None:
         problems.append(f"no step logged after the fault at {args.since}")
     if problems:
         fail("; ".join(problems))
-    # the stall the fault caused: the longest time between two steps, from the last one before it
-    times = [line["time"] for line in lines[len(lines) - len(after) - 1 :]]
+    # the stall the fault caused: the longest time between two steps, from the last one before it (or
+    # from the fault, if it came before the first step)
+    before = lines[: len(lines) - len(after)]
+    times = [before[-1]["time"] if before else args.since] + [line["time"] for line in after]
     gap = max(b - a for a, b in zip(times, times[1:], strict=False))
     print(
         f"RECOVERY_S {after[0]['time'] - args.since:.1f} (step {after[0]['step']}); longest step gap {gap:.1f} s"
