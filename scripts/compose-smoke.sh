@@ -6,7 +6,9 @@
 # does, and checks what a user would look at: the job succeeded; the LoRA and report are in the `runs`
 # volume; the reward server scored the job's groups with the run's reward weights; every Prometheus
 # target is up with learner, rollout and reward-server metrics; every Grafana panel's query has data
-# (scripts/check_grafana_panels.py); the published ports answer. Then the
+# (scripts/check_grafana_panels.py); the published ports answer; the reward server's container,
+# SIGKILLed at step 3 of that job, came back by its restart policy and the run lost no step and no
+# acknowledged group, trained none twice (scripts/compose-lib.sh's recovered). Then the
 # `standalone` profile (learner and rollout worker in their own containers) runs a short job, and
 # `docker compose down` must leave nothing running.
 #
@@ -35,8 +37,7 @@ run_job() {
   if [ "$1" = "--kill" ]; then kill_service=$2 kill_step=$3; shift 3; fi
   while [ "$1" != "--" ]; do live_args+=("$1"); shift; done
   shift
-  submit "$log" "$@" &
-  local submitter=$!
+  submit_in_background "$log" "$@"
   if [ -n "$kill_service" ]; then
     kill_at_step "$kill_service" "$kill_step" "$log" "$submitter" || { wait "$submitter" || true; return 1; }
   fi
@@ -109,8 +110,10 @@ timed "compose up --wait" compose up -d --build --wait --wait-timeout 300
 compose ps --format '{{.Service}}: {{.Status}}'
 published_ports_answer
 
-say "the tiny run through the Ray head (ray job submit)"
-timed "job through Ray + live Prometheus/Grafana checks" run_job ray --rollout-workers 2 -- \
+say "the tiny run through the Ray head (ray job submit), its reward server killed at step 3"
+# a node dies (scripts/compose-chaos.sh kills each in turn): the reward server's container, the cheapest
+# to bring back; the driver waits for it, the new server reclaims the groups the dead one had taken
+timed "job through Ray, a node killed + live checks" run_job ray --kill reward-server 3 --rollout-workers 2 -- \
   --set learner.total_steps=30 --set eval.num_samples=8
 timed "checks: runs volume, reward weights" check run --run-dir runs/tiny-shapes
 copy_run_out ray
