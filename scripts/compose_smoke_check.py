@@ -7,6 +7,11 @@ are reachable by their compose names.
                                           and learner, rollout and reward-server metrics have values
   run --run-dir runs/NAME                 after the job: the LoRA and the report are in the volume, and
                                           the reward server scored the run's groups with its weights
+  recovered --run-dir runs/NAME --since T after a job that lost a node at Unix time T: every step once,
+                                          no group trained twice, none acknowledged and lost (the chaos
+                                          suite's checks, bench/run_checks.py, on the cluster's Redis);
+                                          prints the recovery time, from T to the first step after it,
+                                          and the longest time between two steps from the last before T
 
 Each prints what it checked and exits 1 with the reason on the first failure.
 """
@@ -148,6 +153,59 @@ def run(args: argparse.Namespace) -> None:
     )
 
 
+def recovered(args: argparse.Namespace) -> None:
+    import redis
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from run_checks import check_run
+
+    from services.bus import RunBus
+    from services.config import load_run_config
+
+    run_dir = Path(args.run_dir)
+    cfg = load_run_config(run_dir / "config.yaml")
+    steps = cfg.learner.total_steps
+    problems = check_run(run_dir, steps, redis_url=cfg.resolved_redis_url())
+    lines = [
+        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
+    ]
+    trained = [row["group_id"] for line in lines for row in line["group_signal"]]
+    bus = RunBus(cfg, cfg.resolved_redis_url())
+    try:
+        consumed, lost = bus.groups_consumed(), bus.groups_lost()
+        # the scored groups the learner acknowledged: delivered to its consumer group and not pending
+        [group] = [
+            g for g in bus.client.xinfo_groups(bus.scored.name) if g["name"].decode() == bus.scored.group
+        ]
+        acked = len(bus.client.xrange(bus.scored.name, max=group["last-delivered-id"])) - group["pending"]
+    except redis.RedisError as error:
+        fail(f"reading the run's streams: {error}")
+    finally:
+        bus.client.close()
+    after = [line for line in lines if line["time"] > args.since]
+    recoveries = json.loads((run_dir / "summary.json").read_text()).get("recoveries", {})
+    print(
+        f"  metrics.jsonl: steps {lines[0]['step']}..{lines[-1]['step']} of {steps}, {len(trained)} group rows "
+        f"({len(set(trained))} distinct); the learner consumed {consumed} groups (trained or dropped as stale) "
+        f"and acknowledged {acked} scored groups; dead-lettered {lost}; recoveries counted {recoveries or '-'}"
+    )
+    if not after:
+        problems.append(f"no step logged after the fault at {args.since}")
+    if problems:
+        fail("; ".join(problems))
+    # the stall the fault caused: the longest time between two steps, from the last one before it (or
+    # from the fault, if it came before the first step)
+    before = lines[: len(lines) - len(after)]
+    times = [before[-1]["time"] if before else args.since] + [line["time"] for line in after]
+    gap = max(b - a for a, b in zip(times, times[1:], strict=False))
+    print(
+        f"RECOVERY_S {after[0]['time'] - args.since:.1f} (step {after[0]['step']}); longest step gap {gap:.1f} s"
+    )
+    print(
+        f"OK: run {cfg.name!r}: steps 1..{steps} once each, no group trained twice, none acknowledged and lost"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="check", required=True)
@@ -158,8 +216,11 @@ def main() -> None:
     live_parser.add_argument("--timeout", type=float, default=180)
     run_parser = sub.add_parser("run")
     run_parser.add_argument("--run-dir", required=True)
+    recovered_parser = sub.add_parser("recovered")
+    recovered_parser.add_argument("--run-dir", required=True)
+    recovered_parser.add_argument("--since", type=float, required=True, help="the fault's Unix time")
     args = parser.parse_args()
-    {"live": live, "run": run}[args.check](args)
+    {"live": live, "run": run, "recovered": recovered}[args.check](args)
 
 
 if __name__ == "__main__":

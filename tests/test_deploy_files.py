@@ -317,8 +317,9 @@ def test_the_smoke_submits_the_job_the_docs_tell_users_to():
     documented = shell_command((REPO / "docs" / "DEPLOY.md").read_text(), submit)
     assert documented == shell_command((REPO / "docker-compose.yml").read_text(), submit)
     assert "--set metrics_host=0.0.0.0" in " ".join(documented)
+    # compose-smoke.sh and compose-chaos.sh submit through scripts/compose-lib.sh
     smoke = shell_command(
-        (REPO / "scripts" / "compose-smoke.sh").read_text(), "compose exec -T ray-head ray job"
+        (REPO / "scripts" / "compose-lib.sh").read_text(), "compose exec -T ray-head ray job"
     )
     # the smoke's `compose` wraps `docker compose` with its project and files; -T: no terminal in CI
     assert ["docker", *[word for word in smoke if word != "-T"]] == [*documented, '"$@"', '>"$log"', "2>&1"]

@@ -100,6 +100,109 @@ def test_the_metrics_log_drops_the_steps_a_restarted_learner_redoes(tmp_path):
     assert rows == [{"step": 1}, {"step": 2}, {"step": 3, "again": True}]
 
 
+def test_a_new_learner_that_dies_with_the_node_of_the_old_one_is_started_again(tmp_path, monkeypatch, capsys):
+    """A Ray node lost (the compose cluster's worker container killed): Ray reports the learner
+    unavailable before it marks the node dead, so the first replacement can be placed on that node and
+    die with it before it runs. The driver starts another; one recovery, counted once."""
+    import ray
+
+    from deploy import driver
+
+    class Replacement:
+        def __init__(self, dies: bool):
+            self.dies = dies
+
+        def resume_point(self):
+            if self.dies:
+                raise ray.exceptions.ActorDiedError()  # "its node has died ... never ran"
+            return 4, 10
+
+        def publish_lora(self):
+            return 7
+
+    actors = driver.RunActors.__new__(driver.RunActors)  # no Ray: the actors are stand-ins
+    actors.cfg = load_run_config(None, [f"runs_dir={tmp_path}"])
+    actors.restarts, actors._learner_actor = driver.Counter(), "the dead learner"
+    replacements, killed = iter([Replacement(dies=True), Replacement(dies=False)]), []
+
+    def start_learner(resume):
+        actors._learner_actor = next(replacements)
+        return actors._learner_actor
+
+    monkeypatch.setattr(actors, "start_learner", start_learner)
+    monkeypatch.setattr(ray, "kill", lambda actor, no_restart: killed.append(actor))
+    monkeypatch.setattr(driver, "LEARNER_START_RETRY_S", 0.0)
+    learner, step = actors.restart_learner(ray.exceptions.ActorUnavailableError("Socket closed", None))
+    assert (step, actors.restarts["learner"]) == (4, 1)
+    assert killed[0] == "the dead learner" and killed[1].dies  # the one that died is killed too
+    out = capsys.readouterr().out
+    assert "died before it ran (ActorDiedError); starting another" in out
+    assert (
+        "recovered learner: the learner actor died (ActorUnavailableError); restarted from step 4 as v7"
+        in out
+    )
+
+
+def test_a_new_rollout_actor_that_dies_before_it_ran_is_started_again_uncounted(
+    tmp_path, monkeypatch, capsys
+):
+    """The same for the rollout workers: a Ray node lost takes its workers (one counted restart each);
+    their replacements, placed on the dying node, die before they run and are started again without
+    counting, so a node with several workers does not use up learner.max_restarts. A worker whose
+    creation fails is a crash of its own: counted."""
+    import ray
+
+    from deploy import driver
+
+    class Ref:
+        def __init__(self, done=True, error=None):
+            self.done, self.error = done, error
+
+    unavailable = ray.exceptions.ActorUnavailableError("Socket closed", None)
+    # worker id -> what each of its actors does, in order: (its run() call, its ready call)
+    lives = {
+        "worker-0": iter(
+            [(Ref(error=ray.exceptions.ActorDiedError()), Ref(done=False)), (Ref(done=False), Ref())]
+        ),
+        "worker-1": iter([(Ref(done=False), Ref())]),
+    }
+    actors = driver.RunActors.__new__(driver.RunActors)  # no Ray: the actors are stand-ins
+    actors.cfg = load_run_config(None, [f"runs_dir={tmp_path}"])
+    actors.restarts, actors._never_ran = driver.Counter(), driver.Counter()
+    actors.workers = {
+        "worker-0": (0, "actor-0", Ref(error=unavailable), Ref()),  # ran, then its node died
+        "worker-1": (
+            1,
+            "actor-1",
+            Ref(error=ray.exceptions.ActorDiedError()),
+            Ref(error=ray.exceptions.RayActorError(actor_init_failed=True)),
+        ),
+    }
+
+    def start_worker(i):
+        run, ready = next(lives[f"worker-{i}"])
+        actors.workers[f"worker-{i}"] = (i, f"actor-{i}", run, ready)
+
+    def get(ref):
+        if ref.error:
+            raise ref.error
+
+    monkeypatch.setattr(actors, "_start_worker", start_worker)
+    monkeypatch.setattr(
+        ray, "wait", lambda refs, timeout: ([r for r in refs if r.done], [r for r in refs if not r.done])
+    )
+    monkeypatch.setattr(ray, "get", get)
+    monkeypatch.setattr(ray, "kill", lambda actor, no_restart: None)
+    actors.restart_dead_workers()  # both restarted: counted
+    actors.restart_dead_workers()  # worker-0's replacement died before it ran: started again, uncounted
+    actors.restart_dead_workers()  # all alive
+    assert actors.restarts["rollout_worker"] == 2
+    out = capsys.readouterr().out
+    assert "recovered rollout_worker: worker-0 died (ActorUnavailableError)" in out
+    assert "recovered rollout_worker: worker-1 died (ActorDiedError)" in out  # its creation failed
+    assert out.count("rcgrpo: the new actor of worker-0 died before it ran: starting another") == 1
+
+
 def test_a_stall_is_named_after_its_deadline_then_stops_the_run(capsys):
     stall = StallWatch(warn_s=0.05, abort_s=0.3, describe=lambda: "reward server http://x:1 not answering")
     stall.check()
