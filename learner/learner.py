@@ -209,27 +209,9 @@ class Learner:
             method.adv_clip,
             method.zero_std_eps,
         )
-        # the update's gradient by group, back in batch order (0 for a group not trained on)
-        gradient_norm, gradient_share = [0.0] * len(batch), [0.0] * len(batch)
-        for (i, _), norm, share in zip(
-            kept, stats.group_gradient_norm, stats.group_gradient_share, strict=True
-        ):
-            gradient_norm[i], gradient_share[i] = norm, share
-        per_group = [
-            {
-                "group_id": group.meta.key.group_id,
-                "task": group.meta.task,
-                "reward_std": rewards[i].std(unbiased=False).item(),
-                "instruction_std": instruction[i].std(unbiased=False).item(),
-                "below_noise_floor": bool(below_floor[i]),
-                "trained": not bool(flat[i]),
-                "gradient_norm": gradient_norm[i],
-                "gradient_share": gradient_share[i],
-                **signal["per_group"][i],
-                **_hacks(group),
-            }
-            for i, (group, _) in enumerate(batch)
-        ]
+        per_group = _group_rows(
+            batch, rewards, instruction, below_floor, flat, kept, stats, signal["per_group"]
+        )
         stepped = {
             name: value
             for name, value in asdict(stats).items()
@@ -286,6 +268,30 @@ class Learner:
                 self.checkpoint(self.bus.task_cursor())
             log.info("step %(step)d reward %(reward_mean).4f loss %(loss).4f v%(policy_version)d", stats)
         self.save_final_lora(self.cfg.run_dir / "lora")
+
+
+def _group_rows(batch, rewards, instruction, below_floor, flat, kept, stats, signals) -> list[dict]:
+    """One row per group of the batch, in batch order: its task, reward spread, noise-floor verdict, the
+    share of the update's gradient it carried (0 if not trained on), its reward terms' spread and the
+    hacking detectors' counts: what a study aggregates per task kind."""
+    gradient_norm, gradient_share = [0.0] * len(batch), [0.0] * len(batch)
+    for (i, _), norm, share in zip(kept, stats.group_gradient_norm, stats.group_gradient_share, strict=True):
+        gradient_norm[i], gradient_share[i] = norm, share
+    return [
+        {
+            "group_id": group.meta.key.group_id,
+            "task": group.meta.task,
+            "reward_std": rewards[i].std(unbiased=False).item(),
+            "instruction_std": instruction[i].std(unbiased=False).item(),
+            "below_noise_floor": bool(below_floor[i]),
+            "trained": not bool(flat[i]),
+            "gradient_norm": gradient_norm[i],
+            "gradient_share": gradient_share[i],
+            **signals[i],
+            **_hacks(group),
+        }
+        for i, (group, _) in enumerate(batch)
+    ]
 
 
 def _hacks(group: RolloutGroup) -> dict[str, int]:
