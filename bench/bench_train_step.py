@@ -39,7 +39,7 @@ def main():
     from rcgrpo.tiny_editor import build_tiny_editor
     from rcgrpo.train_step import make_optimizer, rc_grpo_step
 
-    cfg = MethodConfig(group_size=8, anchors=4, timesteps_per_anchor=4, num_steps=8)
+    cfg = MethodConfig(group_size=8, anchors=4, steps_per_anchor=4, num_steps=8)
     size = args.size
     with tempfile.TemporaryDirectory() as tmp:
         editor = load_editor(build_tiny_editor(f"{tmp}/tiny"), device=args.device, dtype="float32")
@@ -66,7 +66,7 @@ def main():
             times.append(time.perf_counter() - start)
     tokens = group.rollout.states.shape[2]
     print(
-        f"rc_grpo_step G={cfg.group_size} B={cfg.anchors} K={cfg.timesteps_per_anchor} {size}x{size} "
+        f"rc_grpo_step G={cfg.group_size} B={cfg.anchors} K={cfg.steps_per_anchor} {size}x{size} "
         f"({tokens} target + {tokens} context tokens) device={editor.device} threads={args.threads} "
         f"torch={torch.__version__} cpu={platform.processor() or platform.machine()}"
     )

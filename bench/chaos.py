@@ -62,7 +62,7 @@ SMALL_RUN = [
     "method.group_size=4",
     "method.num_steps=4",
     "method.anchors=2",
-    "method.timesteps_per_anchor=2",
+    "method.steps_per_anchor=2",
     "data.num_samples=16",
 ]
 # the recovery counter (summary.json "recoveries", rcgrpo_recoveries_total) each fault must raise

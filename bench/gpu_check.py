@@ -32,7 +32,7 @@ from rcgrpo.trace import DEVICE, DeviceTracker, build_meta_editor, fused_attenti
 from rcgrpo.train_step import make_optimizer, rc_grpo_step
 
 GIB = 1024**3
-CFG = MethodConfig(group_size=6, num_steps=4, anchors=3, timesteps_per_anchor=2, background_anchor=1.0)
+CFG = MethodConfig(group_size=6, num_steps=4, anchors=3, steps_per_anchor=2, background_anchor=1.0)
 STATES = [0, 1, 2, 3, 4]
 GROUPS, MICRO_BATCH_ROWS = 2, 4
 FLUX_TRACED = [(True, 4), (True, 16)]  # (checkpointing, micro-batch rows) of gpu_flux's training runs
@@ -110,7 +110,7 @@ def flux_traced_peaks(size: int) -> dict[str, int]:
 
     editor = build_editor(False, DEVICE, torch.bfloat16)
     method = MethodConfig(
-        group_size=12, num_steps=8, anchors=4, timesteps_per_anchor=4, lora_rank=32, lora_alpha=64
+        group_size=12, num_steps=8, anchors=4, steps_per_anchor=4, lora_rank=32, lora_alpha=64
     )
     add_lora(editor.transformer, method.lora_rank, method.lora_alpha, method.lora_targets)
     h, w = editor.latent_size(size, size)

@@ -195,7 +195,7 @@ def bench_train(editor, group, method, micro_batch_rows, checkpointing, size) ->
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
         return row
-    rows = method.anchors * method.timesteps_per_anchor
+    rows = method.anchors * method.steps_per_anchor
     row |= {
         "seconds": seconds,
         "rows": rows,
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--group-size", type=int)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--anchors", type=int)
-    parser.add_argument("--timesteps-per-anchor", type=int)
+    parser.add_argument("--steps-per-anchor", type=int)
     parser.add_argument("--micro-batch-rows", type=int, nargs="+")
     parser.add_argument("--train-size", type=int, help="image size of the training measurements")
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip what would start after this")
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = args.sizes or ([64, 128] if args.reduced else [512, 1024])
     group_size = args.group_size or (4 if args.reduced else 12)
     anchors = args.anchors or (2 if args.reduced else 4)
-    k = args.timesteps_per_anchor or (2 if args.reduced else 4)
+    k = args.steps_per_anchor or (2 if args.reduced else 4)
     micro = args.micro_batch_rows or ([1, 2] if args.reduced else [1, 4, 16])
     train_size = args.train_size or sizes[0]
     if device.type == "cuda":
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         group_size=group_size,
         num_steps=args.steps,
         anchors=anchors,
-        timesteps_per_anchor=k,
+        steps_per_anchor=k,
         lora_rank=32,
         lora_alpha=64,
         learning_rate=1e-5,

@@ -40,6 +40,8 @@ class ConfigSection(BaseModel):
 
 
 class MethodConfig(ConfigSection):
+    renamed = {"timesteps_per_anchor": "steps_per_anchor"}
+
     # -- rollout (section 2) --
     group_size: int = Field(8, ge=2)  # G candidates per group (paper: 12)
     # paper: 8-step DPM++
@@ -58,7 +60,7 @@ class MethodConfig(ConfigSection):
     acd_layers: str = "double"  # "double" (all dual-stream blocks), "all", or comma-separated block names
     # -- surrogate (sections 2 and 5) --
     anchors: int = Field(4, ge=1)  # B anchors sampled out of G
-    timesteps_per_anchor: int = Field(4, ge=1)  # K training timesteps per anchor
+    steps_per_anchor: int = Field(4, ge=1)  # K trained grid steps per anchor
     # where on the T-step grid the trained steps begin, as a fraction of T: the surrogate (and the
     # background anchor) train on steps j -> j+1 with j >= floor(train_steps_from T). 0 = every step;
     # 0.5 = the late, low-noise half, where the edit's detail is decided (the early half sets the layout,
@@ -121,11 +123,11 @@ class MethodConfig(ConfigSection):
     def _fits_the_grid(self):
         if self.anchors > self.group_size:
             raise ValueError(f"anchors must be in 1..group_size={self.group_size} (got {self.anchors})")
-        if self.timesteps_per_anchor > len(self.trained_steps):
+        if self.steps_per_anchor > len(self.trained_steps):
             raise ValueError(
-                f"timesteps_per_anchor must be in 1..{len(self.trained_steps)}, the steps trained "
+                f"steps_per_anchor must be in 1..{len(self.trained_steps)}, the steps trained "
                 f"(num_steps={self.num_steps}, train_steps_from={self.train_steps_from}; "
-                f"got {self.timesteps_per_anchor})"
+                f"got {self.steps_per_anchor})"
             )
         return self
 

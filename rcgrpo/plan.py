@@ -369,13 +369,13 @@ def weight_bytes(arch: Architecture, dtype: torch.dtype, components: Sequence[st
 
 
 def expected_distinct_rows(
-    group_size: int, trainable_steps: int, anchors: int, timesteps_per_anchor: int, epochs: int
+    group_size: int, trainable_steps: int, anchors: int, steps_per_anchor: int, epochs: int
 ) -> float:
     """The expected number of distinct (k, j) rows one group's update samples over its epochs: each epoch
     draws B of the G anchors and K of the J steps, so a row is drawn with probability BK / (GJ) per epoch,
     and the anchor's reference pass is made once per distinct row."""
     pool = group_size * trainable_steps
-    return pool * (1 - (1 - anchors * timesteps_per_anchor / pool) ** epochs)
+    return pool * (1 - (1 - anchors * steps_per_anchor / pool) ** epochs)
 
 
 def make_plan(
@@ -390,7 +390,7 @@ def make_plan(
     num_states: int,
     trainable_steps: int,
     anchors: int,
-    timesteps_per_anchor: int,
+    steps_per_anchor: int,
     groups_per_step: int,
     update_epochs: int,
     background_anchor: bool,
@@ -415,11 +415,11 @@ def make_plan(
         "vae_decode_beyond": max(0, vae_decode - transformer_activations),
         "kept_states": math.prod(layout["states"][0]) * 4,
     }
-    rows_per_update = anchors * timesteps_per_anchor * groups_per_step
+    rows_per_update = anchors * steps_per_anchor * groups_per_step
     anchor_rows = 0.0  # reference passes of one update: every group's distinct rows, once
     if background_anchor:
         distinct = expected_distinct_rows(
-            group_size, trainable_steps, anchors, timesteps_per_anchor, update_epochs
+            group_size, trainable_steps, anchors, steps_per_anchor, update_epochs
         )
         anchor_rows = groups_per_step * distinct
     _, _, target_tokens, channels = layout["states"][0]

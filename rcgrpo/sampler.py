@@ -28,19 +28,19 @@ class Rollout:
     images: torch.Tensor  # (G, 3, H, W) in [0, 1]
 
 
-def states_of_steps(num_steps: int, timesteps: Sequence[int] | None) -> list[int]:
-    """Grid indices to keep so the surrogate can use steps j -> j+1 for every j in `timesteps`.
+def states_of_steps(num_steps: int, steps: Sequence[int] | None) -> list[int]:
+    """Grid-state indices to keep so the surrogate can use steps j -> j+1 for every j in `steps`.
 
     None keeps every grid state (0..T).
     """
-    if timesteps is None:
+    if steps is None:
         return list(range(num_steps + 1))
-    bad = [j for j in timesteps if not 0 <= j < num_steps]
+    bad = [j for j in steps if not 0 <= j < num_steps]
     if bad:
         raise ValueError(
-            f"training timesteps {bad} are outside the {num_steps}-step grid (0..{num_steps - 1})"
+            f"trained steps {bad} are outside the {num_steps}-step grid (0..{num_steps - 1})"
         )
-    return sorted({i for j in timesteps for i in (j, j + 1)})
+    return sorted({i for j in steps for i in (j, j + 1)})
 
 
 def euler_step(

@@ -492,7 +492,7 @@ def trace_update(
             groups = meta_train_groups(editor, cfg, size, kept_states, groups_per_step)
             # the other groups' x_ref (kept through the update for their rows) stay resident too
             x_refs = [
-                torch.empty_like(g.states[0, : cfg.anchors * cfg.timesteps_per_anchor])
+                torch.empty_like(g.states[0, : cfg.anchors * cfg.steps_per_anchor])
                 for g in groups[1:]
                 if cfg.background_anchor > 0
             ]

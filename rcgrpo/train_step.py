@@ -116,15 +116,15 @@ def sample_anchor_steps(
         raise ValueError(f"cfg.anchors={cfg.anchors} exceeds the group size {group_size}")
     trained = set(cfg.trained_steps)
     valid = torch.tensor([j for j in group.training_indices() if j in trained], dtype=torch.long)
-    if len(valid) < cfg.timesteps_per_anchor:
+    if len(valid) < cfg.steps_per_anchor:
         raise ValueError(
             f"the group kept states {group.kept_states}, which give {len(valid)} trainable steps j -> j+1 "
-            f"among the trained steps {cfg.trained_steps}; cfg.timesteps_per_anchor={cfg.timesteps_per_anchor} "
+            f"among the trained steps {cfg.trained_steps}; cfg.steps_per_anchor={cfg.steps_per_anchor} "
             "needs at least that many"
         )
     anchors = torch.randperm(group_size, generator=generator)[: cfg.anchors]
     steps = torch.stack(
-        [valid[torch.randperm(len(valid), generator=generator)[: cfg.timesteps_per_anchor]] for _ in anchors]
+        [valid[torch.randperm(len(valid), generator=generator)[: cfg.steps_per_anchor]] for _ in anchors]
     )
     return anchors, steps
 

@@ -209,7 +209,7 @@ class RunConfig(ConfigSection):
         """kept_steps must lie on the grid and give the surrogate K trainable steps per anchor."""
         kept = self.rollout.kept_steps
         if kept is not None:
-            steps, k = self.method.num_steps, self.method.timesteps_per_anchor
+            steps, k = self.method.num_steps, self.method.steps_per_anchor
             bad = [j for j in kept if not 0 <= j < steps]
             if bad:
                 raise ValueError(
@@ -219,7 +219,7 @@ class RunConfig(ConfigSection):
                 raise ValueError(
                     f"rollout.kept_steps {kept} gives {len(self.trained_steps)} trainable steps among "
                     f"method.trained_steps {self.method.trained_steps}, but "
-                    f"method.timesteps_per_anchor={k} samples that many per anchor"
+                    f"method.steps_per_anchor={k} samples that many per anchor"
                 )
         return self
 

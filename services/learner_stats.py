@@ -106,7 +106,7 @@ LEARNER_STATISTICS = (
     Statistic(
         "distance_scale",
         "Mean distance between candidates and the anchor at a grid step, last update",
-        label="timestep",
+        label="grid_step",
     ),
     # -- the gradient
     Statistic("grad_norm", "LoRA gradient norm before clipping, last update"),

@@ -26,7 +26,7 @@ from services.config import load_run_config
 from services.redis_server import EmbeddedRedis
 
 SHIPPED = Path(rcgrpo.__file__).parent / "assets" / "tiny_kontext_shapes"
-CFG = MethodConfig(group_size=6, num_steps=4, anchors=3, timesteps_per_anchor=2, background_anchor=1.0)
+CFG = MethodConfig(group_size=6, num_steps=4, anchors=3, steps_per_anchor=2, background_anchor=1.0)
 
 
 def _moved_lora(editor) -> None:

@@ -628,7 +628,7 @@ def test_flux_config_has_the_papers_settings():
 
     config = load_run_config(FLUX_CONFIG)
     method = config.method
-    assert (method.group_size, method.s_in, method.s_out, method.anchors, method.timesteps_per_anchor) == (
+    assert (method.group_size, method.s_in, method.s_out, method.anchors, method.steps_per_anchor) == (
         12,
         0.3,
         0.0,

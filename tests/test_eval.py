@@ -18,7 +18,7 @@ from rcgrpo.sampler import rollout
 
 # Few Euler steps and a small CompBench resize keep these fast; the official 512 size is checked
 # against the official evaluator in test_compbench_metrics.py and changes nothing asserted here.
-CFG = MethodConfig(num_steps=2, timesteps_per_anchor=1)
+CFG = MethodConfig(num_steps=2, steps_per_anchor=1)
 FAST = ["--num-steps", "2", "--metric-size", "64"]
 
 

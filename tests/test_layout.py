@@ -68,7 +68,15 @@ def test_no_module_imports_itself_back():
     assert cycles == []
 
 
-RETIRED = ("keep_timesteps", "weight_store", "weight_dir", "payload_store", "payload_dir", "payload_path")
+RETIRED = (
+    "keep_timesteps",
+    "timesteps_per_anchor",
+    "weight_store",
+    "weight_dir",
+    "payload_store",
+    "payload_dir",
+    "payload_path",
+)
 
 
 def test_renamed_config_fields_are_read_once_more_with_a_warning_and_found_nowhere_else():

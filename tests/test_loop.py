@@ -46,7 +46,7 @@ FAST = [
     "method.group_size=4",
     "method.num_steps=4",
     "method.anchors=2",
-    "method.timesteps_per_anchor=2",
+    "method.steps_per_anchor=2",
     "data.num_samples=8",
     "rollout.torch_threads=2",
     "learner.torch_threads=2",
@@ -283,7 +283,9 @@ def test_an_external_reward_server_scores_the_runs_groups_with_the_runs_weights(
             assert total != pytest.approx(sum(w * scores[name] for name, w in server_weights.items()))
     # no payload in Redis; the final checkpoint freed the files of the groups it holds, and only those
     bus = RunBus(cfg, redis_url)
-    assert not bus.client.keys(cfg.keys.train_prefix + "*") and not bus.client.keys(cfg.keys.blob_prefix + "*")
+    assert not bus.client.keys(cfg.keys.train_prefix + "*") and not bus.client.keys(
+        cfg.keys.blob_prefix + "*"
+    )
     [final] = sorted((tmp_path / "external" / "checkpoints").iterdir())[-1:]
     consumed = set(json.loads((final / "state.json").read_text())["consumed"])
     assert consumed and {g.meta.key.id for g in scored} >= consumed
@@ -407,7 +409,11 @@ def test_new_policy_version_reaches_every_worker_and_changes_its_samples(tmp_pat
     [raced] = [g for g in rollout_groups(bus) if g.meta.key.group_id == "race-0"]
     assert raced.meta.key.policy_version == 1
     bus.lora.publish(v1, policy_version=3)  # the learner's republish
-    assert bus.rejected_lora() is None and workers[1].sync_lora_or_report() is True and workers[1].policy_version == 3
+    assert (
+        bus.rejected_lora() is None
+        and workers[1].sync_lora_or_report() is True
+        and workers[1].policy_version == 3
+    )
 
 
 def test_a_worker_completes_a_task_and_takes_the_next_in_one_round_trip(tmp_path, redis_url, round_trips):

@@ -32,7 +32,7 @@ def trained_run(tiny_editor_dir, tmp_path):
             "method.lora_rank=4",
             "method.lora_alpha=8",
             "method.num_steps=4",
-            "method.timesteps_per_anchor=2",
+            "method.steps_per_anchor=2",
             "eval.num_samples=2",
             "eval.grid_samples=2",
             "rollout.torch_threads=2",

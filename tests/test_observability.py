@@ -120,7 +120,7 @@ def components(tiny_editor_dir, tmp_path_factory):
             f"editor={tiny_editor_dir}",
             "method.group_size=4",
             "method.num_steps=4",
-            "method.timesteps_per_anchor=2",  # the late half of 4 steps
+            "method.steps_per_anchor=2",  # the late half of 4 steps
             "data.num_samples=8",
             "rollout.num_workers=1",
             f"rollout.metrics_port={worker_port}",
@@ -452,7 +452,7 @@ def test_driver_submitted_with_ray_job_submit_completes_a_tiny_run():
             str(ray), "job", "submit", "--address", address, "--submission-id", submission_id, "--",
             "python", "-m", "deploy.driver", "--config", "configs/tiny_shapes.yaml",
             "--set", "learner.total_steps=2", "--set", "method.group_size=4", "--set", "method.num_steps=4",
-            "--set", "method.timesteps_per_anchor=2", "--set", "eval.num_samples=2", "--set", "rollout.num_workers=1",
+            "--set", "method.steps_per_anchor=2", "--set", "eval.num_samples=2", "--set", "rollout.num_workers=1",
             "--set", "name=ray-job", "--set", f"runs_dir={runs_dir}",
         ]
         # fmt: on

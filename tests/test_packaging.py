@@ -185,7 +185,7 @@ def test_train_runs_its_default_config_from_an_empty_directory(installed, empty_
         "method.group_size=4",
         "method.num_steps=4",
         "method.anchors=2",
-        "method.timesteps_per_anchor=2",
+        "method.steps_per_anchor=2",
         "method.update_epochs=1",
         "data.num_samples=8",
         "rollout.num_workers=1",

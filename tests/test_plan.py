@@ -42,7 +42,7 @@ def test_flux_architecture_from_the_published_configs(flux):
 def test_the_layout_is_what_a_group_carries_and_its_bytes(tiny_editor, tiny_editor_dir, flux):
     """train_tensor_layout names exactly the tensors (shape, dtype) a sampled group's training blob
     holds; bytes per group then follow for any size: Kontext-1024 in bf16 (the states in float32) with
-    the 9 grid states of 8 steps is 112.6 MiB, with the flagship's kept timesteps 0..3 (5 states) 64.6 MiB."""
+    the 9 grid states of 8 steps is 112.6 MiB, with the flagship's kept steps 0..3 (5 states) 64.6 MiB."""
     from rcgrpo.data.shapes import generate_shapes_edit
 
     cfg = MethodConfig(group_size=4, num_steps=4)
@@ -79,7 +79,7 @@ def _flux_plan(flux, checkpointing: bool):
         num_states=5,
         trainable_steps=4,
         anchors=4,
-        timesteps_per_anchor=4,
+        steps_per_anchor=4,
         groups_per_step=8,
         update_epochs=1,
         background_anchor=False,
@@ -122,7 +122,7 @@ def test_train_refuses_a_run_that_cannot_fit_before_anything_starts(tmp_path, ca
     assert not any(tmp_path.iterdir())  # no run directory, no Redis, no Ray
 
 
-def test_kept_timesteps_must_train_k_steps_per_anchor():
+def test_kept_steps_must_train_k_steps_per_anchor():
     with pytest.raises(ValueError, match="rollout.kept_steps .* gives 2 trainable steps"):
         load_run_config(FLUX_CONFIG, ["rollout.kept_steps=[4, 5]"])
     with pytest.raises(ValueError, match=r"outside the 8-step grid"):
@@ -150,7 +150,7 @@ def test_the_anchor_passes_the_plan_counts_are_the_distinct_rows_the_update_samp
     from rcgrpo.plan import expected_distinct_rows
     from rcgrpo.train_step import TrainGroup, _sample_rows
 
-    cfg = MethodConfig(group_size=8, num_steps=8, anchors=4, timesteps_per_anchor=4, update_epochs=4)
+    cfg = MethodConfig(group_size=8, num_steps=8, anchors=4, steps_per_anchor=4, update_epochs=4)
     cond = EditCondition(
         torch.zeros(1, 2, 4), torch.zeros(1, 4), torch.zeros(2, 3), torch.ones(1, 2, dtype=torch.bool),
         torch.zeros(1, 3, 4), torch.zeros(6, 3), None, 8, 8,

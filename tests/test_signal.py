@@ -13,7 +13,7 @@ from rcgrpo.noise import group_noise, latent_mask, token_weights
 from rcgrpo.sampler import rollout
 from rcgrpo.train_step import TrainGroup, make_optimizer, rc_grpo_step
 
-SMALL = dict(group_size=8, num_steps=4, anchors=2, timesteps_per_anchor=2, tau=0.5)
+SMALL = dict(group_size=8, num_steps=4, anchors=2, steps_per_anchor=2, tau=0.5)
 
 
 def _editor(tiny_editor_dir, cfg, lora_scale=0.0):

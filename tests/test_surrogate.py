@@ -198,7 +198,7 @@ def lora_editor(tiny_editor_dir):
 
 
 def test_ratio_is_one_before_the_first_update(lora_editor):
-    cfg = MethodConfig(group_size=4, num_steps=4, anchors=4, timesteps_per_anchor=3)
+    cfg = MethodConfig(group_size=4, num_steps=4, anchors=4, steps_per_anchor=3)
     cond, result, weights = _group(lora_editor, cfg, seed=0)
     # theta == theta_old: the one-step prediction from every stored x^(k)_j is the stored x^(k)_{j+1}
     j = torch.arange(cfg.num_steps).repeat_interleave(cfg.group_size)
@@ -226,9 +226,7 @@ def test_ratio_is_one_before_the_first_update(lora_editor):
 
 
 def test_one_step_moves_the_prediction_toward_positive_candidates(lora_editor):
-    cfg = MethodConfig(
-        group_size=4, num_steps=4, anchors=4, timesteps_per_anchor=1, learning_rate=1e-2, tau=0.05
-    )
+    cfg = MethodConfig(group_size=4, num_steps=4, anchors=4, steps_per_anchor=1, learning_rate=1e-2, tau=0.05)
     j = 1
     cond, result, weights = _group(lora_editor, cfg, seed=1, kept_states=[j, j + 1])
     advantages = torch.tensor([2.0, -2.0, 0.0, 0.0])  # candidate 0 good, candidate 1 bad

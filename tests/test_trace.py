@@ -42,7 +42,7 @@ def test_a_cpu_tensor_in_the_step_fails_with_the_line_that_made_it(monkeypatch):
     """A tensor created on the CPU inside the update and mixed with device tensors raises, naming the
     file and line; on a GPU the same op fails only after the weights are loaded."""
     editor = build_meta_editor(SHIPPED_EDITOR_DIR)
-    cfg = MethodConfig(group_size=4, num_steps=4, anchors=2, timesteps_per_anchor=2)
+    cfg = MethodConfig(group_size=4, num_steps=4, anchors=2, steps_per_anchor=2)
     add_lora(editor.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     stock = train_step.one_step_prediction
 

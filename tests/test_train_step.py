@@ -47,26 +47,26 @@ def _fake_group(group_size=4, num_tokens=16, dim=8, kept=(0, 1, 2, 4, 5), num_st
 def test_anchor_and_step_sampling():
     group = _fake_group(group_size=6, kept=(0, 1, 2, 4, 5))
     assert group.training_indices() == [0, 1, 4]  # j with both x_j and x_{j+1} kept
-    cfg = MethodConfig(group_size=6, anchors=4, timesteps_per_anchor=3)
+    cfg = MethodConfig(group_size=6, anchors=4, steps_per_anchor=3)
     anchors, steps = sample_anchor_steps(group, cfg, torch.Generator().manual_seed(0))
     assert anchors.shape == (4,) and len(set(anchors.tolist())) == 4 and anchors.max() < 6
     assert steps.shape == (4, 3)
     for row in steps.tolist():
         assert sorted(row) == [0, 1, 4]  # K distinct valid steps per anchor
     with pytest.raises(ValueError, match="3 trainable steps"):
-        sample_anchor_steps(group, MethodConfig(group_size=6, timesteps_per_anchor=4), torch.Generator())
+        sample_anchor_steps(group, MethodConfig(group_size=6, steps_per_anchor=4), torch.Generator())
 
 
 def test_train_steps_from_trains_the_late_part_of_the_grid_only():
-    late = MethodConfig(group_size=6, num_steps=6, anchors=4, timesteps_per_anchor=3, train_steps_from=0.5)
+    late = MethodConfig(group_size=6, num_steps=6, anchors=4, steps_per_anchor=3, train_steps_from=0.5)
     assert late.trained_steps == [3, 4, 5]
     group = _fake_group(group_size=6, kept=range(7), num_steps=6)
     _, steps = sample_anchor_steps(group, late, torch.Generator().manual_seed(0))
     assert all(sorted(row) == [3, 4, 5] for row in steps.tolist())
     # the same fraction on a shorter grid
-    assert MethodConfig(num_steps=4, timesteps_per_anchor=2, train_steps_from=0.5).trained_steps == [2, 3]
-    with pytest.raises(ValueError, match=r"timesteps_per_anchor must be in 1\.\.2, the steps trained"):
-        MethodConfig(num_steps=4, timesteps_per_anchor=4, train_steps_from=0.5)
+    assert MethodConfig(num_steps=4, steps_per_anchor=2, train_steps_from=0.5).trained_steps == [2, 3]
+    with pytest.raises(ValueError, match=r"steps_per_anchor must be in 1\.\.2, the steps trained"):
+        MethodConfig(num_steps=4, steps_per_anchor=4, train_steps_from=0.5)
     with pytest.raises(ValueError, match=r"train_steps_from\n  Input should be less than 1"):
         MethodConfig(train_steps_from=1.0)
     # a group kept by an older config still trains only the late steps it has
@@ -81,9 +81,7 @@ def test_train_group_rejects_inconsistent_shapes():
     with pytest.raises(ValueError, match="states must be"):
         TrainGroup(group.cond, group.sigmas, [0, 1], group.states, group.token_weights, group.advantages)
     with pytest.raises(ValueError, match="token_weights must be"):
-        TrainGroup(
-            group.cond, group.sigmas, group.kept_states, group.states, torch.ones(3), group.advantages
-        )
+        TrainGroup(group.cond, group.sigmas, group.kept_states, group.states, torch.ones(3), group.advantages)
     with pytest.raises(ValueError, match="batch 1"):
         TrainGroup(
             group.cond.repeat(2),
@@ -165,10 +163,9 @@ def test_background_gets_no_direct_push(tiny_editor_dir):
         grad = x_theta.grad.norm(dim=-1)
         return grad[background].sum().item() / grad.sum().item()
 
-    assert background_gradient(MethodConfig(num_steps=4, timesteps_per_anchor=2)) == 0.0
+    assert background_gradient(MethodConfig(num_steps=4, steps_per_anchor=2)) == 0.0
     assert (
-        background_gradient(MethodConfig(num_steps=4, timesteps_per_anchor=2, rdp=False, mask_aware=False))
-        > 0.3
+        background_gradient(MethodConfig(num_steps=4, steps_per_anchor=2, rdp=False, mask_aware=False)) > 0.3
     )
 
 
@@ -191,7 +188,7 @@ def test_thirty_steps_raise_the_in_mask_reward_on_fresh_seeds(tiny_editor_dir):
         before, after = _train_thirty_steps(tiny_editor_dir, cfg)
         return _brightness_in_mask(after) - _brightness_in_mask(before)
 
-    small = dict(group_size=8, num_steps=4, anchors=2, timesteps_per_anchor=2, learning_rate=1e-2)
+    small = dict(group_size=8, num_steps=4, anchors=2, steps_per_anchor=2, learning_rate=1e-2)
     rc_grpo = train(MethodConfig(**small))  # RDP + mask-aware distance
     neighbor_grpo = train(MethodConfig(**small, rdp=False, mask_aware=False))  # global noise, plain distance
     # measured: +0.030 (every seed > +0.017) vs +0.002
@@ -204,7 +201,7 @@ def test_background_anchor_pulls_the_background_back_to_the_base_editor(tiny_edi
     moves the background, and a step on it alone brings the background velocity back toward the base."""
     from rcgrpo.train_step import background_anchor_loss, reference_prediction
 
-    cfg = MethodConfig(num_steps=4, timesteps_per_anchor=2, background_anchor=1.0)
+    cfg = MethodConfig(num_steps=4, steps_per_anchor=2, background_anchor=1.0)
     editor, cond, mask_latent = _setup(tiny_editor_dir, cfg)
     group = _scored_group(editor, cond, mask_latent, cfg, torch.Generator().manual_seed(5))
     x_j, sigma, sigma_next = group.states[:2, 0], group.sigmas[:2], group.sigmas[1:3]
@@ -247,7 +244,7 @@ def test_thirty_steps_on_the_pretrained_editor_keep_the_background_unlike_global
             (after - before).abs()[:, :, background].mean(dim=(1, 2)),
         )
 
-    small = dict(group_size=8, num_steps=4, anchors=2, timesteps_per_anchor=2, learning_rate=1e-3)
+    small = dict(group_size=8, num_steps=4, anchors=2, steps_per_anchor=2, learning_rate=1e-3)
     rc_gain, rc_background = train(MethodConfig(**small, background_anchor=1.0))
     global_gain, global_background = train(MethodConfig(**small, rdp=False, mask_aware=False))
     assert (rc_gain > 0.1).all() and (global_gain > 0.1).all()
@@ -305,7 +302,7 @@ def _editor_with_a_moved_lora(editor_dir, cfg):
 def test_micro_batches_give_the_unbatched_gradient_and_update(tiny_editor_dir):
     """Rows split into micro-batches (mixing both groups, anchor pass included) accumulate to the same
     gradient and the same updated LoRA as all rows in one batch, up to float32 rounding."""
-    cfg = MethodConfig(group_size=4, num_steps=4, anchors=3, timesteps_per_anchor=3, background_anchor=1.0)
+    cfg = MethodConfig(group_size=4, num_steps=4, anchors=3, steps_per_anchor=3, background_anchor=1.0)
     results = {}
     for rows in (None, 5, 1):
         editor = _editor_with_a_moved_lora(tiny_editor_dir, cfg)  # the same LoRA for every variant
@@ -337,7 +334,7 @@ def test_the_anchor_reference_pass_is_made_once_per_distinct_row_and_gives_each_
     from rcgrpo.train_step import _row_inputs, _sample_rows, background_anchor_loss, reference_prediction
 
     cfg = MethodConfig(
-        group_size=4, num_steps=4, anchors=3, timesteps_per_anchor=3, background_anchor=1.0, update_epochs=3
+        group_size=4, num_steps=4, anchors=3, steps_per_anchor=3, background_anchor=1.0, update_epochs=3
     )
     editor = _editor_with_a_moved_lora(tiny_editor_dir, cfg)
     groups = _two_scored_groups(editor, cfg)
@@ -382,7 +379,7 @@ def test_the_anchor_reference_pass_is_made_once_per_distinct_row_and_gives_each_
 def test_update_epochs_move_the_ratio_off_one(tiny_editor_dir):
     """One update on fresh samples has r = 1 exactly (pi_theta is pi_old); later epochs on the same
     batch see a moved policy, so |r - 1| grows and, with a large enough step, ratios get clipped."""
-    base = dict(group_size=4, num_steps=4, anchors=4, timesteps_per_anchor=3, learning_rate=2e-2, tau=0.5)
+    base = dict(group_size=4, num_steps=4, anchors=4, steps_per_anchor=3, learning_rate=2e-2, tau=0.5)
     measured = {}
     for epochs in (1, 4):
         torch.manual_seed(0)
@@ -409,7 +406,7 @@ def test_bf16_base_weights_train_a_float32_lora_in_checkpointed_micro_batches(ti
     """The FLUX-scale setting: bfloat16 base weights, float32 LoRA parameters, gradients and AdamW
     state, micro-batched rows with the anchor pass and gradient checkpointing; the base stays bf16 and
     untouched, the LoRA moves."""
-    cfg = MethodConfig(group_size=4, num_steps=4, anchors=2, timesteps_per_anchor=2, background_anchor=1.0)
+    cfg = MethodConfig(group_size=4, num_steps=4, anchors=2, steps_per_anchor=2, background_anchor=1.0)
     torch.manual_seed(0)
     editor = load_editor(tiny_editor_dir, dtype="bfloat16")
     add_lora(editor.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
@@ -449,7 +446,7 @@ def test_twenty_steps_on_the_shipped_editor_raise_region_adherence_on_fresh_seed
     cfg = MethodConfig(
         s_in=0.3,
         anchors=2,
-        timesteps_per_anchor=2,
+        steps_per_anchor=2,
         tau=0.5,
         distance_scale="neighbours",
         update_epochs=4,

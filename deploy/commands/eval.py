@@ -106,10 +106,8 @@ def main(args) -> int:
         from rcgrpo.lora import load_trained_lora
 
         # K may not exceed the grid: the training fields are validated even where only sampling reads them
-        k = min(MethodConfig.model_fields["timesteps_per_anchor"].default, args.num_steps)
-        cfg = MethodConfig(
-            num_steps=args.num_steps, guidance_scale=args.guidance_scale, timesteps_per_anchor=k
-        )
+        k = min(MethodConfig.model_fields["steps_per_anchor"].default, args.num_steps)
+        cfg = MethodConfig(num_steps=args.num_steps, guidance_scale=args.guidance_scale, steps_per_anchor=k)
         editor = load_editor(args.editor, dtype=args.dtype, device=args.device)
         if args.lora:
             if not Path(args.lora).is_dir():

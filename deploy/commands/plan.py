@@ -76,7 +76,7 @@ def build_plan(
     size = image_size or default_image_size(cfg)
     arch = architecture(cfg.editor, method.lora_rank, method.lora_targets, transformer_overrides)
     kept = cfg.kept_states
-    rows_per_update = method.anchors * method.timesteps_per_anchor * learner.groups_per_step
+    rows_per_update = method.anchors * method.steps_per_anchor * learner.groups_per_step
     sizes = sorted({r for r in (1, 2, 4, 8, 16) if r < rows_per_update} | {learner.micro_batch_rows or 1})
     sizes = [*sizes, None]
     plan = make_plan(
@@ -90,7 +90,7 @@ def build_plan(
         num_states=len(kept),
         trainable_steps=len(cfg.trained_steps),
         anchors=method.anchors,
-        timesteps_per_anchor=method.timesteps_per_anchor,
+        steps_per_anchor=method.steps_per_anchor,
         groups_per_step=learner.groups_per_step,
         update_epochs=method.update_epochs,
         background_anchor=method.background_anchor > 0,
