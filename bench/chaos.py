@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-from run_checks import StepWatch, acknowledged_but_lost, check_run  # noqa: F401 (chaos.check_run)
+from run_checks import StepWatch, check_run
 
 ROOT = Path(__file__).resolve().parents[1]
 FAULTS = (

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import chaos
 import redis
+import run_checks
 
 FAULTS = ("partition", "loss", "reset")
 REDIS_PORT = 6379
@@ -160,7 +161,7 @@ def run_case(fault: str, index: int, workdir: Path, args) -> Result:
             *chaos.SMALL_RUN,
         ]
         run_dir = runs_dir / chaos.RUN_NAME
-        watch = chaos.StepWatch(run_dir / "metrics.jsonl")
+        watch = run_checks.StepWatch(run_dir / "metrics.jsonl")
         if fault == "loss":
             server.drop(percent=1)
         started = time.monotonic()
@@ -196,7 +197,7 @@ def run_case(fault: str, index: int, workdir: Path, args) -> Result:
         result.packets = server.hit
         server.stop_redis()
         if not result.problems:
-            result.problems += chaos.check_run(run_dir, args.steps, redis_dir=runs_dir / "redis")
+            result.problems += run_checks.check_run(run_dir, args.steps, redis_dir=runs_dir / "redis")
         result.said = [
             line.strip()
             for line in train.log.read_text(errors="replace").splitlines()

@@ -133,7 +133,6 @@ LEARNER_STATISTICS = (
     Statistic("publish_seconds", "Wall time of publishing the policy version", gauge=None),
     Statistic("publish_error", "Why the last publish failed (only then)", gauge=None),
 )
-STATISTICS_BY_KEY = {statistic.key: statistic for statistic in LEARNER_STATISTICS}
 # what the driver adds to each metrics.jsonl row
 DRIVER_STATISTICS = (
     Statistic("time", "Wall clock of the row (Unix seconds)", gauge=None),

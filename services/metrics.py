@@ -37,11 +37,16 @@ ROLLOUT_ACD = Gauge("rcgrpo_rollout_acd_mean", "Mean ACD reward of the worker's 
 
 # -- learner ------------------------------------------------------------------------------------
 # a gauge per declared statistic (services/learner_stats.py); statistics that share a gauge are its labels
-LEARNER_GAUGES: dict[str, Gauge] = {}
-for _statistic in LEARNER_STATISTICS:
-    if _statistic.gauge_name is not None and _statistic.gauge_name not in LEARNER_GAUGES:
-        _labels = [_statistic.label_name] if _statistic.label_name else []
-        LEARNER_GAUGES[_statistic.gauge_name] = Gauge(_statistic.gauge_name, _statistic.help, _labels)
+def _learner_gauges() -> dict[str, Gauge]:
+    gauges = {}
+    for statistic in LEARNER_STATISTICS:
+        if statistic.gauge_name is not None and statistic.gauge_name not in gauges:
+            labels = [statistic.label_name] if statistic.label_name else []
+            gauges[statistic.gauge_name] = Gauge(statistic.gauge_name, statistic.help, labels)
+    return gauges
+
+
+LEARNER_GAUGES = _learner_gauges()
 LEARNER_POLICY_VERSION = LEARNER_GAUGES["rcgrpo_learner_policy_version"]
 LEARNER_STEP_SECONDS = Histogram(
     "rcgrpo_learner_step_seconds",
