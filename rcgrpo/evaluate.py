@@ -29,6 +29,7 @@ from rcgrpo.compbench_metrics import GROUPS, CompBenchMetrics, group_means, task
 from rcgrpo.config import MethodConfig
 from rcgrpo.data.compbench import IMPLICIT_TASK
 from rcgrpo.data.sample import EditSample, open_image
+from rcgrpo.group import sample_group
 from rcgrpo.sampler import rollout
 
 # the held-out metrics every evaluation reports first: the instruction followed, the background kept
@@ -307,6 +308,43 @@ def evaluate(
     """Edit every sample with the plain ODE sampler (cfg.num_steps, cfg.guidance_scale) and score it."""
     edits = generate_edits(editor, samples, cfg, seed, batch_size, max_area, progress)
     return score_edits(samples, edits, clip=clip, compbench=compbench, keep_edits=keep_edits)
+
+
+@torch.no_grad()
+def within_group_spread(
+    editor, samples: Sequence[EditSample], cfg: MethodConfig | None = None, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """What GRPO has to select on, per task: each sample's group of cfg.group_size candidates sampled
+    as training samples it (RDP at cfg.s_in, cfg.s_out), scored by region adherence as 8-bit pictures.
+
+    Returns {task: {"groups", "adherence", "median_std", "mean_std"}}: the mean adherence of the
+    candidates and the median and mean of the within-group std of adherence. A task whose median std is
+    under the reward's noise floor gives the update (almost) nothing.
+    """
+    from rcgrpo.rewards import region_adherence
+
+    cfg = cfg or MethodConfig()
+    by_task: dict[str, list[tuple[float, float]]] = {}
+    for sample in samples:
+        if sample.target is None:
+            raise ValueError(f"sample {sample.id!r} has no ground truth: its adherence cannot be scored")
+        group = sample_group(editor, cfg, sample, sample_seed(seed, sample.id), kept_states=[cfg.num_steps])
+        height, width = sample.source.shape[-2:]
+        edits = torch.stack([quantize(resize(image, height, width)) for image in group.rollout.images.cpu()])
+        n = len(edits)
+        adherence = region_adherence(
+            edits, sample.target.expand(n, -1, -1, -1), sample.mask.expand(n, -1, -1)
+        )
+        by_task.setdefault(sample.task, []).append((adherence.mean().item(), adherence.std().item()))
+    return {
+        task: {
+            "groups": len(rows),
+            "adherence": float(np.mean([mean for mean, _ in rows])),
+            "median_std": float(np.median([std for _, std in rows])),
+            "mean_std": float(np.mean([std for _, std in rows])),
+        }
+        for task, rows in sorted(by_task.items())
+    }
 
 
 # -- CompBench's results layout ----------------------------------------------------------------------

@@ -87,6 +87,12 @@ class PretrainConfig(ConfigSection):
         False, description="also train the CLIP and T5 text encoders with the flow loss"
     )
     text_encoder_learning_rate: float = Field(1e-3, gt=0)
+    # a device run has a fixed time, not a fixed step count: stopping at a cycle's end keeps an annealed editor
+    flow_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="stop at the last learning-rate cycle's end that fits this many seconds of transformer training",
+    )
     device: str = Field("cpu", description="cpu or cuda")
 
     @model_validator(mode="after")
@@ -182,6 +188,7 @@ def train_flow(
     )
     generator = torch.Generator().manual_seed(cfg.seed)
     losses = []
+    started = time.perf_counter()
     for step in tqdm(range(1, cfg.flow_steps + 1), desc="pretrain transformer", unit="step"):
         idx = torch.from_numpy(rng.integers(0, len(samples), cfg.flow_batch_size))
         x0 = targets[idx]
@@ -220,10 +227,17 @@ def train_flow(
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-        if on_cycle_end is not None and (step % cycle == 0 or step == cfg.flow_steps):
-            transformer.eval()
-            on_cycle_end(step, float(np.mean(losses[-50:])))
-            transformer.train()
+        if step % cycle == 0 or step == cfg.flow_steps:
+            if on_cycle_end is not None:
+                transformer.eval()
+                on_cycle_end(step, float(np.mean(losses[-50:])))
+                transformer.train()
+            elapsed = time.perf_counter() - started
+            if cfg.flow_seconds is not None and elapsed * (step + cycle) / step > cfg.flow_seconds:
+                tqdm.write(
+                    f"step {step}: stopping, another cycle would pass flow_seconds {cfg.flow_seconds:g}"
+                )
+                break
     transformer.eval().requires_grad_(False)
     if cfg.train_text_encoders:
         for encoder in encoders:
@@ -280,6 +294,7 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig, eval_samples: int = 64) -
         "vae_final_loss": float(np.mean(vae_losses[-50:])) if vae_losses else None,
         "vae_from": cfg.vae_from,
         "init_from": cfg.init_from,
+        "flow_steps_trained": len(flow_losses),
         "flow_final_loss": float(np.mean(flow_losses[-50:])),
         "device": torch.cuda.get_device_name()
         if cfg.device.startswith("cuda")
@@ -289,19 +304,31 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig, eval_samples: int = 64) -
     return path, facts
 
 
-def model_card_scores(editor_dir: str | Path, cfg: PretrainConfig, num_samples: int) -> dict[str, dict]:
-    """ShapesEdit held-out scores of the pretrained editor, an untrained one and the ground truth."""
+def model_card_scores(
+    editor_dir: str | Path, cfg: PretrainConfig, num_samples: int, method: MethodConfig
+) -> dict:
+    """ShapesEdit held-out scores of the pretrained editor, an untrained one and the ground truth
+    ("editors"), the pretrained editor's region adherence per task ("tasks"), and its within-group
+    spread per task under `method`'s exploration ("spread", `within_group_spread`; pass the default
+    run's method)."""
     from rcgrpo.editor import load_editor
-    from rcgrpo.evaluate import evaluate, score_edits
+    from rcgrpo.evaluate import evaluate, score_edits, within_group_spread
 
     samples = generate_shapes_edit(
         num_samples, split="test", seed=cfg.seed, config=ShapesEditConfig(size=cfg.image_size)
     )
     untrained = Editor(build_tiny_pipeline(cfg.spec), max_sequence_length=cfg.spec.max_sequence_length)
+    pretrained = load_editor(editor_dir)
+    scores = evaluate(pretrained, samples, compbench=False)
     return {
-        "untrained": evaluate(untrained, samples, compbench=False).overall,
-        "pretrained": evaluate(load_editor(editor_dir), samples, compbench=False).overall,
-        "ground truth": score_edits(samples, [s.target for s in samples], compbench=False).overall,
+        "editors": {
+            "untrained": evaluate(untrained, samples, compbench=False).overall,
+            "pretrained": scores.overall,
+            "ground truth": score_edits(samples, [s.target for s in samples], compbench=False).overall,
+        },
+        "tasks": {task: metrics["region_adherence"] for task, metrics in scores.tasks.items()},
+        "spread": within_group_spread(pretrained, samples, method),
+        "spread_method": {"group_size": method.group_size, "s_in": method.s_in, "s_out": method.s_out},
     }
 
 
@@ -311,9 +338,15 @@ def write_model_card(
     """README.md beside the weights: how it was made and how well it edits (scores: model_card_scores)."""
     metrics = ("region_adherence", "background_psnr", "background_ssim")
     rows = "\n".join(
-        f"| {name} | " + " | ".join(f"{s[m]:.4f}" for m in metrics) + " |" for name, s in scores.items()
+        f"| {name} | " + " | ".join(f"{s[m]:.4f}" for m in metrics) + " |"
+        for name, s in scores["editors"].items()
+    )
+    kinds = "\n".join(
+        f"| {task} | {scores['tasks'][task]:.3f} | {spread['median_std']:.4f} | {spread['mean_std']:.4f} |"
+        for task, spread in scores["spread"].items()
     )
     params = sum(p.numel() for p in build_tiny_pipeline(cfg.spec).transformer.parameters())
+    explored = scores["spread_method"]
     if facts.get("init_from"):
         vae = f"continued from `{facts['init_from']}` (its VAE, text encoders and transformer)"
     elif facts.get("vae_from"):
@@ -327,7 +360,7 @@ parameters) pretrained by rcgrpo on ShapesEdit with supervised flow matching. It
 every default rcgrpo command. It is only partly competent on purpose: RL has headroom.
 
 - command: `{command}`
-- seed: {cfg.seed}; training samples: {cfg.train_samples}; {vae}; transformer steps: {cfg.flow_steps}
+- seed: {cfg.seed}; training samples: {cfg.train_samples}; {vae}; transformer steps: {facts["flow_steps_trained"]}
 - training time: {facts["seconds"]} s on {facts["device"]}
 - final flow loss: {facts["flow_final_loss"]:.4f}
 
@@ -336,6 +369,16 @@ every default rcgrpo command. It is only partly competent on purpose: RL has hea
 | editor | region adherence | background PSNR (dB) | background SSIM |
 |---|---|---|---|
 {rows}
+
+## By kind, and what RL has to select on
+
+Region adherence of one edit per sample, and the within-group std of region adherence over RDP groups
+of the same samples as the default run samples them (G = {explored["group_size"]}, s_in = {explored["s_in"]},
+s_out = {explored["s_out"]}): a kind whose groups barely differ gives GRPO nothing to select.
+
+| kind | region adherence | within-group std (median) | (mean) |
+|---|---|---|---|
+{kinds}
 """
     path = Path(editor_dir) / "README.md"
     path.write_text(card)

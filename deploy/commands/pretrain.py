@@ -11,6 +11,8 @@ FLAGS = [
     "init_from",
     "vae_steps",
     "flow_steps",
+    "flow_seconds",
+    "flow_batch_size",
     "flow_learning_rate",
     "flow_cycle_steps",
     "edit_loss_weight",
@@ -44,13 +46,26 @@ def main(args) -> int:
     import torch
 
     from rcgrpo.pretrain import PretrainConfig, model_card_scores, pretrain, write_model_card
-    from services.config import section_from_arguments
+    from services.config import load_run_config, section_from_arguments
 
     cfg = section_from_arguments(PretrainConfig, args, FLAGS)
     torch.set_num_threads(args.threads)
     path, facts = pretrain(args.out, cfg, args.eval_samples)
-    command = "rcgrpo " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("rcgrpo") else "rcgrpo pretrain ..."
-    scores = model_card_scores(path, cfg, args.eval_samples)
+    # the same words through the CLI (rcgrpo pretrain ...) or the module (python -m deploy.commands.pretrain ...)
+    words = sys.argv[2:] if sys.argv[1:2] == ["pretrain"] else sys.argv[1:]
+    command = "rcgrpo pretrain " + " ".join(words)
+    # the spread is measured at the default run's exploration: what its update will have to select on
+    scores = model_card_scores(path, cfg, args.eval_samples, load_run_config().method)
     card = write_model_card(path, cfg, facts, command, scores, args.eval_samples)
     print(card.read_text())
     return 0
+
+
+# `python -m deploy.commands.pretrain`: without the other commands' dependencies (a GPU machine has no Ray)
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="rcgrpo pretrain", description=__doc__)
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))
