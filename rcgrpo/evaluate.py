@@ -34,6 +34,8 @@ from rcgrpo.sampler import rollout
 
 # the held-out metrics every evaluation reports first: the instruction followed, the background kept
 HEADLINE = ("region_adherence", "background_psnr", "background_ssim")
+# an edit succeeds where its region is within the reward's colour tolerance on average (1 / (1 + 1))
+SUCCESS_ADHERENCE = 0.5
 ROW_FIELDS = ("id", "task", "instruction", "caption")
 
 
@@ -317,14 +319,18 @@ def within_group_spread(
     """What GRPO has to select on, per task: each sample's group of cfg.group_size candidates sampled
     as training samples it (RDP at cfg.s_in, cfg.s_out), scored by region adherence as 8-bit pictures.
 
-    Returns {task: {"groups", "adherence", "median_std", "mean_std"}}: the mean adherence of the
-    candidates and the median and mean of the within-group std of adherence. A task whose median std is
-    under the reward's noise floor gives the update (almost) nothing.
+    Returns {task: {"groups", "adherence", "best_adherence", "median_std", "mean_std", "success_share",
+    "groups_with_success"}}: the mean adherence of the candidates and of each group's best one (what
+    selection alone could reach: an editor that always made its group's best edit), the median and mean
+    of the within-group std of adherence, the share of candidates that succeed (adherence >= 0.5: an RMS
+    colour error within the reward's tolerance) and the share of groups with at least one success. A
+    group whose candidates all fail differs only by how they fail: the update can select a success only
+    where a group holds one.
     """
     from rcgrpo.rewards import region_adherence
 
     cfg = cfg or MethodConfig()
-    by_task: dict[str, list[tuple[float, float]]] = {}
+    by_task: dict[str, list[tuple[float, float, float, float]]] = {}
     for sample in samples:
         if sample.target is None:
             raise ValueError(f"sample {sample.id!r} has no ground truth: its adherence cannot be scored")
@@ -335,16 +341,37 @@ def within_group_spread(
         adherence = region_adherence(
             edits, sample.target.expand(n, -1, -1, -1), sample.mask.expand(n, -1, -1)
         )
-        by_task.setdefault(sample.task, []).append((adherence.mean().item(), adherence.std().item()))
+        success = (adherence >= SUCCESS_ADHERENCE).float().mean().item()
+        row = (adherence.mean().item(), adherence.max().item(), adherence.std().item(), success)
+        by_task.setdefault(sample.task, []).append(row)
     return {
         task: {
             "groups": len(rows),
-            "adherence": float(np.mean([mean for mean, _ in rows])),
-            "median_std": float(np.median([std for _, std in rows])),
-            "mean_std": float(np.mean([std for _, std in rows])),
+            "adherence": float(np.mean([mean for mean, _, _, _ in rows])),
+            "best_adherence": float(np.mean([best for _, best, _, _ in rows])),
+            "median_std": float(np.median([std for _, _, std, _ in rows])),
+            "mean_std": float(np.mean([std for _, _, std, _ in rows])),
+            "success_share": float(np.mean([success for _, _, _, success in rows])),
+            "groups_with_success": float(np.mean([success > 0 for _, _, _, success in rows])),
         }
         for task, rows in sorted(by_task.items())
     }
+
+
+def spread_table(spread: dict[str, dict[str, float]]) -> str:
+    """`within_group_spread`'s result as a Markdown table, one row per task."""
+    lines = [
+        "| kind | groups | adherence | best of group | within-group std (median) | (mean) "
+        "| candidates succeeding | groups with a success |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for task, row in spread.items():
+        lines.append(
+            f"| {task} | {row['groups']} | {row['adherence']:.3f} | {row['best_adherence']:.3f} "
+            f"| {row['median_std']:.4f} | {row['mean_std']:.4f} "
+            f"| {row['success_share']:.1%} | {row['groups_with_success']:.1%} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 # -- CompBench's results layout ----------------------------------------------------------------------

@@ -336,15 +336,14 @@ def write_model_card(
     editor_dir: str | Path, cfg: PretrainConfig, facts: dict, command: str, scores: dict, num_samples: int
 ) -> Path:
     """README.md beside the weights: how it was made and how well it edits (scores: model_card_scores)."""
+    from rcgrpo.evaluate import spread_table
+
     metrics = ("region_adherence", "background_psnr", "background_ssim")
     rows = "\n".join(
         f"| {name} | " + " | ".join(f"{s[m]:.4f}" for m in metrics) + " |"
         for name, s in scores["editors"].items()
     )
-    kinds = "\n".join(
-        f"| {task} | {scores['tasks'][task]:.3f} | {spread['median_std']:.4f} | {spread['mean_std']:.4f} |"
-        for task, spread in scores["spread"].items()
-    )
+    kinds = "\n".join(f"| {task} | {adherence:.3f} |" for task, adherence in scores["tasks"].items())
     params = sum(p.numel() for p in build_tiny_pipeline(cfg.spec).transformer.parameters())
     explored = scores["spread_method"]
     if facts.get("init_from"):
@@ -372,14 +371,19 @@ every default rcgrpo command. It is only partly competent on purpose: RL has hea
 
 ## By kind, and what RL has to select on
 
-Region adherence of one edit per sample, and the within-group std of region adherence over RDP groups
-of the same samples as the default run samples them (G = {explored["group_size"]}, s_in = {explored["s_in"]},
-s_out = {explored["s_out"]}): a kind whose groups barely differ gives GRPO nothing to select.
+Region adherence of one edit per sample:
 
-| kind | region adherence | within-group std (median) | (mean) |
-|---|---|---|---|
+| kind | region adherence |
+|---|---|
 {kinds}
-"""
+
+RDP groups of the same samples as the default run samples them (G = {explored["group_size"]}, s_in =
+{explored["s_in"]}, s_out = {explored["s_out"]}): the candidates' mean adherence, the mean of each
+group's best (what selection alone could reach), the within-group std of adherence, the share of candidates that succeed (adherence >= 0.5) and the share of groups holding
+at least one success. The update can select a success only in a group that holds one; a kind whose
+groups never do gives GRPO nothing to learn the edit from.
+
+{spread_table(scores["spread"])}"""
     path = Path(editor_dir) / "README.md"
     path.write_text(card)
     (Path(editor_dir) / "model_card.json").write_text(

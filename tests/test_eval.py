@@ -229,3 +229,40 @@ def test_bad_data_spec_is_a_cli_error_naming_the_field(tiny_editor_dir, tmp_path
         assert rc == 2 and "--data" in err and words in err
     rc = _run(monkeypatch, "--edits", tmp_path, "--data", "shapes", "--out", tmp_path)
     assert rc == 2 and "--model" in capsys.readouterr().err
+
+
+def test_cli_group_spread_reports_what_the_update_could_select_per_kind(tmp_path, monkeypatch, capsys):
+    from rcgrpo.config import MethodConfig
+    from rcgrpo.editor import load_editor
+    from rcgrpo.evaluate import within_group_spread
+    from rcgrpo.tiny_editor import SHIPPED_EDITOR_DIR
+
+    out = tmp_path / "out"
+    argv = [
+        "--data",
+        "shapes",
+        "--limit",
+        4,
+        "--out",
+        out,
+        "--group-spread",
+        "--group-size",
+        3,
+        "--s-in",
+        1.0,
+    ]
+    assert _run(monkeypatch, *argv, *FAST) == 0
+    printed = capsys.readouterr().out
+    assert "RDP groups, G = 3, s_in = 1.0, s_out = 0.0" in printed and "groups with a success" in printed
+    spread = json.loads((out / "group_spread.json").read_text())
+    # the shipped editor and the same groups as the library call: same seed, same group noise
+    cfg = MethodConfig(num_steps=2, steps_per_anchor=2, group_size=3, anchors=3, s_in=1.0)
+    expected = within_group_spread(
+        load_editor(SHIPPED_EDITOR_DIR, device="cpu"), generate_shapes_edit(4, split="test", seed=0), cfg
+    )
+    assert spread.keys() == expected.keys()
+    for task, row in spread.items():
+        assert row == pytest.approx(expected[task]), task
+    assert sum(row["groups"] for row in spread.values()) == 4
+    rc = _run(monkeypatch, "--edits", tmp_path, "--model", "m", "--data", "shapes", "--group-spread")
+    assert rc == 2 and "--group-spread: only with --editor" in capsys.readouterr().err

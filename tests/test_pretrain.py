@@ -72,7 +72,11 @@ def test_a_timed_pretraining_stops_at_a_cycle_end_and_its_card_gives_each_kind_a
     assert "transformer steps: 3" in card
     assert scores["spread_method"] == {"group_size": 4, "s_in": 0.3, "s_out": 0.0}
     for task, spread in scores["spread"].items():
-        assert f"| {task} | {scores['tasks'][task]:.3f} | {spread['median_std']:.4f} |" in card
+        assert f"| {task} | {scores['tasks'][task]:.3f} |" in card
+        assert (
+            f"| {task} | {spread['groups']} | {spread['adherence']:.3f} | {spread['best_adherence']:.3f} |"
+            in card
+        )
     assert sum(spread["groups"] for spread in scores["spread"].values()) == 4
 
 
@@ -86,6 +90,11 @@ def test_the_within_group_spread_is_zero_without_exploration_and_positive_with_i
     # s_in = s_out = 0: every candidate starts from the shared z*, so the deterministic ODE gives G equal edits
     still = within_group_spread(editor, samples, MethodConfig(group_size=4, s_in=0.0, s_out=0.0))
     assert all(spread["mean_std"] == 0.0 for spread in still.values())
+    # G equal edits: a group's candidates all succeed or all fail, and its best is its mean
+    for spread in still.values():
+        assert spread["success_share"] == spread["groups_with_success"]
+        assert spread["best_adherence"] == pytest.approx(spread["adherence"])
     explored = within_group_spread(editor, samples, MethodConfig(group_size=4, s_in=1.0))
     assert explored.keys() == still.keys() and sum(spread["groups"] for spread in explored.values()) == 6
     assert all(spread["mean_std"] > 0 for spread in explored.values())
+    assert all(spread["best_adherence"] > spread["adherence"] for spread in explored.values())

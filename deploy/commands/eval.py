@@ -2,16 +2,19 @@
 already saved in CompBench's results layout (--edits).
 
 Writes <out>/metrics.json (aggregates), <out>/samples.csv (one row per sample) and <out>/grid.png
-(source | edit | ground truth for a few samples), and prints the metrics table.
+(source | edit | ground truth for a few samples), and prints the metrics table. With --group-spread,
+also <out>/group_spread.json: per kind, what the update would have to select on.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
-# the MethodConfig fields that set how the edits are sampled
+# the MethodConfig fields that set how the edits are sampled, and how --group-spread's groups are
 SAMPLING_FLAGS = ["num_steps", "guidance_scale"]
+GROUP_FLAGS = ["group_size", "s_in", "s_out"]
 
 
 def add_arguments(parser):
@@ -51,6 +54,13 @@ def add_arguments(parser):
     parser.add_argument("--model", help="model name in the results layout (with --results-layout or --edits)")
     add_section_arguments(parser, MethodConfig, SAMPLING_FLAGS)
     parser.add_argument(
+        "--group-spread",
+        action="store_true",
+        help="also sample an RDP group per sample (--group-size, --s-in, --s-out: the default run's) and "
+        "report per kind what GRPO has to select on: within-group std and successes (group_spread.json)",
+    )
+    add_section_arguments(parser, MethodConfig, GROUP_FLAGS)
+    parser.add_argument(
         "--batch-size", type=int, default=1, help="samples of the same size rolled out together"
     )
     parser.add_argument(
@@ -84,6 +94,8 @@ def main(args) -> int:
         raise ValueError("--model: a model name is needed with --edits and --results-layout")
     if args.edits and args.lora:
         raise ValueError("--lora: only with --editor (--edits scores saved edits)")
+    if args.edits and args.group_spread:
+        raise ValueError("--group-spread: only with --editor (it samples groups)")
     samples = load_samples(args.data, split=args.split, limit=args.limit, seed=args.seed)
     if not samples:
         raise ValueError(f"--data: {args.data!r} has no samples")
@@ -102,12 +114,21 @@ def main(args) -> int:
             raise FileNotFoundError(f"--edits: no edits for model {args.model!r} found in {args.edits}")
     else:
         from rcgrpo.editor import load_editor
-        from rcgrpo.evaluate import generate_edits
+        from rcgrpo.evaluate import generate_edits, spread_table, within_group_spread
         from rcgrpo.lora import load_trained_lora
 
-        # K may not exceed the grid: the training fields are validated even where only sampling reads them
+        # K and B may not exceed the grid and G: the training fields are validated where only sampling reads them
         k = min(MethodConfig.model_fields["steps_per_anchor"].default, args.num_steps)
-        cfg = MethodConfig(num_steps=args.num_steps, guidance_scale=args.guidance_scale, steps_per_anchor=k)
+        b = min(MethodConfig.model_fields["anchors"].default, args.group_size)
+        cfg = MethodConfig(
+            num_steps=args.num_steps,
+            guidance_scale=args.guidance_scale,
+            steps_per_anchor=k,
+            group_size=args.group_size,
+            anchors=b,
+            s_in=args.s_in,
+            s_out=args.s_out,
+        )
         editor = load_editor(args.editor, dtype=args.dtype, device=args.device)
         if args.lora:
             if not Path(args.lora).is_dir():
@@ -119,6 +140,11 @@ def main(args) -> int:
         if args.results_layout:
             paths = write_results_layout(args.results_layout, args.model, samples, edits)
             print(f"{len(paths)} edits written to {Path(args.results_layout) / args.model}")
+        if args.group_spread:
+            spread = within_group_spread(editor, samples, cfg, args.seed)
+            (out / "group_spread.json").write_text(json.dumps(spread, indent=2) + "\n")
+            print(f"RDP groups, G = {cfg.group_size}, s_in = {cfg.s_in}, s_out = {cfg.s_out}:")
+            print(spread_table(spread))
 
     metrics = CompBenchMetrics(clip, size=args.metric_size)
     result = score_edits(samples, edits, clip=clip, compbench=metrics)
