@@ -35,7 +35,7 @@ from services import metrics
 from services.auth import TOKEN_ENV
 from services.bus import RunBus
 from services.config import DEFAULT_RUN_CONFIG, RunConfig, add_run_arguments, load_run_config
-from services.learner_stats import PROGRESS_LINE
+from services.learner_stats import progress_line
 from services.process import configure_logging
 from services.record import Task
 from services.redis_server import EmbeddedRedis
@@ -689,7 +689,7 @@ class TrainingLoop:
                 }
                 self.metrics_log.write(stats)
                 self.tracker.log_step(stats)
-                info = PROGRESS_LINE.format(**stats)
+                info = progress_line(stats)
                 progress.update(bar, completed=step, info=info)
                 if not self.console.is_terminal:  # job logs (ray job submit, CI) get a line per step
                     self.console.print(f"step {step}/{total}  {info}")

@@ -2,7 +2,7 @@
 
 A statistic's key names it in the update's result, so in metrics.jsonl and every experiment tracker; the
 Prometheus gauge it sets (services/metrics.py builds the gauges from this table) and the driver's
-progress line (PROGRESS_LINE) are derived from here too. docs/METHOD.md says how to read them.
+progress line (progress_line) are derived from here too. docs/METHOD.md says how to read them.
 """
 
 from __future__ import annotations
@@ -142,5 +142,17 @@ DRIVER_STATISTICS = (
 # the driver's progress line (a bar's text in a terminal, a line per step in a job's log)
 PROGRESS_LINE = (
     "reward {reward_mean:.3f}±{reward_std:.3f}  instr {instruction_reward_mean:.3f} ({instruction_share:.0%} of A)  "
-    "clip {clip_fraction:.1%}  |r-1| {ratio_deviation_p90:.3f}  stale {staleness_mean:.2f}  {images_per_s:.1f} img/s"
+    "{update}  stale {staleness_mean:.2f}  {images_per_s:.1f} img/s"
 )
+
+
+def progress_line(stats: dict) -> str:
+    """PROGRESS_LINE for one step's stats; a step in which no group carried gradient says why (its
+    clip fraction and ratios are undefined)."""
+    if stats.get("num_groups", 1) > 0:
+        update = "clip {clip_fraction:.1%}  |r-1| {ratio_deviation_p90:.3f}".format(**stats)
+    else:
+        update = (
+            f"no update: no group with spread ({stats.get('noise_floor_groups', 0)} under the noise floor)"
+        )
+    return PROGRESS_LINE.format(**stats, update=update)

@@ -109,3 +109,23 @@ def test_with_lora_steps_trained_the_untrained_steps_run_the_base_editor(tiny_ed
     drift = velocity_drift(editor, samples, cfg)
     assert drift["trained"] == [2, 3]
     assert all(d > 0 for d in drift["inside"]) and all(d > 0 for d in drift["outside"])
+
+
+def test_the_progress_line_of_a_step_without_an_update_says_why_instead_of_nan():
+    from services.learner_stats import progress_line
+
+    stats = {
+        "reward_mean": 0.9,
+        "reward_std": 0.01,
+        "instruction_reward_mean": 0.2,
+        "instruction_share": 0.5,
+        "clip_fraction": 0.025,
+        "ratio_deviation_p90": 0.05,
+        "staleness_mean": 0.0,
+        "images_per_s": 6.0,
+        "num_groups": 2,
+        "noise_floor_groups": 0,
+    }
+    assert "clip 2.5%  |r-1| 0.050  stale 0.00" in progress_line(stats)
+    idle = progress_line({**stats, "num_groups": 0, "noise_floor_groups": 2, "clip_fraction": float("nan")})
+    assert "nan" not in idle and "no update: no group with spread (2 under the noise floor)" in idle
