@@ -35,6 +35,7 @@ STEP_MEASURES = (  # metrics.jsonl keys, one value per learner step
 )
 HEADLINE_STD_RATIO = 0.2  # the goal: the headline's background-reward std at most this x the baseline's
 HEADLINE_STEP_FRACTION = 0.5  # the goal: the baseline's final adherence in at most this share of its steps
+HEADLINE_DRAW_SHARE = 0.9  # ... in at least this share of the bootstrap draws
 
 
 def _rows_by_id(rows: list[dict]) -> dict[str, dict]:
@@ -124,9 +125,25 @@ def _first_reach(adherence: np.ndarray, psnr: np.ndarray, target_a, target_p, st
     return np.where(reached.any(axis=0), np.asarray(steps, dtype=float)[first], math.inf)
 
 
+def _reach(point: float, draws: np.ndarray, total_steps: int) -> dict:
+    """A first-reach step (inf: never) and its bootstrap draws, as the report gives them."""
+    low, high = (float(np.quantile(draws, q, method="inverted_cdf")) for q in (0.025, 0.975))
+    return {
+        "steps": None if math.isinf(point) else int(point),
+        "fraction_of_steps": None if math.isinf(point) else point / total_steps,
+        "low": None if math.isinf(low) else int(low),
+        "high": None if math.isinf(high) else int(high),  # None: not reached in >2.5% of the draws
+        "reached_share": float(np.isfinite(draws).mean()),
+        # the draws in which the goal's step budget suffices (HEADLINE_STEP_FRACTION of the steps)
+        "goal_share": float((draws <= HEADLINE_STEP_FRACTION * total_steps).mean()),
+    }
+
+
 def steps_to_target(curves: dict, boot: dict, baseline: str, total_steps: int) -> dict:
     """Steps each variant needs to reach the baseline's final mean adherence change at equal or better
-    background-PSNR change; intervals from the shared bootstrap draws (inf: not reached in a draw)."""
+    background-PSNR change, and ("adherence_only") whatever the background; intervals from the shared
+    bootstrap draws (inf: not reached in a draw). "psnr_vs_baseline": the variant's final PSNR change
+    less the baseline's, and the share of draws in which it is at least the baseline's."""
     base_curve = curves[baseline]
     target = {
         "region_adherence": base_curve[ADHERENCE]["mean"][-1],
@@ -144,16 +161,23 @@ def steps_to_target(curves: dict, boot: dict, baseline: str, total_steps: int) -
             steps,
         )
         draws = _first_reach(boot[variant][ADHERENCE], boot[variant][PSNR], draws_a, draws_p, steps)
-        low, high = (float(np.quantile(draws, q, method="inverted_cdf")) for q in (0.025, 0.975))
-        steps_needed = float(point)
+        # any background: a PSNR target of -inf
+        point_a = _first_reach(
+            np.array(curve[ADHERENCE]["mean"]),
+            np.array(curve[PSNR]["mean"]),
+            target[ADHERENCE],
+            -math.inf,
+            steps,
+        )
+        draws_only_a = _first_reach(boot[variant][ADHERENCE], boot[variant][PSNR], draws_a, -math.inf, steps)
+        psnr_gap = boot[variant][PSNR][-1] - draws_p
         out["variants"][variant] = {
-            "steps": None if math.isinf(steps_needed) else int(steps_needed),
-            "fraction_of_steps": None if math.isinf(steps_needed) else steps_needed / total_steps,
-            "low": None if math.isinf(low) else int(low),
-            "high": None if math.isinf(high) else int(high),  # None: not reached in >2.5% of the draws
-            "reached_share": float(np.isfinite(draws).mean()),
-            # the draws in which the goal's step budget suffices (HEADLINE_STEP_FRACTION of the steps)
-            "goal_share": float((draws <= HEADLINE_STEP_FRACTION * total_steps).mean()),
+            **_reach(float(point), draws, total_steps),
+            "adherence_only": _reach(float(point_a), draws_only_a, total_steps),
+            "psnr_vs_baseline": {
+                "change": curve[PSNR]["mean"][-1] - target[PSNR],
+                "at_least_share": float((psnr_gap >= 0).mean()),
+            },
         }
     return out
 
@@ -215,19 +239,26 @@ def mechanism(runs: list[dict], variants: list[str], baseline: str) -> dict:
 
 
 def goals(steps: dict, mechanisms: dict, headline: str) -> dict:
-    """The study's two goals for the headline variant, each with its measured number and whether it holds."""
+    """The study's goals for the headline variant, each with its measured number and whether it holds."""
     reach = steps["variants"][headline]
     ratios = mechanisms[headline]["background_std_ratio"]
-    fraction = reach["fraction_of_steps"]
     worst = max((r for r in ratios.values() if math.isfinite(r)), default=math.nan)
+    baseline = steps["baseline"]
     return {
         "steps_to_target": {
-            "goal": f"{headline} reaches {steps['baseline']}'s final adherence change in at most "
-            f"{HEADLINE_STEP_FRACTION:g}x its {steps['total_steps']} steps at equal or better background PSNR",
-            "measured": fraction,
-            "met": fraction is not None and fraction <= HEADLINE_STEP_FRACTION,
+            "goal": f"{headline} reaches {baseline}'s final adherence change in at most "
+            f"{HEADLINE_STEP_FRACTION:g}x its {steps['total_steps']} steps in at least "
+            f"{HEADLINE_DRAW_SHARE:.0%} of the bootstrap draws",
+            "measured": reach["adherence_only"]["fraction_of_steps"],
+            "met": reach["adherence_only"]["goal_share"] >= HEADLINE_DRAW_SHARE,
+            "met_share": reach["adherence_only"]["goal_share"],
+        },
+        "background_psnr": {
+            "goal": f"{headline}'s background PSNR change no worse than {baseline}'s",
+            "measured": reach["psnr_vs_baseline"]["change"],
             # the point estimate decides "met"; this says how often the bootstrap draws agree
-            "met_share": reach["goal_share"],
+            "met": reach["psnr_vs_baseline"]["change"] >= 0,
+            "met_share": reach["psnr_vs_baseline"]["at_least_share"],
         },
         "background_std": {
             "goal": f"{headline}'s within-group std of every background reward term at most "

@@ -51,7 +51,7 @@ def test_the_shipped_study_expands_every_variant_at_one_rollout_budget(tmp_path)
         "rc-grpo",
         "rc-grpo/no-anchor",
     ]
-    assert "rc-grpo group_size=4,groups_per_step=4" in names and "rc-grpo s_in=0.3" in names
+    assert "rc-grpo group_size=4,groups_per_step=4" in names and "rc-grpo s_in=1.0" in names
     neighbor = study.run_config(study.variants[0], seed=2)
     assert (neighbor.method.rdp, neighbor.method.mask_aware, neighbor.method.acd_weight) == (False, False, 0)
     assert neighbor.name == "neighbor-grpo-s2" and neighbor.runs_dir == tmp_path / "runs"
@@ -83,7 +83,7 @@ def test_study_configs_that_cannot_compare_are_refused_before_any_run(tmp_path):
     with pytest.raises(ValueError, match="same rollout budget.*groups_per_step"):
         load_study(budget, out=tmp_path)
     clash = study_file(
-        tmp_path, variants={**two, "rdp+mask": ["method.s_in=0.3"], "rdp-mask": ["method.s_in=0.4"]}
+        tmp_path, variants={**two, "rdp+mask": ["method.s_in=0.5"], "rdp-mask": ["method.s_in=0.4"]}
     )
     with pytest.raises(ValueError, match="'rdp\\+mask' and 'rdp-mask' have the same run name"):
         load_study(clash, out=tmp_path)
@@ -143,18 +143,26 @@ def test_outcome_is_the_paired_mean_change_with_an_interval_and_steps_to_target(
     assert low < expected < high and high - low < 0.01  # 120 paired changes of s.d. 0.01
     reach = analysis.steps_to_target(measured["curves"], measured["boot"], "baseline", total_steps=40)
     assert reach["variants"]["baseline"]["steps"] == 40
-    assert reach["variants"]["method"] == pytest.approx(
-        {
-            "steps": 20,
-            "fraction_of_steps": 0.5,
-            "low": 20,
-            "high": 20,
-            "reached_share": 1.0,
-            "goal_share": 1.0,
-        }
-    )
+    at_step_20 = {
+        "steps": 20,
+        "fraction_of_steps": 0.5,
+        "low": 20,
+        "high": 20,
+        "reached_share": 1.0,
+        "goal_share": 1.0,
+    }
+    method = reach["variants"]["method"]
+    assert {k: method[k] for k in at_step_20} == pytest.approx(at_step_20)
+    assert method["adherence_only"] == pytest.approx(at_step_20)
+    assert method["psnr_vs_baseline"] == pytest.approx({"change": 0.0, "at_least_share": 1.0})
     assert reach["variants"]["baseline"]["goal_share"] == 0  # its own final step: never within half
-    assert reach["variants"]["blurry"]["steps"] is None  # never at equal or better background PSNR
+    blurry = reach["variants"]["blurry"]
+    assert blurry["steps"] is None  # never at equal or better background PSNR ...
+    assert blurry["adherence_only"] == pytest.approx(at_step_20)  # ... though its adherence gets there
+    assert blurry["psnr_vs_baseline"] == pytest.approx({"change": -1.0, "at_least_share": 0.0})
+    verdict = analysis.goals(reach, {"blurry": {"background_std_ratio": {"background_psnr": 0.1}}}, "blurry")
+    assert verdict["steps_to_target"]["met"] and not verdict["background_psnr"]["met"]
+    assert verdict["background_std"]["met"]
 
 
 # -- --quick for real ----------------------------------------------------------------------------------
@@ -212,7 +220,9 @@ def test_quick_study_trains_every_variant_and_reports_every_number(quick_study):
     assert ratio == pytest.approx(psnr_std["rc-grpo"] / psnr_std["neighbor-grpo"]) and ratio < 1
     assert numbers["goals"]["background_std"]["measured"]["background_psnr"] == ratio
     steps_goal = numbers["goals"]["steps_to_target"]
-    assert steps_goal["met_share"] == numbers["steps_to_target"]["variants"]["rc-grpo"]["goal_share"]
+    reach = numbers["steps_to_target"]["variants"]["rc-grpo"]
+    assert steps_goal["met_share"] == reach["adherence_only"]["goal_share"]
+    assert numbers["goals"]["background_psnr"]["measured"] == reach["psnr_vs_baseline"]["change"]
     for name in numbers["figures"]:
         with Image.open(quick_study / numbers["figures"][name]) as figure:
             assert figure.format == "PNG" and min(figure.size) > 50
