@@ -31,12 +31,8 @@ if [ "$mode" = download ]; then
   exit 0
 fi
 
-mkdir -p "$out"
-log="$out/gpu-check.log"
-exec > >(tee "$log") 2>&1
 started=$SECONDS
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-echo "gpu-check ($mode) $(date -u +%FT%TZ) on $(hostname), out $out"
+gpu_begin gpu-check "$out" "$mode"
 
 if [ "$mode" = gpu ]; then
   site=$(gpu_site "$python")
@@ -70,4 +66,4 @@ for row in check.get("flux_train_peaks", []):
     print(f"  {row['config']}: measured {row['measured_gib']:.2f} GiB, traced {row['traced_gib']:.2f} GiB")
 sys.exit(0 if check["ok"] else 1)
 PY
-echo "gpu-check: done in $((SECONDS - started)) s; $out/gpu-check.json, $log"
+echo "gpu-check: done in $((SECONDS - started)) s; $out/gpu-check.json, $out/gpu-check.log"

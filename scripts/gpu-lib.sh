@@ -35,3 +35,12 @@ gpu_site() {
   PYTHONPATH="$site:$PYTHONPATH" "$1" -c "import torch, diffusers, peft, transformers; assert torch.cuda.is_available(), 'no CUDA device'; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'on', torch.cuda.get_device_name())" >&2
   echo "$site"
 }
+
+# gpu_begin NAME OUT MODE: what both scripts do first: OUT/NAME.log gets everything printed from here
+# on, the run is offline and imports the project from the tree, and the log says what ran where
+gpu_begin() {
+  mkdir -p "$2"
+  exec > >(tee "$2/$1.log") 2>&1
+  export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  echo "$1 ($3) $(date -u +%FT%TZ) on $(hostname), out $2"
+}

@@ -26,11 +26,8 @@ while [ $# -gt 0 ]; do
   shift
 done
 python=${PYTHON:-python3}
-mkdir -p "$out"
-exec > >(tee "$out/gpu-pretrain.log") 2>&1
 started=$SECONDS
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-echo "gpu-pretrain ($mode) $(date -u +%FT%TZ) on $(hostname), out $out"
+gpu_begin gpu-pretrain "$out" "$mode"
 work=$(mktemp -d)  # the editor and its per-cycle copies: only the final one comes back, as one file
 
 # A fresh transformer and text encoders on the shipped editor's VAE (so the latent space stays put).
