@@ -2,13 +2,13 @@
 # with no network, how to fetch them here, and how they are put on the path there. Sourced, not run.
 
 gpu_wheels=wheelhouse/gpu-check
-# Only what the GPU machine's image lacks (its package list: torch, transformers, accelerate, peft,
-# safetensors, tokenizers, numpy, pillow, pyyaml, tqdm, regex... are there), at the project's pins.
-# peft too, so that the LoRA is the tested one; typing-extensions and zipp at the versions pydantic and
-# importlib-metadata need; redis, which the config module imports through the wire schemas. Every
-# Requires-Dist of these wheels is in the image or in this list.
-gpu_carried=(diffusers==0.42.1 peft==0.21.2 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0
-  typing-inspection==0.4.5 typing-extensions==4.16.0 importlib-metadata==10.2.0 lazy-importer==0.1.0 zipp==4.1.2
+# Only what the GPU machine's image lacks (its package list: torch, accelerate, safetensors, tokenizers,
+# numpy, pillow, pyyaml, tqdm, regex... are there), and peft and transformers at the tested pins (its
+# transformers is 5.17); typing-extensions and zipp at the versions pydantic and importlib-metadata need;
+# redis, which the config module imports through the wire schemas. Every Requires-Dist of these wheels
+# is in the image or in this list.
+gpu_carried=(diffusers==0.42.1 peft==0.21.2 transformers==5.24.0 pydantic==2.14.4 pydantic-core==2.50.5
+  annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 importlib-metadata==10.2.0 lazy-importer==0.1.0 zipp==4.1.2
   redis==8.1.0)
 
 # gpu_download PYTHON: the wheels into $gpu_wheels, here, where a package index is reachable, built for
