@@ -344,18 +344,19 @@ def within_group_spread(
         success = (adherence >= SUCCESS_ADHERENCE).float().mean().item()
         row = (adherence.mean().item(), adherence.max().item(), adherence.std().item(), success)
         by_task.setdefault(sample.task, []).append(row)
-    return {
-        task: {
+    spread = {}
+    for task, rows in sorted(by_task.items()):
+        mean, best, std, success = np.array(rows).T  # one value per group each
+        spread[task] = {
             "groups": len(rows),
-            "adherence": float(np.mean([mean for mean, _, _, _ in rows])),
-            "best_adherence": float(np.mean([best for _, best, _, _ in rows])),
-            "median_std": float(np.median([std for _, _, std, _ in rows])),
-            "mean_std": float(np.mean([std for _, _, std, _ in rows])),
-            "success_share": float(np.mean([success for _, _, _, success in rows])),
-            "groups_with_success": float(np.mean([success > 0 for _, _, _, success in rows])),
+            "adherence": float(mean.mean()),
+            "best_adherence": float(best.mean()),
+            "median_std": float(np.median(std)),
+            "mean_std": float(std.mean()),
+            "success_share": float(success.mean()),
+            "groups_with_success": float((success > 0).mean()),
         }
-        for task, rows in sorted(by_task.items())
-    }
+    return spread
 
 
 def spread_table(spread: dict[str, dict[str, float]]) -> str:

@@ -149,10 +149,8 @@ PROGRESS_LINE = (
 def progress_line(stats: dict) -> str:
     """PROGRESS_LINE for one step's stats; a step in which no group carried gradient says why (its
     clip fraction and ratios are undefined)."""
-    if stats.get("num_groups", 1) > 0:
+    if stats["num_groups"] > 0:
         update = "clip {clip_fraction:.1%}  |r-1| {ratio_deviation_p90:.3f}".format(**stats)
     else:
-        update = (
-            f"no update: no group with spread ({stats.get('noise_floor_groups', 0)} under the noise floor)"
-        )
+        update = f"no update: no group with spread ({stats['noise_floor_groups']} under the noise floor)"
     return PROGRESS_LINE.format(**stats, update=update)

@@ -153,22 +153,11 @@ def steps_to_target(curves: dict, boot: dict, baseline: str, total_steps: int) -
     out = {"target": target, "baseline": baseline, "total_steps": total_steps, "variants": {}}
     for variant, curve in curves.items():
         steps = curve["steps"]
-        point = _first_reach(
-            np.array(curve[ADHERENCE]["mean"]),
-            np.array(curve[PSNR]["mean"]),
-            target[ADHERENCE],
-            target[PSNR],
-            steps,
-        )
+        adherence, psnr = np.array(curve[ADHERENCE]["mean"]), np.array(curve[PSNR]["mean"])
+        point = _first_reach(adherence, psnr, target[ADHERENCE], target[PSNR], steps)
         draws = _first_reach(boot[variant][ADHERENCE], boot[variant][PSNR], draws_a, draws_p, steps)
         # any background: a PSNR target of -inf
-        point_a = _first_reach(
-            np.array(curve[ADHERENCE]["mean"]),
-            np.array(curve[PSNR]["mean"]),
-            target[ADHERENCE],
-            -math.inf,
-            steps,
-        )
+        point_a = _first_reach(adherence, psnr, target[ADHERENCE], -math.inf, steps)
         draws_only_a = _first_reach(boot[variant][ADHERENCE], boot[variant][PSNR], draws_a, -math.inf, steps)
         psnr_gap = boot[variant][PSNR][-1] - draws_p
         out["variants"][variant] = {

@@ -56,7 +56,7 @@ def add_arguments(parser):
     parser.add_argument(
         "--group-spread",
         action="store_true",
-        help="also sample an RDP group per sample (--group-size, --s-in, --s-out: the default run's) and "
+        help="also sample an RDP group per sample (--group-size, --s-in, --s-out; their defaults are the method's) and "
         "report per kind what GRPO has to select on: within-group std and successes (group_spread.json)",
     )
     add_section_arguments(parser, MethodConfig, GROUP_FLAGS)
